@@ -1,0 +1,37 @@
+"""User-facing errors.
+
+Anything a user can fix (a config value, a path, a data row) raises `UserError`; the entrypoints
+print it as one short paragraph and exit with `EXIT_USER_ERROR`, never with a traceback wall.
+"""
+
+from __future__ import annotations
+
+import sys
+
+EXIT_USER_ERROR = 2
+EXIT_PREEMPTED = 143  # 128 + SIGTERM, what schedulers (SLURM) expect from a job that stopped cleanly
+
+
+class UserError(Exception):
+    """A problem in the user's config, data, paths or command line.
+
+    `where` names the offending key, file or file:line; `hint` says what to do about it.
+    """
+
+    def __init__(self, message: str, *, where: str | None = None, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.where = where
+        self.hint = hint
+
+    def __str__(self) -> str:
+        text = f"{self.where}: {self.message}" if self.where else self.message
+        if self.hint:
+            text += f"\n  -> {self.hint}"
+        return text
+
+
+def report(error: BaseException, stream=None) -> None:
+    """Print an error the way users should see it: one paragraph, no traceback."""
+    stream = stream or sys.stderr
+    print(f"fine_tune error: {error}", file=stream)
