@@ -1,0 +1,119 @@
+"""Batching: a padding collator, and padding-free packing.
+
+Packing puts several examples in one row and gives each its own `position_ids` starting at 0.
+transformers 5 reads restarts in `position_ids` as sequence boundaries (flash-attention varlen, and
+a block-diagonal mask for sdpa/eager), so examples never attend to each other; the first label of
+every example is -100 so no example is trained to predict the start of the next one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+IGNORE_INDEX = -100
+
+
+class PaddingCollator:
+    """Right-pads input_ids / labels / attention_mask to the longest row of the batch.
+
+    `pad_to_multiple_of=8` helps tensor cores; the pad id only matters where attention_mask is 0.
+    """
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None) -> None:
+        self.pad_token_id = pad_token_id
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        longest = max(len(f["input_ids"]) for f in features)
+        if self.pad_to_multiple_of:
+            m = self.pad_to_multiple_of
+            longest = (longest + m - 1) // m * m
+        n = len(features)
+        input_ids = torch.full((n, longest), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((n, longest), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((n, longest), dtype=torch.long)
+        for i, f in enumerate(features):
+            k = len(f["input_ids"])
+            input_ids[i, :k] = torch.as_tensor(f["input_ids"], dtype=torch.long)
+            labels[i, :k] = torch.as_tensor(f["labels"], dtype=torch.long)
+            attention_mask[i, :k] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+class PackedCollator:
+    """Concatenates a batch into one row with restarting position_ids and no attention_mask.
+
+    Rows may already be packs (they carry `position_ids`); plain examples get positions 0..n-1.
+    """
+
+    def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        ids: list[int] = []
+        labels: list[int] = []
+        positions: list[int] = []
+        for f in features:
+            pos = f.get("position_ids") or list(range(len(f["input_ids"])))
+            lab = list(f["labels"])
+            for j, p in enumerate(pos):
+                if p == 0:
+                    lab[j] = IGNORE_INDEX
+            ids.extend(f["input_ids"])
+            labels.extend(lab)
+            positions.extend(pos)
+        return {
+            "input_ids": torch.tensor([ids], dtype=torch.long),
+            "labels": torch.tensor([labels], dtype=torch.long),
+            "position_ids": torch.tensor([positions], dtype=torch.long),
+        }
+
+
+def pack(lengths: Sequence[int], max_length: int) -> list[list[int]]:
+    """First-fit-decreasing bin packing of example indices into rows of at most max_length tokens.
+
+    Deterministic (ties broken by index) so the cache and resumed runs see the same packs.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    bins: list[list[int]] = []
+    space: list[int] = []
+    for i in order:
+        n = lengths[i]
+        for b, free in enumerate(space):
+            if n <= free:
+                bins[b].append(i)
+                space[b] -= n
+                break
+        else:
+            bins.append([i])
+            space.append(max_length - n)
+    for b in bins:
+        b.sort()
+    return bins
+
+
+def pack_rows(
+    input_ids: list[list[int]],
+    labels: list[list[int]],
+    max_length: int,
+) -> tuple[dict[str, list], float]:
+    """Packs examples into rows; returns the columns and the packing efficiency (tokens / capacity)."""
+    bins = pack([len(x) for x in input_ids], max_length)
+    cols: dict[str, list] = {"input_ids": [], "labels": [], "position_ids": []}
+    total = 0
+    for b in bins:
+        row_ids: list[int] = []
+        row_labels: list[int] = []
+        row_pos: list[int] = []
+        for i in b:
+            row_ids += input_ids[i]
+            row_labels += [IGNORE_INDEX, *labels[i][1:]]
+            row_pos += list(range(len(input_ids[i])))
+        total += len(row_ids)
+        cols["input_ids"].append(row_ids)
+        cols["labels"].append(row_labels)
+        cols["position_ids"].append(row_pos)
+    efficiency = total / (len(bins) * max_length) if bins else 0.0
+    return cols, efficiency

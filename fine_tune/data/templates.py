@@ -1,0 +1,390 @@
+"""Prompt formats, rendered straight to token ids with a per-token "trained" mask.
+
+Two ways of rendering, because they have different sources of truth:
+
+* `mistral` is defined by Mistral's reference tokenizer (mistral-common), which encodes each message
+  on its own with sentencepiece. We do the same, segment by segment, with the same sentencepiece
+  model when we can find it: the HF fast tokenizer converted from it splits runs of spaces
+  differently ("a.  B"), and the model was trained on sentencepiece's splits.
+* `chatml`, `qa` and the model's own `chat_template` are defined as strings. We render the whole
+  string, tokenize it once and mark the tokens whose characters fall inside assistant turns, so the
+  ids are exactly what the tokenizer gives for the full text (no seams between pieces).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fine_tune.data.formats import Example
+from fine_tune.errors import UserError
+
+TEMPLATES = (
+    "auto",
+    "mistral",
+    "mistral_v1",
+    "mistral_v3",
+    "mistral_v7",
+    "chatml",
+    "qa",
+    "chat_template",
+    "none",
+)
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    trained: list[bool]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sentencepiece lookup: find the .model file matching the HF tokenizer, if any.
+
+_SP_CACHE: dict[str, Any] = {}
+
+
+def _vocab_fingerprint(pieces: list[str]) -> str:
+    return hashlib.sha256("\x00".join(pieces).encode("utf-8")).hexdigest()
+
+
+def _hf_pieces(tokenizer) -> list[str]:
+    vocab = tokenizer.get_vocab()
+    pieces = [""] * len(vocab)
+    for piece, idx in vocab.items():
+        if 0 <= idx < len(pieces):
+            pieces[idx] = piece
+    return pieces
+
+
+def find_sentencepiece(tokenizer) -> Any | None:
+    """The sentencepiece processor whose vocabulary is exactly the tokenizer's, or None.
+
+    Looks at the tokenizer's own `vocab_file` first, then at the models bundled with mistral-common
+    (v1/v2/v3/v7), which cover the Mistral/Mixtral checkpoints this project fine-tunes; a saved HF
+    tokenizer (tokenizer.json only) loses its .model file, and this finds it again.
+    """
+    try:
+        import sentencepiece as spm
+    except ImportError:  # pragma: no cover - a dependency of the project
+        return None
+    pieces = _hf_pieces(tokenizer)
+    key = _vocab_fingerprint(pieces)
+    if key in _SP_CACHE:
+        return _SP_CACHE[key]
+    candidates: list[Path] = []
+    vocab_file = getattr(tokenizer, "vocab_file", None) or tokenizer.init_kwargs.get("vocab_file")
+    if vocab_file and str(vocab_file).endswith(".model") and os.path.isfile(vocab_file):
+        candidates.append(Path(vocab_file))
+    try:
+        import mistral_common
+
+        data = Path(mistral_common.__file__).parent / "data"
+        candidates += sorted(p for p in data.glob("*.model.v*") if "m1" not in p.suffix)
+    except ImportError:  # pragma: no cover
+        pass
+    found = None
+    for path in candidates:
+        sp = spm.SentencePieceProcessor(model_file=str(path))
+        if sp.get_piece_size() != len(pieces):
+            continue
+        if all(sp.id_to_piece(i) == pieces[i] for i in range(sp.get_piece_size())):
+            found = sp
+            break
+    _SP_CACHE[key] = found
+    return found
+
+
+class SegmentEncoder:
+    """Encodes text segments the way mistral-common does (sentencepiece, dummy prefix, no BOS/EOS)."""
+
+    def __init__(self, tokenizer, prefer_sentencepiece: bool = True) -> None:
+        self.tokenizer = tokenizer
+        self.sp = find_sentencepiece(tokenizer) if prefer_sentencepiece else None
+        self.backend = "sentencepiece" if self.sp is not None else "hf"
+
+    def encode_many(self, texts: list[str]) -> list[list[int]]:
+        if not texts:
+            return []
+        if self.sp is not None:
+            return self.sp.encode(texts, num_threads=os.cpu_count() or 1)
+        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Template choice
+
+
+def special_id(tokenizer, token: str) -> int | None:
+    """The id of `token` when the tokenizer has it as one (control) token."""
+    idx = tokenizer.convert_tokens_to_ids(token)
+    if idx is None or idx == tokenizer.unk_token_id:
+        return None
+    return int(idx)
+
+
+def resolve_template(name: str | None, tokenizer, fmt_default: str = "auto") -> str:
+    """Pick the concrete template: the model's chat template if it has one, else Mistral's format."""
+    name = name or fmt_default
+    if name not in TEMPLATES:
+        raise UserError(
+            f"unknown template {name!r}", where="dataset.template", hint=f"use one of {list(TEMPLATES)}"
+        )
+    if name == "auto":
+        name = (
+            fmt_default
+            if fmt_default != "auto"
+            else ("chat_template" if getattr(tokenizer, "chat_template", None) else "mistral")
+        )
+    if name == "chat_template" and not getattr(tokenizer, "chat_template", None):
+        raise UserError(
+            "the tokenizer has no chat_template",
+            where="dataset.template",
+            hint="use dataset.template=mistral (or chatml / qa)",
+        )
+    if name == "mistral":
+        if special_id(tokenizer, "[SYSTEM_PROMPT]") is not None:
+            name = "mistral_v7"
+        elif special_id(tokenizer, "[INST]") is not None:
+            name = "mistral_v3"
+        else:
+            name = "mistral_v1"
+    if name in ("mistral_v3", "mistral_v7") and special_id(tokenizer, "[INST]") is None:
+        raise UserError(
+            f"template {name} needs [INST] as a control token, which this tokenizer lacks",
+            where="dataset.template",
+            hint="use dataset.template=mistral_v1 (or mistral to detect)",
+        )
+    return name
+
+
+# ----------------------------------------------------------------------------------------------------
+# Mistral: segment plans, encoded in one batch per call
+
+
+def _mistral_plan(
+    messages: list[dict[str, str]], variant: str, tokenizer, add_generation_prompt: bool = False
+) -> list[tuple[str, Any, bool]]:
+    """A list of (kind, payload, trained): kind "ids" (payload list[int]) or "text" (to encode).
+
+    Mirrors mistral-common's InstructTokenizerV1/V3/V7: v1 puts the system prompt in the first user
+    message and writes [INST] as text; v3 uses control tokens and puts it in the last user message
+    (and strips trailing spaces of assistant turns); v7 encodes system messages in [SYSTEM_PROMPT].
+    """
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system") or None
+    turns = [m for m in messages if m["role"] != "system"]
+    user_idx = [i for i, m in enumerate(turns) if m["role"] == "user"]
+    first_user, last_user = (user_idx[0], user_idx[-1]) if user_idx else (-1, -1)
+    plan: list[tuple[str, Any, bool]] = [("ids", [bos], False)]
+    if variant == "mistral_v1":
+        for i, m in enumerate(turns):
+            if m["role"] == "user":
+                content = f"{system}\n\n{m['content']}" if (system and i == first_user) else m["content"]
+                plan.append(("text", f"[INST] {content} [/INST]", False))
+            else:
+                plan.append(("text", m["content"], True))
+                plan.append(("ids", [eos], True))
+        return plan
+    inst, end_inst = special_id(tokenizer, "[INST]"), special_id(tokenizer, "[/INST]")
+    if variant == "mistral_v7":
+        for m in messages:
+            if m["role"] == "system":
+                plan.append(("ids", [special_id(tokenizer, "[SYSTEM_PROMPT]")], False))
+                plan.append(("text", m["content"], False))
+                plan.append(("ids", [special_id(tokenizer, "[/SYSTEM_PROMPT]")], False))
+            elif m["role"] == "user":
+                plan += [("ids", [inst], False), ("text", m["content"], False), ("ids", [end_inst], False)]
+            else:
+                plan += [("text", m["content"], True), ("ids", [eos], True)]
+        return plan
+    for i, m in enumerate(turns):  # v2/v3
+        if m["role"] == "user":
+            content = f"{system}\n\n{m['content']}" if (system and i == last_user) else m["content"]
+            plan += [("ids", [inst], False), ("text", content, False), ("ids", [end_inst], False)]
+        else:
+            plan += [("text", m["content"].rstrip(" "), True), ("ids", [eos], True)]
+    return plan
+
+
+def _encode_plans(plans: list[list[tuple[str, Any, bool]]], encoder: SegmentEncoder) -> list[Encoded]:
+    texts = [payload for plan in plans for kind, payload, _ in plan if kind == "text"]
+    encoded = iter(encoder.encode_many(texts))
+    out = []
+    for plan in plans:
+        ids: list[int] = []
+        trained: list[bool] = []
+        for kind, payload, train in plan:
+            piece = payload if kind == "ids" else next(encoded)
+            ids.extend(piece)
+            trained.extend([train] * len(piece))
+        out.append(Encoded(ids, trained))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# String templates: full text + trained character spans
+
+
+def _string_render(
+    messages: list[dict[str, str]], template: str, tokenizer, add_generation_prompt: bool = False
+) -> tuple[str, list[tuple[int, int]]]:
+    text = ""
+    spans: list[tuple[int, int]] = []
+    if template == "chat_template":
+        return _chat_template_render(messages, tokenizer, add_generation_prompt)
+    if template == "chatml":
+        for m in messages:
+            if m["role"] == "assistant":
+                text += "<|im_start|>assistant\n"
+                start = len(text)
+                text += m["content"] + "<|im_end|>"
+                spans.append((start, len(text)))
+                text += "\n"
+            else:
+                text += f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n"
+        if add_generation_prompt:
+            text += "<|im_start|>assistant\n"
+        return text, spans
+    if template == "qa":
+        for m in messages:
+            if m["role"] == "system":
+                text += m["content"] + "\n\n"
+            elif m["role"] == "user":
+                text += (
+                    "\n" if text and not text.endswith("\n") else ""
+                ) + f"### Question: {m['content']}\n### Answer:"
+            else:
+                start = len(text)
+                text += " " + m["content"]
+                spans.append((start, len(text)))
+        return text, spans
+    raise AssertionError(template)  # pragma: no cover
+
+
+def _chat_template_render(messages, tokenizer, add_generation_prompt):
+    """Assistant spans found by rendering growing prefixes: works for any Jinja chat template."""
+
+    def render(msgs, gen):
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+
+    full = render(messages, add_generation_prompt)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = render(messages[:i], True)
+        upto = render(messages[: i + 1], False)
+        if not (full.startswith(upto) and upto.startswith(before)):
+            raise UserError(
+                "the tokenizer's chat_template does not render conversations prefix by prefix, so "
+                "assistant turns cannot be located for completion-only loss",
+                where="dataset.template",
+                hint="use dataset.template=mistral or chatml",
+            )
+        spans.append((len(before), len(upto)))
+    return full, spans
+
+
+def _encode_strings(
+    items: list[tuple[str, list[tuple[int, int]]]], tokenizer, add_bos: bool
+) -> list[Encoded]:
+    if not items:
+        return []
+    texts = [t for t, _ in items]
+    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    out = []
+    for (_, spans), ids, offsets in zip(items, enc["input_ids"], enc["offset_mapping"], strict=True):
+        trained = [any(s < b and e > a for a, b in spans) for s, e in offsets]
+        ids = list(ids)
+        if add_bos and tokenizer.bos_token_id is not None and (not ids or ids[0] != tokenizer.bos_token_id):
+            ids, trained = [tokenizer.bos_token_id, *ids], [False, *trained]
+        out.append(Encoded(ids, trained))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Public entry points
+
+
+def encode_examples(
+    examples: list[Example],
+    template: str,
+    tokenizer,
+    encoder: SegmentEncoder | None = None,
+) -> list[Encoded]:
+    """Encode many examples in one batch per backend (the tokenizers are parallel inside)."""
+    if template == "none":
+        texts = [
+            ex.text if ex.text is not None else "\n\n".join(m["content"] for m in ex.messages)
+            for ex in examples
+        ]
+        enc = (encoder or SegmentEncoder(tokenizer)).encode_many(texts)
+        bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+        return [
+            Encoded(
+                [*([bos] if bos is not None else []), *ids, *([eos] if eos is not None else [])],
+                [True] * (len(ids) + (bos is not None) + (eos is not None)),
+            )
+            for ids in enc
+        ]
+    if template.startswith("mistral"):
+        encoder = encoder or SegmentEncoder(tokenizer)
+        return _encode_plans([_mistral_plan(ex.messages, template, tokenizer) for ex in examples], encoder)
+    items = [_string_render(ex.messages, template, tokenizer) for ex in examples]
+    out = _encode_strings(items, tokenizer, add_bos=template != "chat_template")
+    if template != "chat_template" and tokenizer.eos_token_id is not None:
+        for e in out:  # the final EOS is trained so that generation learns to stop
+            e.input_ids.append(tokenizer.eos_token_id)
+            e.trained.append(True)
+    return out
+
+
+def _as_messages(messages_or_text: str | list[dict[str, str]] | dict) -> list[dict[str, str]]:
+    if isinstance(messages_or_text, str):
+        return [{"role": "user", "content": messages_or_text}]
+    if isinstance(messages_or_text, dict):
+        return [dict(messages_or_text)]
+    return [dict(m) for m in messages_or_text]
+
+
+def render_prompt(
+    messages_or_text: str | list[dict[str, str]],
+    tokenizer,
+    template: str = "auto",
+    encoder: SegmentEncoder | None = None,
+) -> list[int]:
+    """Prompt ids for generation, in exactly the format used for training (no answer, no EOS).
+
+    A trailing assistant message is dropped, so a training conversation can be passed as is.
+    """
+    messages = _as_messages(messages_or_text)
+    if messages and messages[-1]["role"] == "assistant":
+        messages = messages[:-1]
+    template = resolve_template(template, tokenizer)
+    if template == "none":
+        text = "\n\n".join(m["content"] for m in messages)
+        ids = (encoder or SegmentEncoder(tokenizer)).encode_many([text])[0]
+        return [tokenizer.bos_token_id, *ids] if tokenizer.bos_token_id is not None else ids
+    if template.startswith("mistral"):
+        plan = _mistral_plan(messages, template, tokenizer)
+        return _encode_plans([plan], encoder or SegmentEncoder(tokenizer))[0].input_ids
+    text, spans = _string_render(messages, template, tokenizer, add_generation_prompt=True)
+    return _encode_strings([(text, spans)], tokenizer, add_bos=template != "chat_template")[0].input_ids
+
+
+def template_fingerprint(template: str, tokenizer, encoder: SegmentEncoder | None) -> str:
+    """What the cache key needs to know about how text becomes ids."""
+    parts = [
+        template,
+        getattr(tokenizer, "chat_template", None) or "",
+        encoder.backend if encoder else "",
+        _vocab_fingerprint(_hf_pieces(tokenizer)),
+        str(tokenizer.bos_token_id),
+        str(tokenizer.eos_token_id),
+        type(tokenizer).__name__,
+    ]
+    return hashlib.sha256("\x01".join(parts).encode()).hexdigest()[:16]
