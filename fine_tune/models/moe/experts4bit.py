@@ -1,0 +1,403 @@
+"""4-bit storage for fused 3-D expert weights (transformers 5 MoE layers such as `MixtralExperts`).
+
+Why a module of our own: bitsandbytes converts `nn.Linear` only, and the fused experts are plain
+3-D `nn.Parameter`s, so `from_pretrained(quantization_config=nf4)` leaves them in bf16 (~87 GiB for
+Mixtral-8x7B). Each expert matrix is quantized on its own with `bitsandbytes.functional.quantize_4bit`
+(the same blockwise NF4/FP4 + optional double quant that `Linear4bit` uses), stored stacked per
+expert, and dequantized one hit expert at a time in the forward *and again in the backward*, so no
+bf16 copy of an expert outlives the matmul that needs it (autograd would otherwise keep every
+dequantized weight alive until the backward: the full bf16 model again).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+#: the fused expert tensors we know how to quantize, with their layout [E, out, in] (not transposed)
+EXPERT_PARAM_NAMES = ("gate_up_proj", "down_proj")
+NESTED_BLOCKSIZE = 256  # bitsandbytes' fixed block size for the second (absmax) quantization
+
+
+def _bnb_functional():
+    import bitsandbytes.functional as bnbf
+
+    return bnbf
+
+
+class _Dequant4bitLinear(torch.autograd.Function):
+    """`F.linear(x, dequant(W_e))` that keeps only the 4-bit weight for the backward.
+
+    The weights are frozen, so the backward only needs `grad @ W_e`; dequantizing W_e again there
+    trades one cheap kernel for not holding E x out x in bf16 values per layer until the backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, owner: Experts4bit, name: str, expert: int) -> torch.Tensor:
+        weight = owner.dequantize_expert(name, expert, dtype=x.dtype)
+        ctx.owner, ctx.name, ctx.expert = owner, name, expert
+        return F.linear(x, weight)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            weight = ctx.owner.dequantize_expert(ctx.name, ctx.expert, dtype=grad_out.dtype)
+            grad_x = grad_out @ weight
+        return grad_x, None, None, None
+
+
+class Experts4bit(nn.Module):
+    """Drop-in replacement for a fused experts module, with every expert matrix in 4 bits.
+
+    Buffers per fused tensor `<name>` (E experts, each quantized independently):
+    `<name>_qweight` uint8 [E, ceil(out*in/2)] packed nibbles; `<name>_absmax` [E, n_blocks]
+    float32, or uint8 with `<name>_absmax2` float32 [E, n_blocks2] and `<name>_offset` float32 [E]
+    when double quant is on. Shared: `quant_code` (the 16-value NF4/FP4 map) and `nested_code`.
+    Call signature and routing maths follow transformers' eager `MixtralExperts.forward` exactly.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_experts: int,
+        shapes: dict[str, tuple[int, int]],
+        act_fn: Callable[[torch.Tensor], torch.Tensor],
+        quant_type: str = "nf4",
+        double_quant: bool = True,
+        compute_dtype: torch.dtype = torch.bfloat16,
+        blocksize: int = 64,
+        is_concatenated: bool = True,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        if quant_type not in ("nf4", "fp4"):
+            raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
+        self.num_experts = num_experts
+        self.shapes = dict(shapes)
+        self.act_fn = act_fn
+        self.quant_type = quant_type
+        self.double_quant = double_quant
+        self.compute_dtype = compute_dtype
+        self.blocksize = blocksize
+        self.is_concatenated = is_concatenated
+        self.adapters = nn.ModuleDict()  # filled by fine_tune.models.moe.lora.attach_expert_lora
+        code = _bnb_functional().get_4bit_type(quant_type, device="cpu").float()
+        self.register_buffer("quant_code", code.to(device))
+        self.register_buffer("nested_code", torch.zeros(256, dtype=torch.float32, device=device))
+        for name, (out_f, in_f) in self.shapes.items():
+            n = out_f * in_f
+            n_blocks = math.ceil(n / blocksize)
+            self.register_buffer(
+                f"{name}_qweight", torch.zeros(num_experts, (n + 1) // 2, dtype=torch.uint8, device=device)
+            )
+            if double_quant:
+                n_blocks2 = math.ceil(n_blocks / NESTED_BLOCKSIZE)
+                self.register_buffer(
+                    f"{name}_absmax", torch.zeros(num_experts, n_blocks, dtype=torch.uint8, device=device)
+                )
+                self.register_buffer(
+                    f"{name}_absmax2", torch.zeros(num_experts, n_blocks2, dtype=torch.float32, device=device)
+                )
+                self.register_buffer(
+                    f"{name}_offset", torch.zeros(num_experts, dtype=torch.float32, device=device)
+                )
+            else:
+                self.register_buffer(
+                    f"{name}_absmax", torch.zeros(num_experts, n_blocks, dtype=torch.float32, device=device)
+                )
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def empty_like(
+        cls,
+        module: nn.Module,
+        *,
+        quant_type: str,
+        double_quant: bool,
+        compute_dtype: torch.dtype,
+        blocksize: int = 64,
+        device: torch.device | str | None = None,
+    ) -> Experts4bit:
+        """Allocate 4-bit storage shaped for `module` without reading its weights (they may be meta)."""
+        transposed = bool(getattr(module, "is_transposed", False))
+        shapes = {}
+        for name in EXPERT_PARAM_NAMES:
+            e, a, b = getattr(module, name).shape
+            shapes[name] = (b, a) if transposed else (a, b)
+        return cls(
+            num_experts=getattr(module, name).shape[0],
+            shapes=shapes,
+            act_fn=module.act_fn,
+            quant_type=quant_type,
+            double_quant=double_quant,
+            compute_dtype=compute_dtype,
+            blocksize=blocksize,
+            is_concatenated=bool(getattr(module, "is_concatenated", True)),
+            device=device,
+        )
+
+    @torch.no_grad()
+    def set_expert(self, name: str, expert: int, weight: torch.Tensor) -> None:
+        """Quantize one expert's [out, in] matrix into slot `expert` (weight is then free to drop)."""
+        out_f, in_f = self.shapes[name]
+        if tuple(weight.shape) != (out_f, in_f):
+            raise ValueError(f"{name}[{expert}]: expected shape {(out_f, in_f)}, got {tuple(weight.shape)}")
+        qweight = getattr(self, f"{name}_qweight")
+        weight = weight.to(qweight.device).contiguous()
+        if not weight.is_floating_point():
+            raise ValueError(f"{name}[{expert}]: expected a float tensor, got {weight.dtype}")
+        packed, state = _bnb_functional().quantize_4bit(
+            weight,
+            blocksize=self.blocksize,
+            compress_statistics=self.double_quant,
+            quant_type=self.quant_type,
+            quant_storage=torch.uint8,
+        )
+        qweight[expert].copy_(packed.view(-1))
+        getattr(self, f"{name}_absmax")[expert].copy_(state.absmax.view(-1))
+        if self.double_quant:
+            getattr(self, f"{name}_absmax2")[expert].copy_(state.state2.absmax.view(-1))
+            getattr(self, f"{name}_offset")[expert].copy_(state.offset)
+            self.nested_code.copy_(state.state2.code)
+
+    # ---- dequantization -----------------------------------------------------------------------
+    def quant_state(self, name: str, expert: int, dtype: torch.dtype):
+        """bitsandbytes QuantState for one expert, built as views on the stacked buffers."""
+        bnbf = _bnb_functional()
+        state2 = offset = None
+        if self.double_quant:
+            state2 = bnbf.QuantState(
+                absmax=getattr(self, f"{name}_absmax2")[expert],
+                code=self.nested_code,
+                blocksize=NESTED_BLOCKSIZE,
+                dtype=torch.float32,
+            )
+            offset = getattr(self, f"{name}_offset")[expert]
+        return bnbf.QuantState(
+            absmax=getattr(self, f"{name}_absmax")[expert],
+            shape=torch.Size(self.shapes[name]),
+            code=self.quant_code,
+            blocksize=self.blocksize,
+            quant_type=self.quant_type,
+            dtype=dtype,
+            offset=offset,
+            state2=state2,
+        )
+
+    def dequantize_expert(self, name: str, expert: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The [out, in] weight of one expert, in `dtype` (default: the compute dtype)."""
+        dtype = dtype or self.compute_dtype
+        qweight = getattr(self, f"{name}_qweight")[expert]
+        return _bnb_functional().dequantize_4bit(qweight, self.quant_state(name, expert, dtype))
+
+    def dequantize(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """All experts stacked as [E, out, in] (for tests and merging; needs the full bf16 size)."""
+        return torch.stack([self.dequantize_expert(name, e, dtype) for e in range(self.num_experts)])
+
+    # ---- forward ------------------------------------------------------------------------------
+    def _project(self, name: str, x: torch.Tensor, expert: int) -> torch.Tensor:
+        out = _Dequant4bitLinear.apply(x, self, name, expert)
+        adapter = self.adapters[name] if name in self.adapters else None  # noqa: SIM401
+        if adapter is not None:
+            out = out + adapter(x, expert).to(out.dtype)
+        return out
+
+    def _apply_gate(self, gate_up: torch.Tensor) -> torch.Tensor:
+        if self.is_concatenated:
+            gate, up = gate_up.chunk(2, dim=-1)
+        else:
+            gate, up = gate_up[..., 0::2], gate_up[..., 1::2]
+        return self.act_fn(gate) * up
+
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        final_hidden_states = torch.zeros_like(hidden_states)
+        x_all = hidden_states.to(self.compute_dtype)
+        with torch.no_grad():
+            expert_mask = F.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
+            expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
+        for expert_idx in expert_hit.flatten().tolist():
+            if expert_idx == self.num_experts:
+                continue
+            top_k_pos, token_idx = torch.where(expert_mask[expert_idx])
+            current_state = x_all[token_idx]
+            hidden = self._apply_gate(self._project("gate_up_proj", current_state, expert_idx))
+            hidden = self._project("down_proj", hidden, expert_idx)
+            hidden = hidden * top_k_weights[token_idx, top_k_pos, None]
+            final_hidden_states.index_add_(0, token_idx, hidden.to(final_hidden_states.dtype))
+        return final_hidden_states
+
+    def extra_repr(self) -> str:
+        shapes = ", ".join(f"{k}={self.num_experts}x{v[0]}x{v[1]}" for k, v in self.shapes.items())
+        return f"{shapes}, quant_type={self.quant_type}, double_quant={self.double_quant}"
+
+    def logical_numel(self) -> int:
+        """Parameters this module stands for (what the bf16 model would have)."""
+        return sum(self.num_experts * o * i for o, i in self.shapes.values())
+
+
+# ---- discovery / replacement ----------------------------------------------------------------------
+def _unsupported_reason(module: nn.Module) -> str | None:
+    if getattr(module, "has_bias", False):
+        return "expert biases"
+    if getattr(module, "has_post_expert_norm", False):
+        return "post-expert norm"
+    if not getattr(module, "has_gate", True):
+        return "no gate projection"
+    apply_gate = getattr(type(module), "_apply_gate", None)
+    if apply_gate is not None and getattr(apply_gate, "__name__", "") != "_default_apply_gate":
+        return f"custom gate activation ({type(module).__name__}._apply_gate)"
+    if not hasattr(module, "act_fn"):
+        return "no act_fn"
+    return None
+
+
+def find_fused_experts(model: nn.Module) -> Iterator[tuple[str, nn.Module, str | None]]:
+    """(qualified name, module, reason it cannot be quantized or None) for each fused-expert module."""
+    for name, module in model.named_modules():
+        if isinstance(module, Experts4bit):
+            continue
+        params = [getattr(module, p, None) for p in EXPERT_PARAM_NAMES]
+        if all(isinstance(p, torch.Tensor) and p.dim() == 3 for p in params):
+            yield name, module, _unsupported_reason(module)
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def quantize_experts_module(
+    module: nn.Module,
+    *,
+    quant_type: str,
+    double_quant: bool,
+    compute_dtype: torch.dtype,
+    blocksize: int = 64,
+    device: torch.device | str | None = None,
+) -> Experts4bit:
+    """Quantize one fused-experts module expert by expert, onto `device` (default: where it lives)."""
+    source = getattr(module, EXPERT_PARAM_NAMES[0])
+    device = torch.device(device) if device is not None else source.device
+    new = Experts4bit.empty_like(
+        module,
+        quant_type=quant_type,
+        double_quant=double_quant,
+        compute_dtype=compute_dtype,
+        blocksize=blocksize,
+        device=device,
+    )
+    transposed = bool(getattr(module, "is_transposed", False))
+    for name in EXPERT_PARAM_NAMES:
+        param = getattr(module, name)
+        for e in range(new.num_experts):
+            w = param[e].detach()
+            new.set_expert(name, e, w.t() if transposed else w)
+    return new
+
+
+def quantize_fused_experts(
+    model: nn.Module,
+    quant_type: Any = "nf4",
+    double_quant: bool = True,
+    compute_dtype: torch.dtype | str = torch.bfloat16,
+    blocksize: int = 64,
+    device: torch.device | str | None = None,
+    strict: bool = False,
+) -> dict:
+    """Replace every fused 3-D experts module of `model` by `Experts4bit`, one module at a time.
+
+    Peak extra memory is one module's 4-bit storage plus one expert in bf16, and each original
+    module is released as soon as its replacement exists, so a model whose experts were loaded on
+    CPU can be moved expert by expert onto `device`. Returns the parameter counts for the log
+    (see `count_parameters`) plus `quantized_modules` and `skipped` (name -> reason). Already
+    quantized modules are left alone, so calling it after `build_random_model` is harmless.
+    `quant_type` may also be the core's `QuantSpec`.
+    """
+    if hasattr(quant_type, "kind"):  # the core's QuantSpec
+        spec = quant_type
+        quant_type, double_quant = spec.kind, spec.double_quant
+        compute_dtype = spec.compute_dtype or torch.bfloat16
+    if quant_type not in ("nf4", "fp4"):
+        raise ValueError(f"fused experts are quantized to nf4 or fp4, not {quant_type!r}")
+    if isinstance(compute_dtype, str):
+        compute_dtype = getattr(torch, compute_dtype)
+    found = list(find_fused_experts(model))
+    skipped = {name: reason for name, _, reason in found if reason is not None}
+    if skipped and strict:
+        raise ValueError(f"cannot quantize fused experts: {skipped}")
+    done = 0
+    for name, module, reason in found:
+        if reason is not None:
+            continue
+        new = quantize_experts_module(
+            module,
+            quant_type=quant_type,
+            double_quant=double_quant,
+            compute_dtype=compute_dtype,
+            blocksize=blocksize,
+            device=device,
+        )
+        _set_submodule(model, name, new)
+        del module
+        done += 1
+    counts = count_parameters(model)
+    counts.update(quantized_modules=done, skipped=skipped)
+    return counts
+
+
+def count_parameters(model: nn.Module) -> dict:
+    """Logical parameter counts by storage: 4-bit (bnb Linear4bit + Experts4bit) vs everything else.
+
+    Logical = what the unquantized model would count, so the two numbers add up to the model size
+    users know (46.7B for Mixtral-8x7B) whatever the storage; bytes are what is actually held.
+    """
+    four_bit = four_bit_bytes = other = other_bytes = trainable = 0
+    seen: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, Experts4bit):
+            four_bit += module.logical_numel()
+            four_bit_bytes += sum(b.numel() * b.element_size() for b in module.buffers(recurse=False))
+    for param in model.parameters():
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        if param.requires_grad:
+            trainable += param.numel()
+        state = getattr(param, "quant_state", None)
+        if type(param).__name__ == "Params4bit" and state is not None:
+            four_bit += math.prod(state.shape)
+            four_bit_bytes += param.numel() * param.element_size()
+            four_bit_bytes += state.absmax.numel() * state.absmax.element_size()
+            if state.state2 is not None:
+                four_bit_bytes += state.state2.absmax.numel() * state.state2.absmax.element_size()
+        else:
+            other += param.numel()
+            other_bytes += param.numel() * param.element_size()
+    return {
+        "params_4bit": four_bit,
+        "params_other": other,
+        "params_trainable": trainable,
+        "bytes_4bit": four_bit_bytes,
+        "bytes_other": other_bytes,
+    }
+
+
+def format_counts(counts: dict) -> str:
+    """One log line: how much of the model is really 4-bit."""
+    total = counts["params_4bit"] + counts["params_other"]
+    frac = counts["params_4bit"] / total if total else 0.0
+    return (
+        f"parameters: {counts['params_4bit'] / 1e9:.3f}B in 4-bit ({frac:.1%}), "
+        f"{counts['params_other'] / 1e9:.3f}B not 4-bit; "
+        f"held: {counts['bytes_4bit'] / 2**30:.2f} GiB 4-bit + constants, "
+        f"{counts['bytes_other'] / 2**30:.2f} GiB other"
+    )
