@@ -1,0 +1,470 @@
+"""`python -m fine_tune.compare <multirun dir | run dirs> [--metric eval_loss] [--out DIR]`
+
+Compares the jobs of a sweep from the files every run dir already holds (metrics.jsonl,
+metrics.json, status.json, .hydra/overrides.yaml): no W&B account, server or sync needed, and it
+works while the sweep is still running or after some jobs failed (those rows say so, with what
+was logged so far). Only the overrides that differ between jobs become columns, because those
+are the question the sweep asked; the ones shared by all jobs are listed once.
+
+Writes into --out (default `<sweep dir>/compare`, or `./compare` for several dirs):
+compare.md, compare.html, compare.json and loss_curves.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import math
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fine_tune.errors import EXIT_USER_ERROR, UserError, report
+from fine_tune.utils.io import atomic_write_json, atomic_write_text, read_json
+
+_BROKEN = {"failed", "oom", "preempted", "unknown"}
+_SKIP_DIRS = {
+    "wandb",
+    "tensorboard",
+    "checkpoints",
+    "adapter",
+    "tokenizer",
+    "compare",
+    ".hydra",
+    "__pycache__",
+}
+# Extra columns shown after the chosen metric (metrics.json key -> header).
+_EXTRA = [
+    ("train_loss", "train_loss"),
+    ("eval_perplexity", "eval_ppl"),
+    ("steps", "steps"),
+    ("tokens_per_second", "tok/s"),
+    ("peak_memory_gib", "peak_GiB"),
+    ("runtime_s", "runtime_s"),
+]
+
+
+@dataclass
+class Job:
+    """Everything one run dir says about itself; any part may be missing in a running/failed job."""
+
+    path: Path
+    name: str
+    overrides: list[str] = field(default_factory=list)
+    status: dict[str, Any] | None = None
+    metrics: dict[str, Any] | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def state(self) -> str:
+        """status.json's word; a dir without one is `running` while it logs, else `unknown`."""
+        if self.status and self.status.get("status"):
+            return str(self.status["status"])
+        return "running" if self.history else "unknown"
+
+    def value(self, metric: str) -> float | None:
+        """The metric from metrics.json, else its latest value in metrics.jsonl (running jobs)."""
+        number = _number((self.metrics or {}).get(metric))
+        if number is not None:
+            return number
+        for key in _jsonl_keys(metric):
+            for row in reversed(self.history):
+                number = _number(row.get(key))
+                if number is not None:
+                    return number
+        return None
+
+    def curve(self, key: str) -> tuple[list[float], list[float]]:
+        steps, values = [], []
+        for index, row in enumerate(self.history):
+            value = _number(row.get(key))
+            if value is not None:
+                step = _number(row.get("step"))
+                steps.append(step if step is not None else float(index))
+                values.append(value)
+        return steps, values
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or value is None:
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _jsonl_keys(metric: str) -> list[str]:
+    """metrics.json names -> the per-step names of the same quantity (eval_loss -> eval/loss)."""
+    keys = [metric]
+    if "/" not in metric and "_" in metric:
+        head, tail = metric.split("_", 1)
+        keys.append(f"{head}/{tail}")
+    aliases = {
+        "tokens_per_second": "perf/tokens_per_second",
+        "peak_memory_gib": "perf/peak_memory_gib",
+        "steps": "step",
+        "tokens_seen": "perf/tokens_seen",
+    }
+    if metric in aliases:
+        keys.append(aliases[metric])
+    return keys
+
+
+def _is_job_dir(path: Path) -> bool:
+    return (
+        (path / ".hydra" / "overrides.yaml").is_file()
+        or (path / "status.json").is_file()
+        or (path / "metrics.jsonl").is_file()
+        or (path / "metrics.json").is_file()
+    )
+
+
+def find_job_dirs(root: Path) -> list[Path]:
+    """Job dirs at or under `root`, without descending into a job's own subfolders."""
+    if _is_job_dir(root):
+        return [root]
+    found = []
+    for current, dirs, _files in os.walk(root):
+        here = Path(current)
+        if here != root and _is_job_dir(here):
+            found.append(here)
+            dirs[:] = []
+            continue
+        dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS and not d.startswith("."))
+    return sorted(found)
+
+
+def _read_overrides(path: Path) -> list[str] | None:
+    file = path / ".hydra" / "overrides.yaml"
+    if not file.is_file():
+        return None
+    try:
+        import yaml
+
+        data = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except Exception:  # noqa: BLE001 - a half-written file during a running sweep
+        return None
+    return [str(o) for o in data] if isinstance(data, list) else None
+
+
+def _read_history(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    file = path / "metrics.jsonl"
+    if not file.is_file():
+        return rows
+    for line in file.read_text(encoding="utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # the line being written right now
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def load_job(path: Path, root: Path | None = None) -> Job:
+    """Read one run dir; never fails on missing or partial files."""
+    status = read_json(path / "status.json")
+    status = status if isinstance(status, dict) else None
+    overrides = _read_overrides(path)
+    if overrides is None:
+        overrides = [str(o) for o in (status or {}).get("overrides") or []]
+    metrics = read_json(path / "metrics.json")
+    name = path.name
+    if root is not None and path != root:
+        name = path.relative_to(root).as_posix()
+    return Job(
+        path=path,
+        name=name,
+        overrides=overrides,
+        status=status,
+        metrics=metrics if isinstance(metrics, dict) else None,
+        history=_read_history(path),
+    )
+
+
+def load_jobs(paths: Sequence[Path], missing_ok: bool = False) -> list[Job]:
+    """Every job under the given sweep dirs / run dirs, in path order."""
+    jobs: list[Job] = []
+    seen: set[Path] = set()
+    for path in paths:
+        path = Path(path)
+        if not path.exists():
+            if missing_ok:
+                continue
+            raise UserError(
+                "no such directory",
+                where=str(path),
+                hint="pass a multirun dir (multirun/...) or one or more run dirs (outputs/...)",
+            )
+        if not path.is_dir():
+            raise UserError("not a directory", where=str(path), hint="pass a sweep dir or run dirs")
+        for job_dir in find_job_dirs(path):
+            if job_dir.resolve() in seen:
+                continue
+            seen.add(job_dir.resolve())
+            jobs.append(load_job(job_dir, root=path if job_dir != path else None))
+    return jobs
+
+
+def _split(override: str) -> tuple[str, str]:
+    key, _, value = override.partition("=")
+    return key.lstrip("+~"), value
+
+
+def differing_overrides(jobs: Sequence[Job]) -> tuple[list[str], dict[str, str]]:
+    """(keys whose value differs between jobs, {key: value} shared by every job)."""
+    per_job = [dict(_split(o) for o in job.overrides) for job in jobs]
+    keys: list[str] = []
+    for mapping in per_job:
+        keys.extend(k for k in mapping if k not in keys)
+    differ, common = [], {}
+    for key in keys:
+        values = {m.get(key) for m in per_job}
+        if len(values) == 1 and None not in values:
+            common[key] = values.pop()
+        else:
+            differ.append(key)
+    return differ, common
+
+
+def build_rows(jobs: Sequence[Job], metric: str, descending: bool = False) -> list[dict[str, Any]]:
+    """One dict per job, sorted by `metric`; failed jobs and jobs without the metric last."""
+    differ, _ = differing_overrides(jobs)
+    rows = []
+    for job in jobs:
+        mapping = dict(_split(o) for o in job.overrides)
+        row: dict[str, Any] = {"job": job.name, "dir": str(job.path), "status": job.state}
+        row["overrides"] = {k: mapping.get(k) for k in differ}
+        row[metric] = job.value(metric)
+        for key, _header in _EXTRA:
+            if key != metric:
+                row[key] = job.value(key)
+        row["error"] = (job.status or {}).get("error")
+        rows.append(row)
+    sign = -1.0 if descending else 1.0
+    # Failed jobs go below the others whatever their partial metric: the top row must be a winner.
+    rows.sort(key=lambda r: (r[metric] is None, r["status"] in _BROKEN, sign * (r[metric] or 0.0), r["job"]))
+    for rank, row in enumerate(rows, 1):
+        row["rank"] = rank
+    return rows
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def text_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A plain fixed-width table (no rich dependency, pastes into any issue or log)."""
+    cells = [[str(h) for h in headers]] + [
+        [_fmt(c) if not isinstance(c, str) else c for c in r] for r in rows
+    ]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    esc = lambda c: (_fmt(c) if not isinstance(c, str) else c).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+    lines = ["| " + " | ".join(esc(h) for h in headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(esc(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _table(
+    rows: list[dict[str, Any]], metric: str, with_dir: bool = False
+) -> tuple[list[str], list[list[Any]]]:
+    differ = list(rows[0]["overrides"]) if rows else []
+    headers = ["#"] + (differ or ["job"]) + ["status", metric] + [h for k, h in _EXTRA if k != metric]
+    body = []
+    for row in rows:
+        line: list[Any] = [row["rank"]]
+        line += [row["overrides"].get(k) or "-" for k in differ] if differ else [row["job"]]
+        line += [row["status"], row[metric]] + [row[k] for k, _ in _EXTRA if k != metric]
+        body.append(line)
+    if with_dir:
+        headers.append("dir")
+        for line, row in zip(body, rows, strict=True):
+            line.append(row["job"])
+    return headers, body
+
+
+def _label(job: Job, differ: Sequence[str]) -> str:
+    from fine_tune.tracking.base import run_name
+
+    mapping = dict(_split(o) for o in job.overrides)
+    label = run_name([f"{k}={mapping[k]}" for k in differ if k in mapping], fallback=job.name) or job.name
+    return label if job.state in ("finished", "running") else f"{label} ({job.state})"
+
+
+def plot_curves(jobs: Sequence[Job], path: Path, title: str = "") -> Path:
+    """Train and eval loss vs step for every job, one colour per job (failed jobs dashed)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    differ, _ = differing_overrides(jobs)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5), squeeze=False)
+    panels = [(axes[0][0], "train/loss", "train loss"), (axes[0][1], "eval/loss", "eval loss")]
+    drawn = [0, 0]
+    for index, job in enumerate(jobs):
+        style = "-" if job.state in ("finished", "running") else "--"
+        color = f"C{index % 10}"
+        for panel, (axis, key, _title) in enumerate(panels):
+            steps, values = job.curve(key)
+            if not steps and key == "eval/loss":
+                final = _number((job.metrics or {}).get("eval_loss"))
+                last = _number((job.metrics or {}).get("steps"))
+                if final is not None:
+                    steps, values = [last if last is not None else 0.0], [final]
+            if steps:
+                marker = "o" if len(steps) < 20 else None
+                axis.plot(steps, values, style, color=color, marker=marker, label=_label(job, differ))
+                drawn[panel] += 1
+    for panel, (axis, _key, name) in enumerate(panels):
+        axis.set_title(name)
+        axis.set_xlabel("step")
+        axis.set_ylabel("loss")
+        axis.grid(True, alpha=0.3)
+        if drawn[panel]:
+            axis.legend(fontsize=7, loc="best")
+        else:
+            axis.text(0.5, 0.5, "nothing logged yet", ha="center", va="center", transform=axis.transAxes)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def _html(title: str, common: dict[str, str], headers: list[str], body: list[list[Any]], image: str) -> str:
+    esc = lambda c: html.escape(_fmt(c) if not isinstance(c, str) else c)  # noqa: E731
+    head = "".join(f"<th>{esc(h)}</th>" for h in headers)
+    rows = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>\n" for row in body)
+    shared = ", ".join(f"{k}={v}" for k, v in common.items()) or "none"
+    return (
+        "<!doctype html>\n<html><head><meta charset='utf-8'><title>"
+        + html.escape(title)
+        + "</title><style>body{font-family:sans-serif}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}</style></head><body>\n"
+        f"<h1>{html.escape(title)}</h1>\n<p>Overrides shared by all jobs: {html.escape(shared)}</p>\n"
+        f"<table><tr>{head}</tr>\n{rows}</table>\n<p><img src='{html.escape(image)}' alt='loss curves'></p>\n"
+        "</body></html>\n"
+    )
+
+
+def compare(
+    paths: Sequence[str | os.PathLike],
+    metric: str = "eval_loss",
+    out: str | os.PathLike | None = None,
+    descending: bool = False,
+) -> dict[str, Any]:
+    """Load, rank, render and write; returns what compare.json holds (plus the text table)."""
+    roots = [Path(p) for p in paths]
+    if not roots:
+        raise UserError("no directories given", hint="python -m fine_tune.compare multirun/<sweep dir>")
+    jobs = load_jobs(roots)
+    if not jobs:
+        raise UserError(
+            "no runs found (no status.json, metrics or .hydra/ below it)",
+            where=", ".join(str(r) for r in roots),
+            hint="pass the sweep dir Hydra printed (multirun/...) or run dirs (outputs/...)",
+        )
+    known = set()
+    for job in jobs:
+        known.update((job.metrics or {}).keys())
+        for row in job.history:
+            known.update(row.keys())
+    if any(job.metrics for job in jobs) and not any(k in known for k in _jsonl_keys(metric)):
+        raise UserError(
+            f"unknown metric {metric!r}",
+            where="--metric",
+            hint="one of: " + ", ".join(sorted(k for k in known if isinstance(k, str))),
+        )
+    rows = build_rows(jobs, metric, descending=descending)
+    differ, common = differing_overrides(jobs)
+    if out is None:
+        single_sweep = len(roots) == 1 and not _is_job_dir(roots[0])
+        out = roots[0] / "compare" if single_sweep else Path("compare")
+    out = Path(out)
+    title = f"{len(jobs)} runs of " + ", ".join(str(r) for r in roots) + f", sorted by {metric}"
+    headers, body = _table(rows, metric)
+    text = text_table(headers, body)
+    image = plot_curves(jobs, out / "loss_curves.png", title=title)
+    md_headers, md_body = _table(rows, metric, with_dir=True)
+    shared = ", ".join(f"`{k}={v}`" for k, v in common.items()) or "none"
+    failures = [r for r in rows if r["status"] not in ("finished", "running")]
+    md = [
+        f"# {title}",
+        "",
+        f"Overrides shared by all jobs: {shared}",
+        "",
+        markdown_table(md_headers, md_body),
+    ]
+    if failures:
+        md += ["", "## Not finished", ""]
+        md += [
+            f"- `{r['job']}`: {r['status']}: {(r['error'] or '').splitlines()[0] if r['error'] else ''}"
+            for r in failures
+        ]
+    md += ["", f"![loss curves]({image.name})", ""]
+    atomic_write_text(out / "compare.md", "\n".join(md))
+    atomic_write_text(out / "compare.html", _html(title, common, md_headers, md_body, image.name))
+    result = {
+        "metric": metric,
+        "differing": differ,
+        "common": common,
+        "rows": rows,
+        "files": {"png": str(image), "md": str(out / "compare.md"), "html": str(out / "compare.html")},
+    }
+    atomic_write_json(out / "compare.json", result)
+    result["text"] = text
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m fine_tune.compare",
+        description="Compare the jobs of a sweep (or any run dirs) from their local logs; no W&B needed.",
+    )
+    parser.add_argument("paths", nargs="+", help="a multirun/sweep dir, or run dirs")
+    parser.add_argument(
+        "--metric", default="eval_loss", help="metrics.json key to sort by (default eval_loss)"
+    )
+    parser.add_argument(
+        "--desc", action="store_true", help="sort descending (for metrics where higher is better)"
+    )
+    parser.add_argument("--out", default=None, help="output dir (default <sweep dir>/compare or ./compare)")
+    args = parser.parse_args(argv)
+    try:
+        result = compare(args.paths, metric=args.metric, out=args.out, descending=args.desc)
+    except UserError as error:
+        report(error)
+        return EXIT_USER_ERROR
+    print(result["text"])
+    if result["common"]:
+        print("\nshared overrides: " + ", ".join(f"{k}={v}" for k, v in result["common"].items()))
+    print("\nwrote " + ", ".join(result["files"].values()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
