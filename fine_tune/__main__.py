@@ -1,0 +1,55 @@
+"""`python -m fine_tune [overrides]`: compose the config, run one job, return the metric to sweepers.
+
+Kept thin on purpose: nothing heavy is imported at module level, so `--help` and `--cfg job` answer
+in about a second. The work happens in `fine_tune.run`."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from fine_tune.errors import EXIT_USER_ERROR, UserError, report
+
+log = logging.getLogger("fine_tune")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    return type(error).__name__ == "OutOfMemoryError" or "out of memory" in str(error).lower()
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    from fine_tune import modes, sweep
+    from fine_tune.run import job_info, run
+
+    run_dir, job = job_info()
+    multirun = job["sweep_dir"] is not None
+    if modes.selected(cfg):
+        return modes.dispatch(cfg, run_dir)
+    if multirun and sweep.should_skip(run_dir):
+        log.info("skipping %s: it finished in an earlier run of this sweep", run_dir)
+        return sweep.finished_metric(run_dir)
+    sweep.mark_running(run_dir, job["overrides"])
+    try:
+        metric = run(cfg, run_dir, job)
+    except UserError as error:
+        sweep.mark_failed(run_dir, str(error))
+        report(error)
+        if multirun:
+            return None  # the sweep goes on; its summary lists this job as failed
+        sys.exit(EXIT_USER_ERROR)
+    except Exception as error:
+        sweep.mark_failed(run_dir, f"{type(error).__name__}: {error}", oom=is_out_of_memory(error))
+        if multirun:
+            log.exception("job failed; the sweep goes on")
+            return None
+        raise
+    sweep.mark_finished(run_dir, metric)
+    return metric
+
+
+if __name__ == "__main__":
+    main()

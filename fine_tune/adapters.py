@@ -1,0 +1,102 @@
+"""LoRA adapters: the `lora` group becomes a `peft.LoraConfig` plus the choices PEFT cannot express
+safely on its own (experts of fused MoE layers at exactly the requested rank)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from fine_tune.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AdapterSpec:
+    lora: Any  # peft.LoraConfig for the dense (nn.Linear) targets
+    experts: bool  # also adapt fused MoE expert weights
+    r: int
+    lora_alpha: float
+
+
+def build_lora_config(
+    r: int = 16,
+    lora_alpha: float = 32,
+    lora_dropout: float = 0.05,
+    target_modules: list[str] | str = "all-linear",
+    bias: str = "none",
+    use_rslora: bool = False,
+    experts: bool = False,
+    modules_to_save: list[str] | None = None,
+) -> AdapterSpec:
+    if r <= 0:
+        raise UserError(
+            f"rank must be positive, got {r}", where="lora.r", hint="typical ranks: 8, 16, 32, 64"
+        )
+    if lora_alpha <= 0:
+        raise UserError(f"alpha must be positive, got {lora_alpha}", where="lora.lora_alpha")
+    if not 0 <= lora_dropout < 1:
+        raise UserError(f"dropout must be in [0, 1), got {lora_dropout}", where="lora.lora_dropout")
+    from peft import LoraConfig
+
+    config = LoraConfig(
+        r=r,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+        target_modules=target_modules,
+        bias=bias,
+        use_rslora=use_rslora,
+        modules_to_save=modules_to_save,
+        task_type="CAUSAL_LM",
+    )
+    return AdapterSpec(lora=config, experts=experts, r=r, lora_alpha=lora_alpha)
+
+
+def attach_adapter(model: Any, spec: AdapterSpec, gradient_checkpointing: bool, quantized: bool) -> Any:
+    """Wrap the base model with LoRA; only adapter weights remain trainable."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    from fine_tune.models.architecture import has_fused_experts
+
+    if spec.experts and not has_fused_experts(model.config):
+        raise UserError(
+            "lora.experts=true but this model has no experts",
+            where="lora.experts",
+            hint="use it with model=mixtral / tiny_mixtral, or set lora.experts=false",
+        )
+    if quantized:
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    try:
+        peft_model = get_peft_model(model, spec.lora)
+    except ValueError as error:
+        raise UserError(
+            f"LoRA targets do not match this model: {error}",
+            where="lora.target_modules",
+            hint="use module names of the model, e.g. q_proj, v_proj, or 'all-linear'",
+        ) from None
+    if spec.experts:
+        from fine_tune.models.moe import attach_expert_lora
+
+        attach_expert_lora(peft_model, r=spec.r, lora_alpha=spec.lora_alpha)
+    return peft_model
+
+
+def count_parameters(model: Any) -> tuple[int, int]:
+    """(trainable, total) — 4-bit weights count as their logical number of parameters."""
+    trainable = total = 0
+    for param in model.parameters():
+        n = param.numel()
+        if getattr(param, "quant_state", None) is not None or param.__class__.__name__ == "Params4bit":
+            n *= 2  # two 4-bit values per stored byte
+        total += n
+        if param.requires_grad:
+            trainable += n
+    return trainable, total

@@ -1,0 +1,60 @@
+"""Model + tokenizer builders; `build_model` is the `_target_` of every `model` option."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from fine_tune.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    architecture: Any
+    quant: Any
+
+
+def build_model(
+    family: str = "mistral",
+    name_or_path: str | None = None,
+    init: str = "pretrained",
+    tokenizer: Any = None,
+    dtype: str = "auto",
+    attn_implementation: str = "sdpa",
+    trust_remote_code: bool = False,
+    config: dict | None = None,
+    architecture: dict | None = None,
+    quant: Any = None,
+    seed: int = 0,
+) -> LoadedModel:
+    """Tokenizer first (cheap, catches a wrong path early), then the architecture, then the weights."""
+    from fine_tune.hardware import resolve_dtype
+    from fine_tune.models.architecture import load_architecture
+    from fine_tune.models.loading import load_weights
+    from fine_tune.models.quant import build_quant_config
+    from fine_tune.models.tokenizer import build_tokenizer
+
+    quant = quant if quant is not None else build_quant_config("none")
+    shape = load_architecture(family, name_or_path, init, architecture, config, trust_remote_code)
+    # The run passes the tokenizer it already built for the data; alone, the node names one.
+    tok = (
+        tokenizer
+        if not isinstance(tokenizer, (str, type(None)))
+        else build_tokenizer(tokenizer, name_or_path, trust_remote_code)
+    )
+    if len(tok) > shape.vocab_size:
+        raise UserError(
+            f"tokenizer has {len(tok)} tokens but the model's vocab_size is {shape.vocab_size}",
+            where="model.config.vocab_size",
+            hint="make them match (Mistral v1: 32000)",
+        )
+    model = load_weights(
+        shape, name_or_path, init, quant, resolve_dtype(dtype), attn_implementation, trust_remote_code, seed
+    )
+    model.config.pad_token_id = tok.pad_token_id
+    return LoadedModel(model=model, tokenizer=tok, architecture=shape, quant=quant)

@@ -1,0 +1,116 @@
+"""Turn a `model` node into weights in memory: tiny random models, real checkpoints, quantized or not.
+
+Tiny random models are written once to a cache directory and loaded back through `from_pretrained`,
+so they travel the exact path real checkpoints take (quantization included)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from fine_tune.errors import UserError
+from fine_tune.models.architecture import check_local_path, has_fused_experts
+from fine_tune.models.quant import QuantSpec
+from fine_tune.models.tokenizer import cache_root
+
+# Above this many parameters a random model is built layer by layer on the GPU, never on disk.
+MATERIALISE_LIMIT = 500_000_000
+
+
+def device_map_for(quant: QuantSpec) -> Any:
+    """Quantized weights must be placed while loading; each rank takes its own GPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return {"": int(os.environ.get("LOCAL_RANK", 0))}
+    return "cpu" if quant.enabled else None
+
+
+def materialise_random(architecture: Any, seed: int) -> Path:
+    """Save a random model for `architecture` and `seed` once; later runs reuse the same directory."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    key = json.dumps({"config": architecture.to_dict(), "seed": seed}, sort_keys=True, default=str)
+    target = cache_root() / "random_models" / hashlib.sha256(key.encode()).hexdigest()[:16]
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=target.parent))
+    try:
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(architecture, dtype=torch.float32)
+        model.save_pretrained(work, safe_serialization=True)
+        try:
+            os.replace(work, target)
+        except OSError:  # a concurrent job wrote the same weights first
+            shutil.rmtree(work, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return target
+
+
+def from_pretrained(
+    path: str | Path, quant: QuantSpec, dtype: Any, attn_implementation: str, trust_remote_code: bool
+) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    check_local_path(str(path))
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=dtype,
+            quantization_config=quant.bnb_config,
+            device_map=device_map_for(quant),
+            attn_implementation=attn_implementation,
+            trust_remote_code=trust_remote_code,
+            use_safetensors=True,
+        )
+    except OSError as error:
+        raise UserError(
+            f"cannot load weights from '{path}' ({str(error).splitlines()[0][:200]})",
+            where="model.name_or_path",
+            hint="give a local directory with safetensors weights, or a hub id with hub access",
+        ) from None
+
+
+def load_weights(
+    architecture: Any,
+    name_or_path: str | None,
+    init: str,
+    quant: QuantSpec,
+    dtype: Any,
+    attn_implementation: str,
+    trust_remote_code: bool,
+    seed: int,
+) -> Any:
+    from fine_tune.models.architecture import parameter_count
+
+    if init not in ("random", "pretrained"):
+        raise UserError(f"unknown init '{init}'", where="model.init", hint="use random or pretrained")
+    if init == "pretrained":
+        if not name_or_path:
+            raise UserError(
+                "init=pretrained needs a checkpoint",
+                where="model.name_or_path",
+                hint="set model.name_or_path, or model.init=random for a random model",
+            )
+        model = from_pretrained(name_or_path, quant, dtype, attn_implementation, trust_remote_code)
+    elif parameter_count(architecture) > MATERIALISE_LIMIT:
+        from fine_tune.models.moe import build_random_model
+
+        model = build_random_model(architecture, quant=quant, dtype=dtype, seed=seed)
+    else:
+        path = materialise_random(architecture, seed)
+        model = from_pretrained(path, quant, dtype, attn_implementation, trust_remote_code)
+    if quant.is_4bit and quant.quant_experts and has_fused_experts(architecture):
+        from fine_tune.models.moe import quantize_fused_experts
+
+        quantize_fused_experts(model, quant)
+    return model

@@ -1,0 +1,78 @@
+"""Weight quantization settings: the `quant` group becomes a `BitsAndBytesConfig` (or None)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from fine_tune.errors import UserError
+
+KINDS = ("none", "nf4", "fp4", "int8")
+
+
+@dataclass
+class QuantSpec:
+    """What the loader needs: the transformers config plus our own options bitsandbytes lacks."""
+
+    kind: str
+    bnb_config: Any  # transformers.BitsAndBytesConfig | None
+    quant_experts: bool = False
+    double_quant: bool = False
+    compute_dtype: Any = None
+
+    @property
+    def is_4bit(self) -> bool:
+        return self.kind in ("nf4", "fp4")
+
+    @property
+    def enabled(self) -> bool:
+        return self.kind != "none"
+
+
+def build_quant_config(
+    kind: str = "none",
+    double_quant: bool = True,
+    compute_dtype: str = "auto",
+    quant_experts: bool = True,
+    skip_modules: list[str] | None = None,
+    storage_dtype: str = "uint8",
+    threshold: float = 6.0,
+) -> QuantSpec:
+    if kind not in KINDS:
+        raise UserError(f"unknown quantization '{kind}'", where="quant.kind", hint=f"use one of {KINDS}")
+    if kind == "none":
+        return QuantSpec(kind="none", bnb_config=None)
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    from fine_tune.hardware import resolve_dtype
+
+    dtype = resolve_dtype(compute_dtype)
+    skip = list(skip_modules or [])
+    if kind == "int8":
+        config = BitsAndBytesConfig(
+            load_in_8bit=True, llm_int8_threshold=threshold, llm_int8_skip_modules=skip or None
+        )
+        return QuantSpec(kind=kind, bnb_config=config, compute_dtype=dtype)
+    storage = getattr(torch, storage_dtype, None)
+    if storage is None:
+        raise UserError(
+            f"unknown storage dtype '{storage_dtype}'",
+            where="quant.storage_dtype",
+            hint="use uint8, or the compute dtype (bfloat16) for FSDP",
+        )
+    config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=kind,
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_quant_storage=storage,
+        llm_int8_skip_modules=skip or None,
+    )
+    return QuantSpec(
+        kind=kind,
+        bnb_config=config,
+        quant_experts=quant_experts,
+        double_quant=double_quant,
+        compute_dtype=dtype,
+    )

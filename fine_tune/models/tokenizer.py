@@ -1,0 +1,99 @@
+"""Tokenizers: the model's own from the hub or a local dir, or Mistral's real tokenizer shipped by the
+`mistral-common` package, so tiny models train on real Mistral token ids with no hub access."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from fine_tune.errors import UserError
+
+# Tokenizer files that mistral-common ships, by the name used in `model.tokenizer`.
+MISTRAL_COMMON_TOKENIZERS = {
+    "mistral_v1": "tokenizer.model.v1",  # Mistral-7B-v0.1 / Mixtral-8x7B vocabulary (32,000 pieces)
+}
+
+
+def cache_root() -> Path:
+    """Where derived artefacts (converted tokenizers, materialised tiny models) are kept between runs."""
+    return Path(os.environ.get("FINE_TUNE_CACHE", Path.home() / ".cache" / "fine_tune"))
+
+
+def mistral_common_file(name: str) -> Path:
+    import mistral_common
+
+    return Path(mistral_common.__file__).parent / "data" / MISTRAL_COMMON_TOKENIZERS[name]
+
+
+def mistral_v1_tokenizer() -> Any:
+    """Mistral's v1 SentencePiece model as a fast HF tokenizer.
+
+    Converting SentencePiece to `tokenizer.json` takes seconds, so the result is cached (written to a
+    temporary directory, then renamed into place) and later runs load it in milliseconds.
+    """
+    from transformers import AutoTokenizer
+
+    source = mistral_common_file("mistral_v1")
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()[:16]
+    target = cache_root() / "tokenizers" / f"mistral_v1-{digest}"
+    if not (target / "tokenizer.json").exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(dir=target.parent))
+        try:
+            shutil.copy(source, work / "tokenizer.model")
+            config = {
+                "tokenizer_class": "LlamaTokenizer",
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "unk_token": "<unk>",
+                "add_bos_token": True,
+                "add_eos_token": False,
+                "legacy": False,
+                "model_max_length": 32768,
+            }
+            (work / "tokenizer_config.json").write_text(json.dumps(config))
+            converted = AutoTokenizer.from_pretrained(work)
+            out = Path(tempfile.mkdtemp(dir=target.parent))
+            converted.save_pretrained(out)
+            try:
+                os.replace(out, target)
+            except OSError:  # another process won the race: its copy is identical
+                shutil.rmtree(out, ignore_errors=True)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    return AutoTokenizer.from_pretrained(target)
+
+
+def build_tokenizer(spec: str | None, name_or_path: str | None, trust_remote_code: bool = False) -> Any:
+    """Load the tokenizer named by `model.tokenizer`, else the one saved with the model."""
+    if spec in MISTRAL_COMMON_TOKENIZERS:
+        tokenizer = mistral_v1_tokenizer()
+    else:
+        source = spec or name_or_path
+        if not source:
+            raise UserError(
+                "no tokenizer to load",
+                where="model.tokenizer",
+                hint=f"set it to one of {sorted(MISTRAL_COMMON_TOKENIZERS)} or a hub id / local directory",
+            )
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as error:
+            raise UserError(
+                f"cannot load a tokenizer from '{source}' ({type(error).__name__})",
+                where="model.tokenizer" if spec else "model.name_or_path",
+                hint="give a local directory holding tokenizer files, or a hub id with hub access "
+                "(huggingface-cli login; HF_HUB_OFFLINE unset)",
+            ) from None
+    if tokenizer.pad_token is None:
+        # Padding positions are masked out of the loss, so any id works; unk keeps EOS unambiguous.
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer

@@ -1,0 +1,198 @@
+"""One fine-tuning run, start to end, in the order a reader expects:
+
+    validate -> tokenizer -> data -> model (+quant) -> adapter -> trainer -> train/eval -> save -> metric
+
+Everything is built from the composed config with `hydra.utils.instantiate`; heavy libraries are
+imported here, never when the package is imported, so `--help` and `--cfg job` stay instant."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from fine_tune.errors import UserError
+from fine_tune.utils.io import atomic_write_json
+
+log = logging.getLogger("fine_tune")
+
+
+def save_atomically(save: Any, target: Path) -> None:
+    """`save(directory)` into a temporary sibling, then rename: no half-written adapter under its name."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        save(work)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(work, target)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+
+
+def build_tokenizer(cfg: DictConfig) -> Any:
+    from fine_tune.models.tokenizer import build_tokenizer as build
+
+    return build(cfg.model.tokenizer, cfg.model.name_or_path, cfg.model.trust_remote_code)
+
+
+def build_data(cfg: DictConfig, tokenizer: Any, run_dir: Path) -> Any:
+    from fine_tune.models.tokenizer import cache_root
+    from fine_tune.utils.build import build
+
+    return build(
+        cfg.dataset,
+        tokenizer=tokenizer,
+        max_length=cfg.trainer.max_length,
+        packing=cfg.trainer.packing,
+        seed=cfg.seed,
+        cache_dir=cache_root() / "data",
+        _convert_="all",
+    )
+
+
+def build_model(cfg: DictConfig, tokenizer: Any) -> Any:
+    from fine_tune.utils.build import build
+
+    # The quant node is instantiated by Hydra as a nested `_target_` (a dataclass passed in directly
+    # would be turned back into a config).
+    loaded = build(cfg.model, quant=cfg.quant, seed=cfg.seed, tokenizer=tokenizer)
+    return loaded, loaded.quant
+
+
+def build_trainer(cfg: DictConfig, model: Any, tokenizer: Any, data: Any, run_dir: Path, tracker: Any) -> Any:
+    from fine_tune.training.callbacks import MetricsLogCallback
+    from fine_tune.training.optim import build_optimizer_factory
+    from fine_tune.training.trainer import FineTuneTrainer
+    from fine_tune.utils.build import build
+
+    args = build(
+        cfg.trainer,
+        output_dir=str(run_dir / "checkpoints"),
+        seed=cfg.seed,
+        has_eval=data.eval is not None,
+        optim=OmegaConf.to_container(cfg.optim, resolve=True),
+        _convert_="all",
+    )
+    metrics = MetricsLogCallback(run_dir, tracker)
+    trainer = FineTuneTrainer(
+        model=model,
+        args=args,
+        data_collator=data.collator,
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        processing_class=tokenizer,
+        callbacks=[metrics],
+        optimizer_factory=build_optimizer_factory(cfg.optim.optimizer),
+    )
+    return trainer, metrics
+
+
+def train(cfg: DictConfig, run_dir: Path, tracker: Any, job: dict) -> dict:
+    """Build everything, train, evaluate, save; return the final metrics (also in metrics.json)."""
+    from transformers import set_seed
+
+    from fine_tune.adapters import attach_adapter, count_parameters
+    from fine_tune.hardware import is_main_process, peak_memory_gib
+    from fine_tune.utils.build import build
+
+    started = time.perf_counter()
+    set_seed(cfg.seed)
+    tokenizer = build_tokenizer(cfg)
+    data = build_data(cfg, tokenizer, run_dir)  # bad data fails here, before any weights load
+    log.info("data report\n%s", data.report.format())
+    adapter = build(cfg.lora)
+    loaded, quant = build_model(cfg, tokenizer)
+    set_seed(cfg.seed)  # adapter init must not depend on how many random numbers loading drew
+    model = attach_adapter(loaded.model, adapter, cfg.trainer.gradient_checkpointing, quant.enabled)
+    trainable, total = count_parameters(model)
+    log.info(
+        "trainable parameters: %s of %s (%.3f%%)",
+        f"{trainable:,}",
+        f"{total:,}",
+        100 * trainable / max(total, 1),
+    )
+    trainer, metrics_cb = build_trainer(cfg, model, tokenizer, data, run_dir, tracker)
+    tracker.start(cfg, run_dir, job)
+    trainer.train()
+    final_eval = trainer.evaluate() if data.eval is not None else {}
+    eval_loss = final_eval.get("eval_loss")
+    if is_main_process():
+        save_atomically(model.save_pretrained, run_dir / "adapter")
+        save_atomically(tokenizer.save_pretrained, run_dir / "tokenizer")
+    state = trainer.state
+    runtime = time.perf_counter() - started
+    train_time = metrics_cb._train_time or runtime
+    metrics = {
+        "first_train_loss": metrics_cb.first_loss,
+        "train_loss": metrics_cb.last_loss,
+        "eval_loss": eval_loss,
+        "eval_perplexity": math.exp(min(eval_loss, 50.0)) if eval_loss is not None else None,
+        "steps": state.global_step,
+        "tokens_seen": int(state.num_input_tokens_seen or 0),
+        "tokens_per_second": (state.num_input_tokens_seen or 0) / train_time if train_time else None,
+        "peak_memory_gib": peak_memory_gib(),
+        "trainable_params": trainable,
+        "total_params": total,
+        "runtime_s": runtime,
+    }
+    if is_main_process():
+        atomic_write_json(run_dir / "metrics.json", metrics)
+        tracker.summary(metrics)
+    log.info(
+        "final: train loss %.4f (first %.4f), eval loss %s, %d steps, %.0f tokens/s",
+        metrics["train_loss"] or float("nan"),
+        metrics["first_train_loss"] or float("nan"),
+        f"{eval_loss:.4f}" if eval_loss is not None else "n/a",
+        state.global_step,
+        metrics["tokens_per_second"] or 0.0,
+    )
+    return metrics
+
+
+def objective(metrics: dict) -> float | None:
+    """The number a sweeper minimizes: eval loss, or the last train loss without an eval split."""
+    value = metrics.get("eval_loss")
+    return value if value is not None else metrics.get("train_loss")
+
+
+def run(cfg: DictConfig, run_dir: Path, job: dict) -> float | None:
+    from fine_tune.schema import check_types
+    from fine_tune.utils.build import build
+
+    check_types(cfg)
+    tracker = build(cfg.logger)
+    status = "failed"
+    try:
+        metrics = train(cfg, run_dir, tracker, job)
+        status = "finished"
+        return objective(metrics)
+    except KeyboardInterrupt:
+        status = "preempted"
+        raise
+    except UserError:
+        raise
+    finally:
+        tracker.finish(status)
+
+
+def job_info() -> tuple[Path, dict]:
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    job = {
+        "overrides": list(hydra_cfg.overrides.task),
+        "num": hydra_cfg.job.get("num", 0),
+        "mode": str(hydra_cfg.mode),
+        "sweep_dir": hydra_cfg.sweep.dir if "MULTIRUN" in str(hydra_cfg.mode) else None,
+    }
+    return run_dir, job
