@@ -16,10 +16,6 @@ from fine_tune.errors import EXIT_USER_ERROR, UserError, report
 log = logging.getLogger("fine_tune")
 
 
-def is_out_of_memory(error: BaseException) -> bool:
-    return type(error).__name__ == "OutOfMemoryError" or "out of memory" in str(error).lower()
-
-
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     from fine_tune import modes, sweep
@@ -42,7 +38,7 @@ def main(cfg: DictConfig) -> float | None:
             return None  # the sweep goes on; its summary lists this job as failed
         sys.exit(EXIT_USER_ERROR)
     except Exception as error:
-        sweep.mark_failed(run_dir, f"{type(error).__name__}: {error}", oom=is_out_of_memory(error))
+        sweep.mark_failed(run_dir, f"{type(error).__name__}: {error}", oom=sweep.is_oom(error))
         if multirun:
             log.exception("job failed; the sweep goes on")
             return None

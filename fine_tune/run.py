@@ -83,6 +83,8 @@ def build_trainer(cfg: DictConfig, model: Any, tokenizer: Any, data: Any, run_di
         _convert_="all",
     )
     metrics = MetricsLogCallback(run_dir, tracker)
+    from transformers.trainer_callback import PrinterCallback
+
     trainer = FineTuneTrainer(
         model=model,
         args=args,
@@ -93,7 +95,17 @@ def build_trainer(cfg: DictConfig, model: Any, tokenizer: Any, data: Any, run_di
         callbacks=[metrics],
         optimizer_factory=build_optimizer_factory(cfg.optim.optimizer),
     )
+    trainer.remove_callback(PrinterCallback)  # our callback prints one concise line per step
     return trainer, metrics
+
+
+def quiet_libraries() -> None:
+    """Progress bars of datasets/transformers drown the training log in a terminal and in CI."""
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_warning()
 
 
 def train(cfg: DictConfig, run_dir: Path, tracker: Any, job: dict) -> dict:
@@ -105,6 +117,7 @@ def train(cfg: DictConfig, run_dir: Path, tracker: Any, job: dict) -> dict:
     from fine_tune.utils.build import build
 
     started = time.perf_counter()
+    quiet_libraries()
     set_seed(cfg.seed)
     tokenizer = build_tokenizer(cfg)
     data = build_data(cfg, tokenizer, run_dir)  # bad data fails here, before any weights load
@@ -123,8 +136,10 @@ def train(cfg: DictConfig, run_dir: Path, tracker: Any, job: dict) -> dict:
     trainer, metrics_cb = build_trainer(cfg, model, tokenizer, data, run_dir, tracker)
     tracker.start(cfg, run_dir, job)
     trainer.train()
-    final_eval = trainer.evaluate() if data.eval is not None else {}
-    eval_loss = final_eval.get("eval_loss")
+    eval_loss = None
+    if data.eval is not None:  # the last step may have just been evaluated: do not repeat it
+        done = metrics_cb.last_eval.get("step") == trainer.state.global_step
+        eval_loss = metrics_cb.last_eval["eval_loss"] if done else trainer.evaluate()["eval_loss"]
     if is_main_process():
         save_atomically(model.save_pretrained, run_dir / "adapter")
         save_atomically(tokenizer.save_pretrained, run_dir / "tokenizer")

@@ -31,8 +31,12 @@ def build_model(
     architecture: dict | None = None,
     quant: Any = None,
     seed: int = 0,
+    lr: float | None = None,
 ) -> LoadedModel:
-    """Tokenizer first (cheap, catches a wrong path early), then the architecture, then the weights."""
+    """Tokenizer first (cheap, catches a wrong path early), then the architecture, then the weights.
+
+    `lr` is the model's suggested learning rate, read by `optim.lr`; it is accepted and unused here.
+    """
     from fine_tune.hardware import resolve_dtype
     from fine_tune.models.architecture import load_architecture
     from fine_tune.models.loading import load_weights

@@ -3,6 +3,7 @@ metrics log (metrics.jsonl), throughput and memory, forwarded to the configured 
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from pathlib import Path
@@ -12,6 +13,24 @@ from transformers import TrainerCallback
 
 from fine_tune.hardware import is_main_process, peak_memory_gib
 from fine_tune.utils.io import append_jsonl
+
+log = logging.getLogger("fine_tune")
+
+SHOWN = {"train/loss": "loss", "eval/loss": "eval loss", "eval/perplexity": "ppl",
+         "train/learning_rate": "lr", "train/grad_norm": "grad", "perf/tokens_per_second": "tok/s"}
+
+
+def format_row(row: dict[str, float]) -> str:
+    """One short console line per logging step (the full record is in metrics.jsonl)."""
+    parts = []
+    for key, label in SHOWN.items():
+        if key in row:
+            value = row[key]
+            text = f"{value:.3g}" if key == "train/learning_rate" else f"{value:.4f}" if "loss" in key \
+                else f"{value:.0f}" if key == "perf/tokens_per_second" else f"{value:.3f}"
+            parts.append(f"{label} {text}")
+    return "  ".join(parts)
+
 
 # HF log keys -> our stable metric names (the same in metrics.jsonl, W&B and TensorBoard).
 RENAMES = {
@@ -55,7 +74,7 @@ class MetricsLogCallback(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = dict(logs or {})
-        if "train_runtime" in logs:  # the end-of-training summary, not a step
+        if "train_loss" in logs:  # the end-of-training summary, not a step
             return
         row: dict[str, float] = {}
         for key, value in logs.items():
@@ -68,7 +87,7 @@ class MetricsLogCallback(TrainerCallback):
                 continue
         if "eval/loss" in row:
             row["eval/perplexity"] = math.exp(min(row["eval/loss"], 50.0))
-            self.last_eval = {"eval_loss": row["eval/loss"], "eval_perplexity": row["eval/perplexity"]}
+            self.last_eval = {"eval_loss": row["eval/loss"], "step": state.global_step}
         if "train/loss" in row:
             if self.first_loss is None:
                 self.first_loss = row["train/loss"]
@@ -83,3 +102,4 @@ class MetricsLogCallback(TrainerCallback):
         if is_main_process():
             append_jsonl(self.path, {"step": state.global_step, "epoch": state.epoch, **row})
             self.tracker.log_metrics(row, step=state.global_step)
+            log.info("step %d/%d  %s", state.global_step, state.max_steps, format_row(row))
