@@ -277,8 +277,13 @@ def text_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
+def _exact(value: Any) -> str:
+    """Full precision for files (a report's numbers must equal metrics.json), short for the console."""
+    return repr(value) if isinstance(value, float) else _fmt(value)
+
+
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    esc = lambda c: (_fmt(c) if not isinstance(c, str) else c).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+    esc = lambda c: (_exact(c) if not isinstance(c, str) else c).replace("|", "\\|").replace("\n", " ")  # noqa: E731
     lines = ["| " + " | ".join(esc(h) for h in headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(esc(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
@@ -356,7 +361,7 @@ def plot_curves(jobs: Sequence[Job], path: Path, title: str = "") -> Path:
 
 
 def _html(title: str, common: dict[str, str], headers: list[str], body: list[list[Any]], image: str) -> str:
-    esc = lambda c: html.escape(_fmt(c) if not isinstance(c, str) else c)  # noqa: E731
+    esc = lambda c: html.escape(_exact(c) if not isinstance(c, str) else c)  # noqa: E731
     head = "".join(f"<th>{esc(h)}</th>" for h in headers)
     rows = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>\n" for row in body)
     shared = ", ".join(f"{k}={v}" for k, v in common.items()) or "none"

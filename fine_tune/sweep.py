@@ -213,7 +213,7 @@ def format_summary(summary: dict[str, Any], markdown: bool = False) -> str:
     body = []
     for row in summary["jobs"]:
         error = (row.get("error") or "").splitlines()[0][:80] if row.get("error") else ""
-        body.append([row["job"], row["status"], _fmt(row[metric]), error])
+        body.append([row["job"], row["status"], row[metric], error])
     counts = ", ".join(f"{n} {s}" for s, n in sorted(summary["counts"].items())) or "no jobs"
     title = f"Sweep {summary['sweep_dir']}: {counts}"
     table = markdown_table(headers, body) if markdown else text_table(headers, body)
