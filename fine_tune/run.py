@@ -108,8 +108,9 @@ def quiet_libraries() -> None:
     transformers.utils.logging.set_verbosity_warning()
 
 
-def train(cfg: DictConfig, run_dir: Path, tracker: Any, job: dict) -> dict:
-    """Build everything, train, evaluate, save; return the final metrics (also in metrics.json)."""
+def train(cfg: DictConfig, run_dir: Path, tracker: Any, job: dict) -> tuple[dict, Any]:
+    """Build everything, train, evaluate, save; return the final metrics (also in metrics.json) and
+    the trainer, whose model tests compare with the saved adapter."""
     from transformers import set_seed
 
     from fine_tune.adapters import attach_adapter, count_parameters
@@ -187,7 +188,7 @@ def run(cfg: DictConfig, run_dir: Path, job: dict) -> float | None:
     tracker = build(cfg.logger)
     status = "failed"
     try:
-        metrics = train(cfg, run_dir, tracker, job)
+        metrics, _ = train(cfg, run_dir, tracker, job)
         status = "finished"
         return objective(metrics)
     except KeyboardInterrupt:
