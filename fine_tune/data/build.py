@@ -207,11 +207,15 @@ def _load_cache(entry: Path):
 
 def _save_cache(entry: Path, train, ev, meta: dict[str, Any]) -> None:
     """Write into a private temp dir, then rename: readers see a whole entry or none."""
+    from datasets.utils import logging as ds_logging
+
     from fine_tune.utils.io import atomic_write_json
 
     entry.parent.mkdir(parents=True, exist_ok=True)
     tmp = entry.parent / f".{entry.name}.{os.getpid()}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
+    bars = ds_logging.is_progress_bar_enabled()
+    ds_logging.disable_progress_bar()  # one bar per split per job is noise in a sweep's logs
     try:
         train.save_to_disk(str(tmp / "train"))
         if ev is not None:
@@ -222,6 +226,8 @@ def _save_cache(entry: Path, train, ev, meta: dict[str, Any]) -> None:
             os.replace(tmp, entry)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if bars:
+            ds_logging.enable_progress_bar()
 
 
 # ----------------------------------------------------------------------------------------------------

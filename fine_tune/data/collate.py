@@ -4,6 +4,11 @@ Packing puts several examples in one row and gives each its own `position_ids` s
 transformers 5 reads restarts in `position_ids` as sequence boundaries (flash-attention varlen, and
 a block-diagonal mask for sdpa/eager), so examples never attend to each other; the first label of
 every example is -100 so no example is trained to predict the start of the next one.
+
+Caveat found by test (transformers 5.23, masking_utils._preprocess_mask_arguments): the boundaries
+are only detected when there is no KV cache, and `use_cache` defaults to True even in training, so a
+cache is created and the packed row silently becomes ONE causal sequence (examples attend to each
+other; loss differs from the unpacked batch). Packed batches therefore carry `use_cache=False`.
 """
 
 from __future__ import annotations
@@ -68,6 +73,7 @@ class PackedCollator:
             "input_ids": torch.tensor([ids], dtype=torch.long),
             "labels": torch.tensor([labels], dtype=torch.long),
             "position_ids": torch.tensor([positions], dtype=torch.long),
+            "use_cache": False,  # see the module docstring: a cache disables boundary detection
         }
 
 

@@ -165,6 +165,17 @@ def resolve_template(name: str | None, tokenizer, fmt_default: str = "auto") -> 
 # Mistral: segment plans, encoded in one batch per call
 
 
+def merge_consecutive(messages: list[dict[str, str]], keep_system: bool = False) -> list[dict[str, str]]:
+    """Join consecutive same-role messages with a blank line, as mistral-common's normalizer does."""
+    out: list[dict[str, str]] = []
+    for m in messages:
+        if out and out[-1]["role"] == m["role"] and (m["role"] != "system" or not keep_system):
+            out[-1] = {"role": m["role"], "content": out[-1]["content"] + "\n\n" + m["content"]}
+        else:
+            out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
 def _mistral_plan(
     messages: list[dict[str, str]], variant: str, tokenizer, add_generation_prompt: bool = False
 ) -> list[tuple[str, Any, bool]]:
@@ -172,9 +183,11 @@ def _mistral_plan(
 
     Mirrors mistral-common's InstructTokenizerV1/V3/V7: v1 puts the system prompt in the first user
     message and writes [INST] as text; v3 uses control tokens and puts it in the last user message
-    (and strips trailing spaces of assistant turns); v7 encodes system messages in [SYSTEM_PROMPT].
+    (and strips trailing spaces of assistant turns); v7 is v3 with system messages encoded in place
+    between [SYSTEM_PROMPT] control tokens.
     """
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    messages = merge_consecutive(messages, keep_system=variant == "mistral_v7")
     system = "\n\n".join(m["content"] for m in messages if m["role"] == "system") or None
     turns = [m for m in messages if m["role"] != "system"]
     user_idx = [i for i, m in enumerate(turns) if m["role"] == "user"]
@@ -199,7 +212,7 @@ def _mistral_plan(
             elif m["role"] == "user":
                 plan += [("ids", [inst], False), ("text", m["content"], False), ("ids", [end_inst], False)]
             else:
-                plan += [("text", m["content"], True), ("ids", [eos], True)]
+                plan += [("text", m["content"].rstrip(" "), True), ("ids", [eos], True)]
         return plan
     for i, m in enumerate(turns):  # v2/v3
         if m["role"] == "user":
