@@ -171,7 +171,7 @@ def train(cfg: DictConfig, run_dir: Path, tracker: Any, job: dict) -> tuple[dict
         state.global_step,
         metrics["tokens_per_second"] or 0.0,
     )
-    return metrics
+    return metrics, trainer
 
 
 def objective(metrics: dict) -> float | None:

@@ -76,8 +76,6 @@ def build_training_arguments(
         max_grad_norm=float(optim.get("max_grad_norm", 1.0)),
         bf16=precision == "bf16",
         fp16=precision == "fp16",
-        # Checkpointing is switched on by the adapter step (non-reentrant, before PEFT wraps the model).
-        gradient_checkpointing=False,
         logging_steps=logging_steps,
         logging_first_step=True,
         eval_strategy="steps" if has_eval else "no",
