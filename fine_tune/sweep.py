@@ -177,14 +177,18 @@ def _fmt(value: Any) -> str:
 
 def summarize(sweep_dir: str | os.PathLike, metric: str = "eval_loss") -> dict[str, Any]:
     """Status of every job under `sweep_dir`: rows sorted finished-best-first, plus counts."""
-    from fine_tune.compare import load_jobs
+    from fine_tune.compare import differing_overrides, load_jobs
+    from fine_tune.tracking.base import run_name
 
     jobs = load_jobs([Path(sweep_dir)], missing_ok=True)
+    differ, _common = differing_overrides(jobs)
     rows = []
     for job in jobs:
+        varied = [o for o in job.overrides if o.partition("=")[0].lstrip("+~") in differ]
         rows.append(
             {
                 "job": job.name,
+                "label": run_name(varied, fallback=job.name) or job.name,
                 "overrides": ",".join(job.overrides),
                 "status": job.state,
                 metric: job.value(metric),
@@ -209,11 +213,11 @@ def format_summary(summary: dict[str, Any], markdown: bool = False) -> str:
     from fine_tune.compare import markdown_table, text_table
 
     metric = summary["metric"]
-    headers = ["job", "status", metric, "error"]
+    headers = ["job", "status", metric, "error"]  # job = the overrides that differ between jobs
     body = []
     for row in summary["jobs"]:
         error = (row.get("error") or "").splitlines()[0][:80] if row.get("error") else ""
-        body.append([row["job"], row["status"], row[metric], error])
+        body.append([row.get("label") or row["job"], row["status"], row[metric], error])
     counts = ", ".join(f"{n} {s}" for s, n in sorted(summary["counts"].items())) or "no jobs"
     title = f"Sweep {summary['sweep_dir']}: {counts}"
     table = markdown_table(headers, body) if markdown else text_table(headers, body)

@@ -121,6 +121,43 @@ def hydra_job_info() -> dict[str, Any]:
     return info
 
 
+def swept_keys(sweep_dir: str | os.PathLike | None) -> set[str]:
+    """Keys the sweep varies (`lora.r` in `-m lora.r=4,8`, or an Optuna search's params).
+
+    Run names use only these: the overrides every job shares (trainer=cpu, max_steps...) would make
+    each name long and tell nothing apart. The basic sweeper leaves its command line in
+    <sweep dir>/multirun.yaml before the jobs start; other sweepers keep their params in hydra.sweeper.
+    """
+    keys: set[str] = set()
+    with contextlib.suppress(Exception):
+        from hydra.core.hydra_config import HydraConfig
+
+        params = HydraConfig.get().sweeper.get("params") or {}
+        keys.update(str(k) for k in params)
+    if sweep_dir and (Path(sweep_dir) / "multirun.yaml").is_file():
+        with contextlib.suppress(Exception):
+            from hydra.core.override_parser.overrides_parser import OverridesParser
+            from omegaconf import OmegaConf
+
+            saved = OmegaConf.load(Path(sweep_dir) / "multirun.yaml")
+            task = [str(o) for o in OmegaConf.select(saved, "hydra.overrides.task", default=[]) or []]
+            for override in OverridesParser.create().parse_overrides(task):
+                if override.is_sweep_override():
+                    keys.add(override.key_or_group)
+    return keys
+
+
+def job_run_name(job: Mapping[str, Any]) -> str | None:
+    """The default run name of a job: its swept overrides in a sweep, all its overrides otherwise."""
+    overrides = list(job.get("overrides", []))
+    swept = swept_keys(job.get("sweep_dir")) if job.get("sweep_dir") else set()
+    if swept:
+        chosen = [o for o in overrides if _override_key_value(o)[0] in swept]
+        overrides = chosen or overrides
+    fallback = f"job{job['num']}" if job.get("sweep_dir") and job.get("num") is not None else None
+    return run_name(overrides, fallback=fallback)
+
+
 def resolve_job(job: Mapping[str, Any] | None) -> dict[str, Any]:
     """The core's `job` dict completed from HydraConfig (the core's values win)."""
     info = hydra_job_info()

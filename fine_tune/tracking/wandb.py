@@ -25,9 +25,9 @@ from fine_tune.tracking.base import (
     Tracker,
     flatten,
     is_main_process,
+    job_run_name,
     resolve_job,
     run_config,
-    run_name,
     sweep_group,
 )
 from fine_tune.tracking.redact import redact
@@ -125,7 +125,6 @@ class WandbTracker(Tracker):
         run_dir = Path(run_dir)
         wandb_dir = Path(self.dir) if self.dir else run_dir
         wandb_dir.mkdir(parents=True, exist_ok=True)
-        fallback = f"job{job['num']}" if job.get("sweep_dir") and job.get("num") is not None else None
         config = run_config(cfg, job)
         config["run_dir"] = str(run_dir)
         self._run = wandb.init(
@@ -133,7 +132,7 @@ class WandbTracker(Tracker):
             entity=self.entity,
             group=self.group or sweep_group(job.get("sweep_dir")),
             job_type=self.job_type,
-            name=self.name or run_name(job["overrides"], fallback=fallback),
+            name=self.name or job_run_name(job),
             tags=[t[:64] for t in self.tags] or None,
             notes=redact(self.notes) if self.notes else None,
             dir=str(wandb_dir),
