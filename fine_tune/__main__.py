@@ -11,7 +11,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from fine_tune.errors import EXIT_USER_ERROR, UserError, report
+from fine_tune.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, UserError, report
 
 log = logging.getLogger("fine_tune")
 
@@ -38,6 +38,10 @@ def main(cfg: DictConfig) -> float | None:
             return None  # the sweep goes on; its summary lists this job as failed
         sys.exit(EXIT_USER_ERROR)
     except Exception as error:
+        if type(error).__name__ == "Preempted":  # checkpoint saved: requeue with resume=true
+            sweep.mark_preempted(run_dir, str(error))
+            log.warning("preempted: %s; rerun with resume=true (same run dir) to continue", error)
+            sys.exit(EXIT_PREEMPTED)
         sweep.mark_failed(run_dir, f"{type(error).__name__}: {error}", oom=sweep.is_oom(error))
         if multirun:
             log.exception("job failed; the sweep goes on")

@@ -68,9 +68,12 @@ def build_model(cfg: DictConfig, tokenizer: Any) -> Any:
     return loaded, loaded.quant
 
 
-def build_trainer(cfg: DictConfig, model: Any, tokenizer: Any, data: Any, run_dir: Path, tracker: Any) -> Any:
+def build_trainer(
+    cfg: DictConfig, model: Any, tokenizer: Any, data: Any, run_dir: Path, tracker: Any, preemption: Any
+) -> Any:
     from fine_tune.training.callbacks import MetricsLogCallback
     from fine_tune.training.optim import build_optimizer_factory
+    from fine_tune.training.samples import SampleCallback
     from fine_tune.training.trainer import FineTuneTrainer
     from fine_tune.utils.build import build
 
@@ -83,6 +86,11 @@ def build_trainer(cfg: DictConfig, model: Any, tokenizer: Any, data: Any, run_di
         _convert_="all",
     )
     metrics = MetricsLogCallback(run_dir, tracker)
+    generation = cfg.trainer.generation
+    samples = SampleCallback(
+        run_dir, tracker, tokenizer, data.prompts, generation.num_prompts, generation.max_new_tokens,
+        cfg.trainer.eval_steps,
+    )
     from transformers.trainer_callback import PrinterCallback
 
     trainer = FineTuneTrainer(
@@ -92,7 +100,7 @@ def build_trainer(cfg: DictConfig, model: Any, tokenizer: Any, data: Any, run_di
         train_dataset=data.train,
         eval_dataset=data.eval,
         processing_class=tokenizer,
-        callbacks=[metrics],
+        callbacks=[metrics, samples, preemption],
         optimizer_factory=build_optimizer_factory(cfg.optim.optimizer),
     )
     trainer.remove_callback(PrinterCallback)  # our callback prints one concise line per step
@@ -115,14 +123,20 @@ def train(cfg: DictConfig, run_dir: Path, tracker: Any, job: dict) -> tuple[dict
 
     from fine_tune.adapters import attach_adapter, count_parameters
     from fine_tune.hardware import is_main_process, peak_memory_gib
+    from fine_tune.training.checkpoints import prepare_resume
+    from fine_tune.training.preemption import Preempted, PreemptionHandler
     from fine_tune.utils.build import build
 
     started = time.perf_counter()
+    preemption = PreemptionHandler().install()  # a SIGTERM from here on stops cleanly
+    checkpoint, logged = prepare_resume(cfg.resume, run_dir)
     quiet_libraries()
     set_seed(cfg.seed)
     tokenizer = build_tokenizer(cfg)
     data = build_data(cfg, tokenizer, run_dir)  # bad data fails here, before any weights load
     log.info("data report\n%s", data.report.format())
+    if is_main_process():  # generate/export read the template the run trained with
+        atomic_write_json(run_dir / "data_report.json", data.report.to_dict())
     adapter = build(cfg.lora)
     loaded, quant = build_model(cfg, tokenizer)
     set_seed(cfg.seed)  # adapter init must not depend on how many random numbers loading drew
@@ -134,9 +148,17 @@ def train(cfg: DictConfig, run_dir: Path, tracker: Any, job: dict) -> tuple[dict
         f"{total:,}",
         100 * trainable / max(total, 1),
     )
-    trainer, metrics_cb = build_trainer(cfg, model, tokenizer, data, run_dir, tracker)
+    trainer, metrics_cb = build_trainer(cfg, model, tokenizer, data, run_dir, tracker, preemption)
+    metrics_cb.resume_from(logged)
     tracker.start(cfg, run_dir, job)
-    trainer.train()
+    if not preemption.requested:
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    preemption.uninstall()
+    if preemption.requested:
+        from fine_tune.training.checkpoints import list_checkpoints
+
+        saved = list_checkpoints(run_dir / "checkpoints")
+        raise Preempted(preemption.signum, str(saved[-1]) if saved else None)
     eval_loss = None
     if data.eval is not None:  # the last step may have just been evaluated: do not repeat it
         done = metrics_cb.last_eval.get("step") == trainer.state.global_step
@@ -195,6 +217,10 @@ def run(cfg: DictConfig, run_dir: Path, job: dict) -> float | None:
         status = "preempted"
         raise
     except UserError:
+        raise
+    except Exception as error:
+        if type(error).__name__ == "Preempted":  # fine_tune.training.preemption; checkpoint saved
+            status = "preempted"
         raise
     finally:
         tracker.finish(status)

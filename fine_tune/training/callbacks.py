@@ -54,6 +54,16 @@ class MetricsLogCallback(TrainerCallback):
         self._train_time = 0.0
         self._tokens_at_clock = 0
 
+    def resume_from(self, rows: list[dict]) -> None:
+        """Continue the loss record of the interrupted run, so metrics.json describes the whole run."""
+        for row in rows:
+            if "train/loss" in row:
+                if self.first_loss is None:
+                    self.first_loss = float(row["train/loss"])
+                self.last_loss = float(row["train/loss"])
+            if "eval/loss" in row:
+                self.last_eval = {"eval_loss": float(row["eval/loss"]), "step": int(row["step"])}
+
     def on_train_begin(self, args, state, control, **kwargs):
         self._clock = time.perf_counter()
         self._tokens_at_clock = state.num_input_tokens_seen or 0

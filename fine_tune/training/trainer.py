@@ -3,15 +3,21 @@ already masked data, so no TRL option renames can change what is trained."""
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from transformers import Trainer
+
+from fine_tune.training.checkpoints import STAGING, publish, rotate
 
 
 class FineTuneTrainer(Trainer):
     def __init__(self, *args: Any, optimizer_factory: Callable[[list], Any], **kwargs: Any) -> None:
         self.optimizer_factory = optimizer_factory
+        self._staging = False
         super().__init__(*args, **kwargs)
 
     def create_optimizer(self, model=None):
@@ -21,3 +27,29 @@ class FineTuneTrainer(Trainer):
             params = [p for p in opt_model.parameters() if p.requires_grad]
             self.optimizer = self.optimizer_factory(params)
         return self.optimizer
+
+    def _get_output_dir(self, trial: Any) -> str:
+        root = super()._get_output_dir(trial)
+        return os.path.join(root, STAGING) if self._staging else root
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        """HF's checkpoint, written under checkpoints/.staging and renamed into place when whole.
+
+        A kill during the save then leaves only the staging dir (cleaned on the next save or resume),
+        never a `checkpoint-<step>` that resume would trust. Rotation is ours, by step number.
+        """
+        root = Path(super()._get_output_dir(trial))
+        folder = f"checkpoint-{self.state.global_step}"
+        staging = root / STAGING
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)
+        self._staging = True
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging = False
+        self.accelerator.wait_for_everyone()  # every rank's shards are written before the rename
+        if self.args.should_save:
+            publish(staging / folder, root / folder)
+            shutil.rmtree(staging, ignore_errors=True)
+            rotate(root, self.args.save_total_limit)

@@ -1,0 +1,71 @@
+"""Clean stops on SIGTERM / SIGINT: finish the current optimizer step, checkpoint, exit 143.
+
+Schedulers (SLURM, Kubernetes, spot instances) send SIGTERM some seconds before killing a job. Dying
+on the spot loses everything since the last periodic checkpoint; instead the handler only raises a
+flag, and the callback turns it into "save now, stop" at the next step boundary, where the model,
+optimizer and data position are consistent. A second signal means "now": the default handler is
+restored, so pressing Ctrl-C twice still interrupts at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+from types import FrameType
+from typing import Any
+
+from transformers import TrainerCallback
+
+log = logging.getLogger("fine_tune")
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Preempted(Exception):
+    """Training stopped on a signal after saving a checkpoint; the job should be requeued."""
+
+    def __init__(self, signum: int, checkpoint: str | None) -> None:
+        name = signal.Signals(signum).name
+        super().__init__(f"stopped on {name}; checkpoint {checkpoint or '(none)'}")
+        self.signum = signum
+        self.checkpoint = checkpoint
+
+
+class PreemptionHandler(TrainerCallback):
+    """Installs the signal handlers for the duration of training; see the module docstring."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> PreemptionHandler:
+        for sig in SIGNALS:
+            # Not the main thread (a notebook's worker): no clean stop then, the default stays.
+            with contextlib.suppress(ValueError):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.signum is not None:  # second signal: stop trying to be graceful
+            self.uninstall()
+            signal.raise_signal(signum)
+            return
+        self.signum = signum
+        log.warning("%s received: saving a checkpoint at the end of this step, then stopping",
+                    signal.Signals(signum).name)
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.requested:
+            control.should_save = True
+            control.should_training_stop = True
+        return control
