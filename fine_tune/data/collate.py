@@ -78,23 +78,27 @@ class PackedCollator:
 
 
 def pack(lengths: Sequence[int], max_length: int) -> list[list[int]]:
-    """First-fit-decreasing bin packing of example indices into rows of at most max_length tokens.
+    """Best-fit-decreasing bin packing of example indices into rows of at most max_length tokens.
 
-    Deterministic (ties broken by index) so the cache and resumed runs see the same packs.
+    Each example (longest first) goes to the fullest row it still fits in, found by bisection over
+    the rows' free space, so 10k examples pack in milliseconds rather than seconds. Deterministic
+    (ties broken by index) so the cache and resumed runs see the same packs.
     """
+    import bisect
+
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     bins: list[list[int]] = []
-    space: list[int] = []
+    free: list[tuple[int, int]] = []  # sorted (free space, bin index)
     for i in order:
         n = lengths[i]
-        for b, free in enumerate(space):
-            if n <= free:
-                bins[b].append(i)
-                space[b] -= n
-                break
+        k = bisect.bisect_left(free, (n, -1))
+        if k < len(free):
+            space, b = free.pop(k)
+            bins[b].append(i)
+            bisect.insort(free, (space - n, b))
         else:
             bins.append([i])
-            space.append(max_length - n)
+            bisect.insort(free, (max_length - n, len(bins) - 1))
     for b in bins:
         b.sort()
     return bins

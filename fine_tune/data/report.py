@@ -75,8 +75,8 @@ class DataReport:
             )
         elif self.padding_efficiency is not None:
             lines.append(
-                f"  no packing: batches hold ~{self.padding_efficiency:.1%} real tokens if rows of "
-                f"random lengths are padded to max_length (packing would waste none)"
+                f"  no packing: padding to the longest row can waste up to {1 - self.padding_efficiency:.0%} "
+                "of a batch (trainer.packing=true wastes none)"
             )
         if self.dropped_examples:
             lines.append("  first dropped rows: " + "; ".join(self.dropped_examples[:3]))

@@ -1,0 +1,63 @@
+"""Every row of the real public data in ../shared/data, tokenized with the Mistral tokenizer and checked
+token for token against mistral-common (slow: ~10,600 rows)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest_data import SHARED_DATA, mistral_v1_tokenizer
+
+from fine_tune.data import build_data
+
+FILES = ["gsm8k_train.alpaca.json", "gpteacher_roleplay.alpaca.json"]
+IGNORE = -100
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def shared():
+    missing = [f for f in FILES if not (SHARED_DATA / f).is_file()]
+    if missing:
+        pytest.skip(
+            f"shared data not found: {[str(SHARED_DATA / f) for f in missing]} (expected next to the repo)"
+        )
+    return [SHARED_DATA / f for f in FILES]
+
+
+def test_all_shared_rows_tokenize_exactly_like_mistral_common(shared):
+    from mistral_common.protocol.instruct.messages import AssistantMessage, UserMessage
+    from mistral_common.protocol.instruct.request import ChatCompletionRequest
+    from mistral_common.protocol.instruct.validator import ValidationMode
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+    tok = mistral_v1_tokenizer()
+    bundle = build_data(
+        format="alpaca", path=[str(p) for p in shared], template="mistral", tokenizer=tok, max_length=512
+    )
+    raw = [row for p in shared for row in json.loads(p.read_text(encoding="utf-8"))]
+    assert len(raw) == 10_619
+    rep = bundle.report
+    assert rep.rows_read == 10_619 and rep.rows_dropped == {} and rep.truncated == 0
+    assert len(bundle.train) == 10_619 and bundle.eval is None
+    assert rep.token_lengths["max"] <= 512
+
+    base = MistralTokenizer.v1()
+    ref = MistralTokenizer(
+        base.instruct_tokenizer,
+        validator=type(base._chat_completion_request_validator)(ValidationMode.finetuning),
+        request_normalizer=base._instruct_request_normalizer,
+    )
+    ids_col, labels_col = bundle.train["input_ids"], bundle.train["labels"]
+    mismatches = []
+    for i, row in enumerate(raw):
+        user = row["instruction"] + (f"\n\n{row['input']}" if row["input"].strip() else "")
+        conv = [UserMessage(content=user), AssistantMessage(content=row["output"])]
+        expected = ref.encode_chat_completion(ChatCompletionRequest(messages=conv)).tokens
+        answer = base.instruct_tokenizer.tokenizer.encode(row["output"], bos=False, eos=True)
+        n = len(answer)
+        ok = ids_col[i] == expected and labels_col[i] == [IGNORE] * (len(expected) - n) + answer
+        if not ok:
+            mismatches.append(i)
+    assert not mismatches, f"{len(mismatches)} rows differ, first {mismatches[:5]}"
