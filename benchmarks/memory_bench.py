@@ -114,7 +114,7 @@ def build(args: argparse.Namespace):
     t0 = time.perf_counter()
     model = build_random_model(
         config,
-        quant_type=args.quant,
+        quant_type=None if args.quant == "none" else args.quant,
         double_quant=not args.no_double_quant,
         compute_dtype=torch.bfloat16,
         device="cuda",
@@ -128,7 +128,7 @@ def build(args: argparse.Namespace):
         f"allocated {weights / 2**30:.2f} GiB",
         flush=True,
     )
-    if not args.no_kbit_prep:
+    if not args.no_kbit_prep and args.quant != "none":  # the core preps quantized models only
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}
         )
@@ -168,8 +168,12 @@ def set_checkpointing(model, on: bool) -> None:
     model.train()
 
 
-def measure(model, args: argparse.Namespace, batch: int, ckpt: bool, optim_name: str) -> dict:
-    """Peak allocated over `args.steps` full training steps, and tokens/s after the first step."""
+def measure(model, args: argparse.Namespace, batch: int, ckpt: bool, optim_name: str, steps: int) -> dict:
+    """Peak allocated over `steps` full training steps, and tokens/s after the first step.
+
+    Peaks are also kept per phase (forward incl. loss / backward / clip + optimizer step) to see
+    which phase sets the peak; the overall peak is the max of all, optimizer states included.
+    """
     import torch
 
     set_checkpointing(model, ckpt)
@@ -180,37 +184,43 @@ def measure(model, args: argparse.Namespace, batch: int, ckpt: bool, optim_name:
     base = torch.cuda.memory_allocated()
     optimizer = None
     result = {"batch": batch, "ckpt": ckpt, "optim": optim_name, "seq": args.seq, "base_bytes": base}
+    phase = {"forward": 0, "backward": 0, "step": 0}
     try:
         optimizer = make_optimizer(optim_name, params)
         gen = torch.Generator(device="cuda").manual_seed(0)
-        times, losses, fwd_peaks = [], [], []
-        for _ in range(args.steps):
+        times, losses = [], []
+        for _ in range(steps):
             ids = torch.randint(0, model.config.vocab_size, (batch, args.seq), device="cuda", generator=gen)
             torch.cuda.synchronize()
             t0 = time.perf_counter()
+            torch.cuda.reset_peak_memory_stats()
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 loss = model(input_ids=ids, labels=ids).loss
-            fwd_peaks.append(torch.cuda.max_memory_allocated())
+            phase["forward"] = max(phase["forward"], torch.cuda.max_memory_allocated())
+            torch.cuda.reset_peak_memory_stats()
             loss.backward()
+            phase["backward"] = max(phase["backward"], torch.cuda.max_memory_allocated())
+            torch.cuda.reset_peak_memory_stats()
             torch.nn.utils.clip_grad_norm_(params, 0.3)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             torch.cuda.synchronize()
+            phase["step"] = max(phase["step"], torch.cuda.max_memory_allocated())
             times.append(time.perf_counter() - t0)
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             del loss, ids
         step_s = sum(times[1:]) / max(len(times) - 1, 1)
         result.update(
             status="ok",
-            peak_bytes=torch.cuda.max_memory_allocated(),
-            fwd_peak_bytes=max(fwd_peaks),
+            peak_bytes=max(phase.values()),
+            phase_peak_bytes=phase,
             reserved_bytes=torch.cuda.max_memory_reserved(),
             step_s=step_s,
             tokens_per_s=batch * args.seq / step_s,
             losses=losses,
         )
     except torch.OutOfMemoryError:
-        result.update(status="oom", peak_bytes=torch.cuda.max_memory_allocated())
+        result.update(status="oom", peak_bytes=max(torch.cuda.max_memory_allocated(), *phase.values()))
     finally:
         for p in params:
             p.grad = None
@@ -234,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", choices=sorted(MODELS), required=True)
     ap.add_argument("--layers", type=int, default=None, help="cut the model to N layers (default: all)")
     ap.add_argument("--seq", type=int, default=2048)
-    ap.add_argument("--quant", default="nf4", choices=["nf4", "fp4"])
+    ap.add_argument("--quant", default="nf4", choices=["nf4", "fp4", "none"])
     ap.add_argument("--no-double-quant", action="store_true")
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--targets", choices=["attn", "attn_experts", "all"], default=None)
@@ -246,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-batch", default=None, help="ckpt:optim: find the largest batch that trains")
     ap.add_argument("--max-batch-limit", type=int, default=64)
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--search-steps", type=int, default=2, help="steps per try of the max-batch search")
     ap.add_argument("--gpu-gib", type=float, default=None, help="GPU size for the plan (default: detected)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
@@ -256,40 +267,71 @@ def main(argv: list[str] | None = None) -> int:
     gpu_gib = args.gpu_gib or total_gib
     model, info = build(args)
     rows = []
+    max_batch = None
 
-    def run(batch: int, ckpt: bool, optim: str) -> dict:
-        r = measure(model, args, batch, ckpt, optim)
+    def dump() -> None:
+        if args.json:  # after every row: a run cut by a time limit still leaves its numbers
+            doc = {
+                "args": vars(args),
+                "info": info,
+                "rows": rows,
+                "max_batch": max_batch,
+                "gpu": torch.cuda.get_device_name(0),
+                "gpu_total_gib": total_gib,
+            }
+            Path(args.json).write_text(json.dumps(doc, indent=1, default=str))
+
+    def run(batch: int, ckpt: bool, optim: str, steps: int | None = None) -> dict:
+        r = measure(model, args, batch, ckpt, optim, steps or args.steps)
         plan, _ = predicted(args, batch, ckpt, optim, gpu_gib)
         if plan is not None:
             r["predicted_bytes"] = plan.total_bytes
             r["plan"] = plan.to_dict()
         rows.append(r)
         print(json.dumps({k: v for k, v in r.items() if k != "plan"}), flush=True)
+        dump()
         return r
 
     for text in [c for c in args.configs.split(",") if c]:
         c = parse_config(text)
         run(c["batch"], c["ckpt"], c["optim"])
 
-    max_batch = None
     if args.max_batch:
         ckpt_s, optim = args.max_batch.split(":")
         ckpt = ckpt_s == "ckpt"
         _, guess = predicted(args, 1, ckpt, optim, gpu_gib)
         tried = {r["batch"]: r["status"] == "ok" for r in rows if r["ckpt"] == ckpt and r["optim"] == optim}
-        lo = max([b for b, ok in tried.items() if ok], default=0)
-        hi = min([b for b, ok in tried.items() if not ok], default=None)
-        b = guess if guess and lo < guess and (hi is None or guess < hi) else max(lo * 2, 1)
-        while hi is None or hi - lo > 1:
-            if b > args.max_batch_limit:
-                break
-            ok = run(b, ckpt, optim)["status"] == "ok"
-            if ok:
-                lo = b
-            else:
-                hi = b
-            b = (lo + 1) if hi is None and ok and lo == guess else (lo * 2 if hi is None else (lo + hi) // 2)
+
+        def ok_at(b: int) -> bool:
+            if b not in tried:
+                tried[b] = run(b, ckpt, optim, args.search_steps)["status"] == "ok"
+            return tried[b]
+
+        # start at the planner's answer and walk out in growing steps until the outcome flips,
+        # then bisect: few tries when the plan is good, still correct when it is not
+        b = max(guess or 1, 1)
+        step = 1
+        if ok_at(b):
+            lo, hi = b, None
+            while hi is None and lo + step <= args.max_batch_limit:
+                if ok_at(lo + step):
+                    lo += step
+                    step *= 2
+                else:
+                    hi = lo + step
+        else:
+            lo, hi = 0, b
+            while lo == 0 and hi - step >= 1:
+                if ok_at(hi - step):
+                    lo = hi - step
+                else:
+                    hi -= step
+                    step *= 2
+        while hi is not None and hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if ok_at(mid) else (lo, mid)
         max_batch = lo
+        dump()
         print(f"largest batch that trains ({args.max_batch}, seq {args.seq}): {max_batch}", flush=True)
 
     print()
@@ -311,21 +353,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['batch']:>5} {str(r['ckpt']):>5} {r['optim']:>8} "
             f"{(pred or math.nan) / 2**30:>13.2f} {meas / 2**30:>12.2f} {err:>7} {tps:>9} {sps:>7}"
         )
-    if args.json:
-        Path(args.json).write_text(
-            json.dumps(
-                {
-                    "args": vars(args),
-                    "info": info,
-                    "rows": rows,
-                    "max_batch": max_batch,
-                    "gpu": torch.cuda.get_device_name(0),
-                    "gpu_total_gib": total_gib,
-                },
-                indent=1,
-                default=str,
-            )
-        )
+    dump()
     return 0
 
 

@@ -1,0 +1,484 @@
+"""Predict peak GPU memory of a run from its composed config, without loading any weights.
+
+Why: a Mixtral QLoRA job that will not fit should stop in a second with advice, not after ten
+minutes of loading and an OOM traceback. Parameter memory is exact arithmetic on the model's
+shapes (including bitsandbytes' quantization constants); activation memory is a per-token model
+whose coefficients were measured with `torch.cuda.max_memory_allocated` on an H100 (see
+docs/memory.md and benchmarks/memory_bench.py), for the training path fine_tune uses: PEFT's
+`prepare_model_for_kbit_training` (fp32 non-quantized weights, hence an fp32 residual stream),
+bf16 autocast, sdpa attention, non-reentrant checkpointing, transformers' causal-LM loss.
+
+Only the standard library is imported at module level: `plan=true` must answer fast.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fine_tune.errors import UserError
+
+GIB = 2**30
+
+# Shapes of the public checkpoints the families stand for (MistralConfig / MixtralConfig defaults).
+FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "mistral": {
+        "vocab_size": 32000,
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": None,
+        "tie_word_embeddings": False,
+    },
+    "mixtral": {
+        "vocab_size": 32000,
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": None,
+        "tie_word_embeddings": False,
+        "num_local_experts": 8,
+        "num_experts_per_tok": 2,
+    },
+}
+
+# ---- activation coefficients (bytes per token), measured on one H100 80GB, torch 2.11, transformers
+# 5.23, peft 0.21.2, bitsandbytes 0.50.2, seq 2048, nf4 + double quant, LoRA r=16, from models cut to
+# 2 and 4 layers (the per-layer slope and the intercept; the 32-layer runs in docs/memory.md were
+# not used to fit them). Per-layer terms are per unit of (hidden + k * intermediate), k = experts per
+# token (1 for dense), so that they follow the width of the model.
+CALIBRATION = {
+    # activations kept per layer without checkpointing
+    "layer_saved": {"mistral": 18.73, "mixtral": 11.81},
+    # peak extra while one layer is recomputed and back-propagated (checkpointing on)
+    "layer_recompute": {"mistral": 27.02, "mixtral": 13.45},
+    # loss phase: logits bf16, fp32 upcast, log-softmax and its backward, per token per vocab entry
+    "loss_per_vocab": 11.5,
+    # cuBLAS workspace: allocated through the caching allocator at the first matmul, kept
+    "fixed_workspace": 64 * 2**20,
+    # one-off allocations of the loss phase besides the logits (a second workspace and the like)
+    "loss_workspace": 64 * 2**20,
+}
+ALLOCATOR_SLACK = 0.05  # reserved-but-unused share of the activation memory (fragmentation)
+CUDA_CONTEXT = 0.5 * GIB  # CUDA context + kernels: device memory the allocator never sees
+
+
+def _get(node: Any, key: str, default: Any = None) -> Any:
+    if node is None:
+        return default
+    if isinstance(node, dict):
+        value = node.get(key, default)
+    else:
+        try:
+            value = node.get(key, default)
+        except AttributeError:
+            value = getattr(node, key, default)
+    return default if value is None else value
+
+
+def _plain(node: Any) -> dict:
+    if node is None:
+        return {}
+    if isinstance(node, dict):
+        return dict(node)
+    try:
+        from omegaconf import OmegaConf
+
+        return dict(OmegaConf.to_container(node, resolve=True))
+    except Exception:  # noqa: BLE001 - anything mapping-like will do
+        return dict(node)
+
+
+@dataclass
+class Shapes:
+    family: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    tie_word_embeddings: bool = False
+    num_local_experts: int = 0
+    num_experts_per_tok: int = 0
+
+    @property
+    def moe(self) -> bool:
+        return self.num_local_experts > 1
+
+
+def model_shapes(model_cfg: Any) -> Shapes:
+    """The model's shapes from the `model` node: checkpoint config.json if local, else the
+    `architecture` node (+ `config` overrides) on top of the family's defaults; the hub only
+    when nothing else says what the model is."""
+    family = str(_get(model_cfg, "family", "mistral"))
+    if family not in FAMILY_DEFAULTS:
+        raise UserError(
+            f"cannot plan memory for model family '{family}'",
+            where="model.family",
+            hint=f"planning knows {sorted(FAMILY_DEFAULTS)}",
+        )
+    values = dict(FAMILY_DEFAULTS[family])
+    name = _get(model_cfg, "name_or_path")
+    init = _get(model_cfg, "init", "pretrained")
+    architecture = _plain(_get(model_cfg, "architecture"))
+    overrides = {**_plain(_get(model_cfg, "config")), **_plain(_get(model_cfg, "config_overrides"))}
+    loaded = None
+    if name and init == "pretrained":
+        path = Path(str(name)).expanduser()
+        if (path / "config.json").is_file():
+            loaded = json.loads((path / "config.json").read_text())
+        elif not architecture:
+            from transformers import AutoConfig  # hub lookup: only when the config says nothing
+
+            loaded = AutoConfig.from_pretrained(str(name)).to_dict()
+    values.update({k: v for k, v in (loaded or architecture).items() if k in values or k == "head_dim"})
+    values.update({k: v for k, v in overrides.items() if k in values or k == "head_dim"})
+    head_dim = values.get("head_dim") or values["hidden_size"] // values["num_attention_heads"]
+    values["head_dim"] = head_dim
+    if family == "mistral":
+        values.pop("num_local_experts", None)
+        values.pop("num_experts_per_tok", None)
+    return Shapes(family=family, **{k: v for k, v in values.items() if k in Shapes.__dataclass_fields__})
+
+
+def _quant_bytes(n: int, kind: str, double_quant: bool, rows: int, blocksize: int = 64) -> int:
+    """Bytes bitsandbytes holds for an n-element matrix: packed values + quantization constants."""
+    if kind in ("nf4", "fp4"):
+        blocks = math.ceil(n / blocksize)
+        consts = blocks + 4 * math.ceil(blocks / 256) + 4 if double_quant else 4 * blocks
+        return (n + 1) // 2 + consts
+    if kind == "int8":
+        return n + 4 * rows
+    raise ValueError(kind)
+
+
+def _optimizer_kind(cfg: Any) -> tuple[str, int, bool]:
+    """(class path, bytes of state per trainable parameter, paged?) from the optim node."""
+    optim = _get(cfg, "optim")
+    target = _get(_get(optim, "optimizer"), "_target_") or _get(optim, "_target_") or "torch.optim.AdamW"
+    name = str(target).rsplit(".", 1)[-1].lower()
+    paged = "paged" in name
+    if "8bit" in name:
+        per_param = 2 if ("adam" in name or "lion" not in name) else 1
+    elif "sgd" in name or "lion" in name:
+        per_param = 4
+    else:
+        per_param = 8  # Adam/AdamW: exp_avg + exp_avg_sq in fp32
+    return str(target), per_param, paged
+
+
+@dataclass
+class MemoryPlan:
+    """Predicted peak `torch.cuda.max_memory_allocated` of one training step, with its parts."""
+
+    description: str
+    batch_size: int
+    seq_len: int
+    gradient_checkpointing: bool
+    items: list[tuple[str, int, str]] = field(default_factory=list)  # (what, bytes, how)
+    saved_per_sample: int = 0  # activations kept across layers, per sample
+    loss_per_sample: int = 0  # loss-phase transient per sample (logits and friends)
+    loss_fixed: int = 0  # loss-phase bytes that do not scale with the batch
+    recompute_per_sample: int = 0  # checkpointing: one layer's recompute + backward, per sample
+    outside_allocator_bytes: int = 0  # paged optimizer state, CUDA context: on the GPU, not in `allocated`
+    params_4bit: int = 0
+    params_other: int = 0
+    trainable_params: int = 0
+
+    @property
+    def static_bytes(self) -> int:
+        skip = ("activations", "logits", "LoRA grad")
+        return sum(b for what, b, _ in self.items if not what.startswith(skip))
+
+    @property
+    def total_bytes(self) -> int:
+        """What `torch.cuda.max_memory_allocated` should report at the peak."""
+        return sum(b for _, b, _ in self.items)
+
+    def activation_bytes(self, batch_size: int) -> int:
+        """Saved activations + the larger of the two transient peaks (loss, layer recompute)."""
+        b = batch_size
+        loss = self.loss_per_sample * b + self.loss_fixed if b else 0
+        return self.saved_per_sample * b + max(loss, self.recompute_per_sample * b)
+
+    @property
+    def per_sample_bytes(self) -> int:
+        return self.saved_per_sample + max(self.loss_per_sample, self.recompute_per_sample)
+
+    def device_bytes(self, batch_size: int | None = None) -> int:
+        """Memory the GPU must really have: allocated peak + allocator slack + outside the allocator."""
+        b = self.batch_size if batch_size is None else batch_size
+        act = self.activation_bytes(b)
+        return self.static_bytes + act + int(ALLOCATOR_SLACK * act) + self.outside_allocator_bytes
+
+    def max_batch_size(self, gpu_gib: float) -> int:
+        """Largest per-device batch whose predicted device memory fits `gpu_gib` (0 if none)."""
+        limit = gpu_gib * GIB
+        if self.device_bytes(1) > limit:
+            return 0
+        lo, hi = 1, 2
+        while self.device_bytes(hi) <= limit and hi < 1 << 20:
+            lo, hi = hi, hi * 2
+        while hi - lo > 1:  # device_bytes grows with the batch: bisect the boundary
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if self.device_bytes(mid) <= limit else (lo, mid)
+        return lo
+
+    def format(self, gpu_gib: float | None = None) -> str:
+        lines = [
+            f"memory plan: {self.description}",
+            f"  batch {self.batch_size} x {self.seq_len} tokens, gradient checkpointing "
+            f"{'on' if self.gradient_checkpointing else 'off'}",
+            f"  {'':2}{'part':<44}{'GiB':>8}   how",
+        ]
+        for what, b, how in self.items:
+            lines.append(f"  {'':2}{what:<44}{b / GIB:>8.2f}   {how}")
+        row = "  {:2}{:<44}{:>8.2f}".format
+        lines.append(row("", "= peak allocated (torch.cuda.max_memory_allocated)", self.total_bytes / GIB))
+        act = self.activation_bytes(self.batch_size)
+        lines.append(f"  {'':2}{'+ allocator slack (fragmentation)':<44}{ALLOCATOR_SLACK * act / GIB:>8.2f}")
+        outside = self.outside_allocator_bytes / GIB
+        lines.append(row("", "+ outside the allocator (paged optim, context)", outside))
+        lines.append(f"  {'':2}{'= device memory needed':<44}{self.device_bytes() / GIB:>8.2f}")
+        total = self.params_4bit + self.params_other
+        if total:
+            lines.append(
+                f"  parameters: {self.params_4bit / 1e9:.2f}B 4-bit, {self.params_other / 1e9:.2f}B other, "
+                f"{self.trainable_params / 1e6:.1f}M trainable"
+            )
+        if gpu_gib:
+            fits = "fits" if self.device_bytes() <= gpu_gib * GIB else "does NOT fit"
+            lines.append(
+                f"  on {gpu_gib:.0f} GiB: {fits}; largest batch that fits: {self.max_batch_size(gpu_gib)}"
+            )
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {
+            "description": self.description,
+            "batch_size": self.batch_size,
+            "seq_len": self.seq_len,
+            "gradient_checkpointing": self.gradient_checkpointing,
+            "items": [{"what": w, "bytes": b, "how": h} for w, b, h in self.items],
+            "total_bytes": self.total_bytes,
+            "device_bytes": self.device_bytes(),
+            "per_sample_bytes": self.per_sample_bytes,
+            "activation_bytes": self.activation_bytes(self.batch_size),
+            "params_4bit": self.params_4bit,
+            "params_other": self.params_other,
+            "trainable_params": self.trainable_params,
+        }
+
+
+_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+_MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+def _lora_targets(lora: Any, shapes: Shapes) -> tuple[set[str], bool]:
+    targets = _get(lora, "target_modules", list(_ATTN + _MLP))
+    if isinstance(targets, str):
+        names = set(_ATTN + (() if shapes.moe else _MLP)) if targets == "all-linear" else {targets}
+    else:
+        names = {str(t) for t in targets}
+    experts = bool(_get(lora, "experts", _get(lora, "target_experts", False))) and shapes.moe
+    return names, experts
+
+
+def plan_memory(cfg: Any) -> MemoryPlan:
+    """The memory plan of the composed config `cfg` (DictConfig or plain dict); loads no weights."""
+    shapes = model_shapes(_get(cfg, "model"))
+    quant = _get(cfg, "quant", {})
+    lora = _get(cfg, "lora", {})
+    trainer = _get(cfg, "trainer", {})
+    kind = str(_get(quant, "kind", "none"))
+    double_quant = bool(_get(quant, "double_quant", True))
+    quant_experts = bool(_get(quant, "quant_experts", True))
+    batch = int(_get(trainer, "per_device_train_batch_size", 1))
+    seq = int(_get(trainer, "max_length", 2048))
+    ckpt = bool(_get(trainer, "gradient_checkpointing", False))
+    dtype = str(_get(_get(cfg, "model"), "dtype", "auto"))
+    base_bytes = 4 if dtype == "float32" else 2
+
+    h, v, n_layers, inter = (
+        shapes.hidden_size,
+        shapes.vocab_size,
+        shapes.num_hidden_layers,
+        shapes.intermediate_size,
+    )
+    q_out = shapes.num_attention_heads * shapes.head_dim
+    kv_out = shapes.num_key_value_heads * shapes.head_dim
+    linears = {"q_proj": (h, q_out), "k_proj": (h, kv_out), "v_proj": (h, kv_out), "o_proj": (q_out, h)}
+    if not shapes.moe:
+        linears.update(gate_proj=(h, inter), up_proj=(h, inter), down_proj=(inter, h))
+
+    quantized = kind in ("nf4", "fp4", "int8")
+    # PEFT's prepare_model_for_kbit_training (the core's quantized path) upcasts every weight it did
+    # not quantize to fp32; that also makes the residual stream fp32 under autocast.
+    other_bytes = 4 if quantized else base_bytes
+    linear_q = (
+        sum(_quant_bytes(i * o, kind, double_quant, o) for i, o in linears.values()) if quantized else 0
+    )
+    linear_n = sum(i * o for i, o in linears.values())
+    experts_n = 3 * h * inter * shapes.num_local_experts if shapes.moe else 0
+    experts_4bit = shapes.moe and kind in ("nf4", "fp4") and quant_experts
+    if experts_4bit:
+        per_expert = _quant_bytes(2 * inter * h, kind, double_quant, 2 * inter) + _quant_bytes(
+            inter * h, kind, double_quant, h
+        )
+        experts_q = shapes.num_local_experts * per_expert
+    elif shapes.moe and kind == "int8":
+        experts_q = 0  # bitsandbytes int8 leaves fused experts in the model dtype too
+    else:
+        experts_q = 0
+    router_n = h * shapes.num_local_experts if shapes.moe else 0
+    norms_n = 2 * h
+    embed_n = v * h
+    head_n = 0 if shapes.tie_word_embeddings else v * h
+
+    items: list[tuple[str, int, str]] = []
+    q_bytes = n_layers * (linear_q + experts_q)
+    params_4bit = n_layers * (
+        (linear_n if kind in ("nf4", "fp4") else 0) + (experts_n if experts_4bit else 0)
+    )
+    if quantized:
+        items.append(
+            (
+                f"quantized weights ({kind}) + constants",
+                q_bytes,
+                f"{n_layers} layers; double quant {'on' if double_quant else 'off'}",
+            )
+        )
+    unquantized_layer = (0 if quantized else linear_n) + (0 if experts_4bit else experts_n)
+    unq_bytes = n_layers * unquantized_layer * (base_bytes if not quantized else base_bytes)
+    small = n_layers * (router_n + norms_n) + h + embed_n + head_n
+    items.append(
+        (
+            "non-quantized weights",
+            unq_bytes + small * other_bytes,
+            f"embeddings, lm_head, norms{', router' if shapes.moe else ''} in "
+            f"{'fp32 (kbit prep)' if quantized else ('fp32' if base_bytes == 4 else 'bf16')}"
+            + (", experts in bf16 (not 4-bit)" if shapes.moe and not experts_4bit else ""),
+        )
+    )
+    params_other = n_layers * (unquantized_layer + router_n + norms_n) + h + embed_n + head_n
+    if kind == "int8":
+        params_other += 0
+
+    r = int(_get(lora, "r", 16))
+    names, lora_experts = _lora_targets(lora, shapes)
+    lora_n = n_layers * sum(r * (i + o) for name, (i, o) in linears.items() if name in names)
+    if lora_experts:
+        lora_n += n_layers * shapes.num_local_experts * r * ((h + 2 * inter) + (inter + h))
+    target, state_per_param, paged = _optimizer_kind(cfg)
+    items.append(("LoRA parameters (fp32)", 4 * lora_n, f"{lora_n / 1e6:.1f}M, rank {r}"))
+    optim_bytes = state_per_param * lora_n
+    outside = CUDA_CONTEXT
+    if paged:
+        outside += optim_bytes
+        items.append(
+            ("optimizer state", 0, f"{target}: {optim_bytes / GIB:.2f} GiB paged (outside allocator)")
+        )
+    else:
+        items.append(("optimizer state", optim_bytes, f"{target}: {state_per_param} B/param"))
+
+    # activations
+    width = h + (shapes.num_experts_per_tok if shapes.moe else 1) * inter
+    fam = "mixtral" if shapes.moe else "mistral"
+    residual = 4 if quantized else base_bytes
+    if ckpt:
+        saved = n_layers * residual * h  # each layer's input, kept for the recompute
+        recompute = CALIBRATION["layer_recompute"][fam] * width
+        how = f"{n_layers} layer inputs ({residual} B x hidden per token), kept for the recompute"
+    else:
+        saved = n_layers * CALIBRATION["layer_saved"][fam] * width
+        recompute = 0.0
+        how = f"{n_layers} layers x {CALIBRATION['layer_saved'][fam] * width / 1024:.0f} KiB per token"
+    loss_per_token = CALIBRATION["loss_per_vocab"] * v
+    lm_head_cast = 2 * v * h if quantized else 0  # autocast's bf16 copy of the fp32 lm_head (forward only)
+    loss_fixed = CALIBRATION["loss_workspace"] + lm_head_cast
+    plan_args = {
+        "saved_per_sample": int(seq * saved),
+        "loss_per_sample": int(seq * loss_per_token),
+        "loss_fixed": int(loss_fixed),
+        "recompute_per_sample": int(seq * recompute),
+    }
+    probe = MemoryPlan("", batch, seq, ckpt, **plan_args)
+    act = probe.activation_bytes(batch)
+    loss_phase = probe.loss_per_sample * batch + probe.loss_fixed
+    transient = act - probe.saved_per_sample * batch
+    # gradients of the adapters exist in full only after the backward, when the activations are gone:
+    # they add to the peak only where they outweigh the activation peak (tiny batches)
+    grads = 4 * lora_n
+    items.append(("cuBLAS workspace", CALIBRATION["fixed_workspace"], "kept by the allocator after step 1"))
+    items.append(
+        (
+            "LoRA gradients (fp32), beyond activations",
+            max(grads - act, 0),
+            f"{grads / GIB:.2f} GiB at the optimizer step, after activations are freed",
+        )
+    )
+    items.append((f"activations (batch {batch} x {seq})", probe.saved_per_sample * batch, how))
+    items.append(
+        (
+            "logits/loss or layer recompute peak",
+            transient,
+            "loss (logits bf16 + fp32 + log-softmax + grad)"
+            if transient == loss_phase
+            else "one layer recomputed + its backward",
+        )
+    )
+
+    desc = (
+        f"{fam if shapes.family in ('mistral', 'mixtral') else shapes.family} "
+        f"{(params_4bit + params_other) / 1e9:.1f}B, {n_layers} layers, quant {kind}, LoRA r={r} on "
+        f"{'+'.join(sorted(names)) or 'nothing'}{' + experts' if lora_experts else ''}"
+    )
+    return MemoryPlan(
+        description=desc,
+        batch_size=batch,
+        seq_len=seq,
+        gradient_checkpointing=ckpt,
+        items=items,
+        **plan_args,
+        outside_allocator_bytes=int(outside),
+        params_4bit=params_4bit,
+        params_other=params_other,
+        trainable_params=lora_n,
+    )
+
+
+def check_fits(plan: MemoryPlan, gpu_gib: float) -> None:
+    """Raise UserError with concrete advice when `plan` will not fit a `gpu_gib` GPU."""
+    need = plan.device_bytes()
+    if need <= gpu_gib * GIB:
+        return None
+    advice = []
+    best = plan.max_batch_size(gpu_gib)
+    if best >= 1:
+        advice.append(
+            f"trainer.per_device_train_batch_size={best} (raise gradient_accumulation_steps to keep "
+            f"the effective batch)"
+        )
+    if not plan.gradient_checkpointing:
+        advice.append("trainer.gradient_checkpointing=true (activations of one layer instead of all)")
+    if plan.seq_len > 512:
+        advice.append(f"a shorter trainer.max_length (now {plan.seq_len}; activations scale with it)")
+    if any(w == "optimizer state" and b > 0 for w, b, _ in plan.items):
+        advice.append("optim=paged_adamw_8bit (8-bit optimizer state, paged)")
+    if "quant none" in plan.description or "quant int8" in plan.description:
+        advice.append("quant=nf4 (4-bit weights)")
+    raise UserError(
+        f"this run needs about {need / GIB:.1f} GiB of GPU memory, the GPU has {gpu_gib:.1f} GiB "
+        f"({plan.description}, batch {plan.batch_size} x {plan.seq_len})",
+        where="plan",
+        hint="; or ".join(advice) or "use a larger GPU",
+    )
