@@ -18,13 +18,20 @@ log = logging.getLogger("fine_tune")
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    from fine_tune import modes, sweep
+    from fine_tune import modes, secrets, sweep
     from fine_tune.run import job_info, run
 
     run_dir, job = job_info()
     multirun = job["sweep_dir"] is not None
-    if modes.selected(cfg):
-        return modes.dispatch(cfg, run_dir)
+    try:
+        secrets.guard(cfg, run_dir)  # a token in the config: refuse, scrub Hydra's saved copies
+        if modes.selected(cfg):
+            return modes.dispatch(cfg, run_dir)
+    except UserError as error:
+        report(error)
+        if multirun:
+            return None
+        sys.exit(EXIT_USER_ERROR)
     if multirun and sweep.should_skip(run_dir):
         log.info("skipping %s: it finished in an earlier run of this sweep", run_dir)
         return sweep.finished_metric(run_dir)

@@ -203,10 +203,10 @@ def objective(metrics: dict) -> float | None:
 
 
 def run(cfg: DictConfig, run_dir: Path, job: dict) -> float | None:
-    from fine_tune.schema import check_types
     from fine_tune.utils.build import build
+    from fine_tune.validate import check_config
 
-    check_types(cfg)
+    check_config(cfg)  # types, targets, cross-checks: before any weights or data load
     tracker = build(cfg.logger)
     status = "failed"
     try:
