@@ -153,7 +153,7 @@ def _to_examples(rows: list[Row], opts: dict[str, Any], skips: _Skips) -> list[E
     fields = resolve_fields(fmt, opts["fields"])
     by_file: dict[str, set[str]] = {}
     for row in rows:
-        by_file.setdefault(row.where.rsplit(":", 1)[0].split("[")[0], set()).update(row.data)
+        by_file.setdefault(row.source or row.where, set()).update(row.data)
     for name, columns in by_file.items():
         check_columns(fmt, fields, columns, name)
     out = []

@@ -31,6 +31,7 @@ class Row:
 
     data: dict[str, Any]
     where: str
+    source: str = ""  # the file (or hub name) the row came from: columns are checked per source
 
 
 def _kind(path: Path, file_type: str | None) -> str:
@@ -145,7 +146,7 @@ def _read_jsonl(path: Path, bad_rows: list[tuple[str, str, str]] | None) -> list
                     )
                 bad_rows.append(("not_an_object", where, type(obj).__name__))
                 continue
-            rows.append(Row(obj, where))
+            rows.append(Row(obj, where, str(path)))
     return rows
 
 
@@ -174,13 +175,41 @@ def _read_json(path: Path) -> list[Row]:
             )
     if not isinstance(obj, list):
         raise UserError(f"expected a JSON array of records, got {type(obj).__name__}", where=str(path))
+    lines = _element_lines(text) if text.lstrip().startswith("[") else None
+    if lines is not None and len(lines) != len(obj):
+        lines = None
+    shared_lines = lines is not None and len(set(lines)) < len(lines)  # e.g. a one-line array
     rows = []
     for i, item in enumerate(obj):
-        where = f"{path}[{i}]"
+        if lines is None:
+            where = f"{path}[{i}]"
+        else:
+            where = f"{path}:{lines[i]}" + (f" (record {i})" if shared_lines else "")
         if not isinstance(item, dict):
             raise UserError(f"record {i} is a {type(item).__name__}, not an object", where=where)
-        rows.append(Row(item, where))
+        rows.append(Row(item, where, str(path)))
     return rows
+
+
+def _element_lines(text: str) -> list[int] | None:
+    """The line on which each element of a top-level JSON array starts, so errors can say file:line."""
+    decoder = json.JSONDecoder()
+    idx = text.index("[") + 1
+    n = len(text)
+    lines: list[int] = []
+    line, counted = 1, 0
+    try:
+        while True:
+            while idx < n and text[idx] in " \t\r\n,":
+                idx += 1
+            if idx >= n or text[idx] == "]":
+                return lines
+            line += text.count("\n", counted, idx)
+            counted = idx
+            lines.append(line)
+            _, idx = decoder.raw_decode(text, idx)
+    except json.JSONDecodeError:
+        return None
 
 
 def _read_csv(path: Path, delimiter: str) -> list[Row]:
@@ -191,7 +220,7 @@ def _read_csv(path: Path, delimiter: str) -> list[Row]:
                 "CSV file has no header row", where=str(path), hint="the first line must name the columns"
             )
         # line_num after reading a record is the physical line it ended on (multi-line cells included).
-        return [Row(dict(rec), f"{path}:{reader.line_num}") for rec in reader]
+        return [Row(dict(rec), f"{path}:{reader.line_num}", str(path)) for rec in reader]
 
 
 def _read_parquet(path: Path) -> list[Row]:
@@ -203,7 +232,7 @@ def _read_parquet(path: Path) -> list[Row]:
         table = pq.read_table(path)
     except Exception as exc:  # pyarrow raises several types for a corrupt file
         raise UserError(f"unreadable Parquet file: {exc}", where=str(path)) from exc
-    return [Row(rec, f"{path}:row {i + 1}") for i, rec in enumerate(table.to_pylist())]
+    return [Row(rec, f"{path}:row {i + 1}", str(path)) for i, rec in enumerate(table.to_pylist())]
 
 
 def read_hub(
@@ -220,4 +249,4 @@ def read_hub(
             where="dataset.hub_name",
             hint="check the name and your network, or download it and use dataset.path",
         ) from exc
-    return [Row(rec, f"{hub_name}[{split}][{i}]") for i, rec in enumerate(ds)]
+    return [Row(rec, f"{hub_name}[{split}][{i}]", hub_name) for i, rec in enumerate(ds)]
