@@ -38,6 +38,15 @@ def save_atomically(save: Any, target: Path) -> None:
         raise
 
 
+def save_adapter(model: Any, directory: Path, experts: bool) -> None:
+    """PEFT's files, plus the expert adapters PEFT cannot hold (generate/export load both)."""
+    model.save_pretrained(directory)
+    if experts:
+        from fine_tune.models.moe import save_expert_adapter
+
+        save_expert_adapter(model, directory)
+
+
 def build_tokenizer(cfg: DictConfig) -> Any:
     from fine_tune.models.tokenizer import build_tokenizer as build
 
@@ -164,7 +173,7 @@ def train(cfg: DictConfig, run_dir: Path, tracker: Any, job: dict) -> tuple[dict
         done = metrics_cb.last_eval.get("step") == trainer.state.global_step
         eval_loss = metrics_cb.last_eval["eval_loss"] if done else trainer.evaluate()["eval_loss"]
     if is_main_process():
-        save_atomically(model.save_pretrained, run_dir / "adapter")
+        save_atomically(lambda d: save_adapter(model, d, adapter.experts), run_dir / "adapter")
         save_atomically(tokenizer.save_pretrained, run_dir / "tokenizer")
     state = trainer.state
     runtime = time.perf_counter() - started
