@@ -42,7 +42,7 @@ CASES = [
         "d.json",
         json.dumps([GOOD, {"instruction": "x", "output": ""}], indent=2),
         {},
-        "d.json:6",
+        "d.json:7",  # the line where the bad record opens
         ["empty"],
     ),
     ("json_not_array", "d.json", '"just a string"', {}, "d.json", ["array"]),
