@@ -191,3 +191,36 @@ def test_models_own_chat_template_is_used_when_present(tok, tmp_path):
     )
     assert row["input_ids"] == t(rendered, add_special_tokens=False)["input_ids"]
     assert trained_text(t, row).replace(" ", "") == "Hithere</bot></s>"
+
+
+def test_chat_template_that_moves_the_system_prompt_still_masks_every_turn(tok, tmp_path):
+    """Like HF's Mistral v3 template: the system prompt goes into the last user turn, so prefixes of a
+    conversation render differently from the whole; the assistant turns are found by content."""
+    from conftest_data import saved_copy
+
+    t = saved_copy(tok, tmp_path / "tok")
+    t.chat_template = (
+        "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set sys = messages[0]['content'] %}"
+        "{% set rest = messages[1:] %}{% else %}{% set sys = '' %}{% set rest = messages %}{% endif %}"
+        "{% set ns = namespace(last=-1) %}{% for m in rest %}{% if m['role'] == 'user' %}"
+        "{% set ns.last = loop.index0 %}{% endif %}{% endfor %}"
+        "{% for m in rest %}{% if m['role'] == 'user' %}[INST] {% if sys and loop.index0 == ns.last %}"
+        "{{ sys }}\n\n{% endif %}{{ m['content'] }} [/INST]{% else %} {{ m['content'] }}{{ eos_token }}"
+        "{% endif %}{% endfor %}"
+    )
+    bundle = build_data(format="chat", path=str(FIXTURES / "chat.jsonl"), tokenizer=t, max_length=128)
+    row = bundle.train[1]  # system + two user/assistant turns
+    ids, labels = row["input_ids"], row["labels"]
+    assert (
+        tok.decode(ids) == "<s>[INST] What is 2 + 2? [/INST] 4.</s>[INST] Answer briefly.\n\nAnd times 3? "
+        "[/INST] 12.</s>"
+    )
+    runs, current = [], []
+    for i, label in enumerate(labels):
+        if label != IGNORE:
+            current.append(ids[i])
+        elif current:
+            runs.append(current)
+            current = []
+    runs.append(current)
+    assert [t.decode(r).strip() for r in runs] == ["4.</s>", "12.</s>"]

@@ -98,6 +98,14 @@ def find_sentencepiece(tokenizer) -> Any | None:
     return found
 
 
+def _usable_cores() -> int:
+    """Cores this process may run on (a container's share, not the host's count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - macOS / Windows
+        return os.cpu_count() or 1
+
+
 class SegmentEncoder:
     """Encodes text segments the way mistral-common does (sentencepiece, dummy prefix, no BOS/EOS)."""
 
@@ -110,7 +118,7 @@ class SegmentEncoder:
         if not texts:
             return []
         if self.sp is not None:
-            return self.sp.encode(texts, num_threads=os.cpu_count() or 1)
+            return self.sp.encode(texts, num_threads=_usable_cores())
         return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
@@ -279,26 +287,49 @@ def _string_render(
 
 
 def _chat_template_render(messages, tokenizer, add_generation_prompt):
-    """Assistant spans found by rendering growing prefixes: works for any Jinja chat template."""
+    """Locate assistant turns in a Jinja chat template's output, for completion-only masks.
+
+    First by rendering growing prefixes (exact, includes whatever closes the turn, e.g. EOS); if the
+    template does not render prefix by prefix (some move the system prompt into the last user turn),
+    by finding each assistant text in order, plus the EOS text right after it.
+    """
 
     def render(msgs, gen):
         return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
 
     full = render(messages, add_generation_prompt)
     spans = []
-    for i, m in enumerate(messages):
+    try:
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            before = render(messages[:i], True)
+            upto = render(messages[: i + 1], False)
+            if not (full.startswith(upto) and upto.startswith(before)):
+                raise ValueError("not prefix-consistent")
+            spans.append((len(before), len(upto)))
+        return full, spans
+    except Exception:  # templates may also refuse prefixes (raise_exception on roles)
+        spans = []
+    pos = 0
+    eos = tokenizer.eos_token or ""
+    for m in messages:
         if m["role"] != "assistant":
             continue
-        before = render(messages[:i], True)
-        upto = render(messages[: i + 1], False)
-        if not (full.startswith(upto) and upto.startswith(before)):
+        text = m["content"].strip()
+        start = full.find(text, pos)
+        if start < 0:
             raise UserError(
-                "the tokenizer's chat_template does not render conversations prefix by prefix, so "
-                "assistant turns cannot be located for completion-only loss",
+                "cannot find an assistant turn in the chat_template's output, so it cannot be trained on",
                 where="dataset.template",
                 hint="use dataset.template=mistral or chatml",
             )
-        spans.append((len(before), len(upto)))
+        end = start + len(text)
+        after = len(full[end:]) - len(full[end:].lstrip(" "))
+        if eos and full.startswith(eos, end + after):
+            end += after + len(eos)
+        spans.append((start, end))
+        pos = end
     return full, spans
 
 
