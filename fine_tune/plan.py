@@ -50,15 +50,36 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 # ---- activation coefficients (bytes per token), measured on one H100 80GB, torch 2.11, transformers
-# 5.23, peft 0.21.2, bitsandbytes 0.50.2, seq 2048, nf4 + double quant, LoRA r=16, from models cut to
-# 2 and 4 layers (the per-layer slope and the intercept; the 32-layer runs in docs/memory.md were
-# not used to fit them). Per-layer terms are per unit of (hidden + k * intermediate), k = experts per
-# token (1 for dense), so that they follow the width of the model.
+# 5.23, peft 0.21.2, bitsandbytes 0.50.2, seq 2048, nf4 + double quant, LoRA r=16, on models cut to
+# 2 and 4 layers (per-layer slope and intercept); the 32-layer runs in docs/memory.md were not used
+# to fit them. "fp32"/"bf16" is the residual stream: fp32 on the quantized path, where PEFT's
+# prepare_model_for_kbit_training upcasts every non-4-bit weight (embeddings included).
 CALIBRATION = {
-    # activations kept per layer without checkpointing
-    "layer_saved": {"mistral": 18.73, "mixtral": 11.81},
-    # peak extra while one layer is recomputed and back-propagated (checkpointing on)
-    "layer_recompute": {"mistral": 27.02, "mixtral": 13.45},
+    # activations one layer keeps for the backward without LoRA, per token, per unit of
+    # (hidden + k * intermediate), k = experts per token (1 for dense). mixtral/bf16 is not measured:
+    # scaled from mixtral/fp32 by mistral's bf16/fp32 ratio.
+    "layer_base": {
+        ("mistral", "fp32"): 12.39,
+        ("mistral", "bf16"): 7.67,
+        ("mixtral", "fp32"): 9.05,
+        ("mixtral", "bf16"): 5.60,
+    },
+    # PEFT LoRA on an nn.Linear keeps the bf16 cast of its input (2 B x in_features per token), plus
+    # the dropout mask (1 B x in_features) when lora_dropout > 0. Derived, and checked against the
+    # attention-only vs all-projections runs (65.5 measured vs 67.6 KB/token/layer predicted).
+    "lora_dense": 2.0,
+    "lora_dropout": 1.0,
+    # our expert LoRA, per routed token per unit of (hidden + intermediate) (measured)
+    "lora_experts": 1.565,
+    "lora_experts_dropout": 1.12,
+    # checkpointing: one layer recomputed + back-propagated costs its saved activations plus this,
+    # per token per unit of width (the dense MLP's fp32 gradients of the intermediate dominate)
+    "recompute_extra": {
+        ("mistral", "fp32"): 8.30,
+        ("mistral", "bf16"): 9.93,
+        ("mixtral", "fp32"): 1.64,
+        ("mixtral", "bf16"): 1.64,
+    },
     # loss phase: logits bf16, fp32 upcast, log-softmax and its backward, per token per vocab entry
     "loss_per_vocab": 11.5,
     # cuBLAS workspace: allocated through the caching allocator at the first matmul, kept
@@ -66,7 +87,10 @@ CALIBRATION = {
     # one-off allocations of the loss phase besides the logits (a second workspace and the like)
     "loss_workspace": 64 * 2**20,
 }
-ALLOCATOR_SLACK = 0.05  # reserved-but-unused share of the activation memory (fragmentation)
+# Reserved-but-unused share of the activation memory (fragmentation of the caching allocator). Set
+# from the largest batches that trained on an 80 GB H100 (Mixtral-8x7B 27, Mistral-7B 35 at seq 2048,
+# the next batch ran out of memory): 8% puts the boundary of both where it was measured.
+ALLOCATOR_SLACK = 0.08
 CUDA_CONTEXT = 0.5 * GIB  # CUDA context + kernels: device memory the allocator never sees
 
 
@@ -391,17 +415,26 @@ def plan_memory(cfg: Any) -> MemoryPlan:
         items.append(("optimizer state", optim_bytes, f"{target}: {state_per_param} B/param"))
 
     # activations
-    width = h + (shapes.num_experts_per_tok if shapes.moe else 1) * inter
+    k = shapes.num_experts_per_tok if shapes.moe else 1
+    width = h + k * inter
     fam = "mixtral" if shapes.moe else "mistral"
     residual = 4 if quantized else base_bytes
+    stream = "fp32" if residual == 4 else "bf16"
+    dropout = float(_get(lora, "lora_dropout", 0.0)) > 0
+    layer = CALIBRATION["layer_base"][(fam, stream)] * width
+    per_in = CALIBRATION["lora_dense"] + (CALIBRATION["lora_dropout"] if dropout else 0.0)
+    layer += sum(per_in * i for name, (i, _) in linears.items() if name in names)
+    if lora_experts:
+        per_routed = CALIBRATION["lora_experts"] + (CALIBRATION["lora_experts_dropout"] if dropout else 0.0)
+        layer += k * per_routed * (h + inter)
     if ckpt:
         saved = n_layers * residual * h  # each layer's input, kept for the recompute
-        recompute = CALIBRATION["layer_recompute"][fam] * width
+        recompute = layer + CALIBRATION["recompute_extra"][(fam, stream)] * width
         how = f"{n_layers} layer inputs ({residual} B x hidden per token), kept for the recompute"
     else:
-        saved = n_layers * CALIBRATION["layer_saved"][fam] * width
+        saved = n_layers * layer
         recompute = 0.0
-        how = f"{n_layers} layers x {CALIBRATION['layer_saved'][fam] * width / 1024:.0f} KiB per token"
+        how = f"{n_layers} layers x {layer / 1024:.0f} KiB per token"
     loss_per_token = CALIBRATION["loss_per_vocab"] * v
     lm_head_cast = 2 * v * h if quantized else 0  # autocast's bf16 copy of the fp32 lm_head (forward only)
     loss_fixed = CALIBRATION["loss_workspace"] + lm_head_cast
