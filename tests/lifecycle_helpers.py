@@ -1,0 +1,84 @@
+"""Helpers for the run-lifecycle tests (resume, export, generate, secrets, bad inputs, validate).
+
+One tiny trained run is shared by the tests of a session (training it is the slow part): it is
+trained once, on first use, by `tiny_run()`, with settings every test can reproduce (`TINY`).
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# 8 steps, a loss logged every step, checkpoints at 3 and 6 (+ the preemption one), evals at 4 and 8.
+TINY = [
+    "logger=none",
+    "trainer=cpu",
+    "trainer.max_steps=8",
+    "trainer.per_device_train_batch_size=2",
+    "trainer.max_length=128",
+    "trainer.logging_steps=1",
+    "trainer.eval_steps=4",
+    "trainer.save_steps=3",
+    "trainer.save_total_limit=2",
+    "dataset.max_samples=32",
+    "dataset.max_eval_samples=4",
+]
+
+
+def env(extra: dict | None = None) -> dict:
+    base = {**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "offline"), "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false"}
+    return {**base, **(extra or {})}
+
+
+def cli(args: list[str], module: str = "fine_tune", extra_env: dict | None = None,
+        timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env(extra_env),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def popen(args: list[str], module: str = "fine_tune") -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def step_losses(run_dir: Path) -> list[tuple[int, float, float | None]]:
+    """(step, train loss, grad norm) of every logged step: what exact resume must reproduce."""
+    return [(r["step"], r["train/loss"], r.get("train/grad_norm"))
+            for r in read_jsonl(run_dir / "metrics.jsonl") if "train/loss" in r]
+
+
+def status(run_dir: Path) -> str | None:
+    path = run_dir / "status.json"
+    return json.loads(path.read_text()).get("status") if path.is_file() else None
+
+
+@functools.cache
+def _session_dir() -> Path:
+    path = Path(tempfile.mkdtemp(prefix="ft-lifecycle-"))
+    atexit.register(shutil.rmtree, path, True)
+    return path
+
+
+@functools.cache
+def tiny_run() -> Path:
+    """The shared uninterrupted tiny run (trained on first use)."""
+    run_dir = _session_dir() / "tiny"
+    result = cli([*TINY, f"hydra.run.dir={run_dir}"])
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return run_dir
