@@ -101,6 +101,18 @@ def test_four_jobs_in_one_process_are_four_grouped_wandb_runs(tmp_path):
         assert run["summary"]["eval_loss"] == final["eval_loss"]
         assert run["summary"]["trainable_params"] == final["trainable_params"] > 0
         assert run["summary"]["status"] == "finished" and run["exit_code"] == 0
+        logged_keys = set().union(*run["history"])
+        for key in (
+            "train/learning_rate",
+            "train/grad_norm",
+            "perf/tokens_per_second",
+            "perf/peak_memory_gib",
+            "eval/loss",
+            "eval/perplexity",
+            "samples/nrows",
+        ):
+            assert key in logged_keys, key
+        assert run["summary"]["samples_all"]["nrows"] >= 1  # the table of generation samples
     assert groups == {"sweep"} and len(names) == 4
     assert (result.stdout + result.stderr).count("Upload later with: wandb sync") == 1
     assert_no_secrets(sweep_dir, result.stdout, result.stderr)
