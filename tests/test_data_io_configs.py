@@ -38,7 +38,8 @@ def test_every_file_type_gives_the_same_rows(tmp_path, tok):
     (tmp_path / "d.json").write_text(json.dumps(ROWS), encoding="utf-8")
     (tmp_path / "wrapped.json").write_text(json.dumps({"data": ROWS}), encoding="utf-8")
     (tmp_path / "d.csv").write_text(
-        'instruction,input,output\nDouble it.,21,42\n"Name the capital of Chile.",,Santiago.\n',
+        "\ufeff"  # a BOM, as Excel writes it
+        + 'instruction,input,output\nDouble it.,21,42\n"Name the capital of Chile.",,Santiago.\n',
         encoding="utf-8",
     )
     pq.write_table(pa.Table.from_pylist(ROWS), tmp_path / "d.parquet")

@@ -88,6 +88,10 @@ def resolve_paths(path: str | list[str] | tuple[str, ...], key: str = "dataset.p
     return out
 
 
+# utf-8-sig: files exported from Excel or Windows tools start with a BOM, which would otherwise
+# become part of the first column's name (or break json.loads).
+
+
 def read_file(
     path: Path,
     file_type: str | None = None,
@@ -121,7 +125,7 @@ def read_file(
 
 def _read_jsonl(path: Path, bad_rows: list[tuple[str, str, str]] | None) -> list[Row]:
     rows: list[Row] = []
-    with open(path, encoding="utf-8") as handle:
+    with open(path, encoding="utf-8-sig") as handle:
         for lineno, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
@@ -151,7 +155,7 @@ def _read_jsonl(path: Path, bad_rows: list[tuple[str, str, str]] | None) -> list
 
 
 def _read_json(path: Path) -> list[Row]:
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -213,7 +217,7 @@ def _element_lines(text: str) -> list[int] | None:
 
 
 def _read_csv(path: Path, delimiter: str) -> list[Row]:
-    with open(path, encoding="utf-8", newline="") as handle:
+    with open(path, encoding="utf-8-sig", newline="") as handle:
         reader = csv.DictReader(handle, delimiter=delimiter)
         if not reader.fieldnames:
             raise UserError(
