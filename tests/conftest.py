@@ -1,0 +1,47 @@
+"""Shared fixtures: compose the real config from conf/, run the CLI as a subprocess, and keep every
+derived artefact (converted tokenizer, tiny model weights, data cache) in one per-session directory."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    cache = Path(config.rootpath) / ".cache" / "test-session"
+    os.environ.setdefault("FINE_TUNE_CACHE", str(cache))
+    os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.setdefault("WANDB_SILENT", "true")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def compose(overrides: list[str] | None = None, return_hydra_config: bool = False):
+    """The real config, composed exactly as `python -m fine_tune` would (without running a job)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        return hydra_compose("config", overrides=overrides or [], return_hydra_config=return_hydra_config)
+
+
+def run_cli(args: list[str], cwd: Path | None = None, env: dict | None = None, timeout: int = 600,
+            module: str = "fine_tune") -> subprocess.CompletedProcess:
+    """`python -m fine_tune ARGS` in a subprocess, as a user would type it."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd or ROOT, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+# Small and fast settings for end-to-end runs of the tiny models on CPU.
+FAST = ["trainer=cpu", "logger=none", "trainer.max_steps=12", "trainer.eval_steps=6", "trainer.save_steps=6",
+        "dataset.max_samples=96", "dataset.max_eval_samples=16"]
