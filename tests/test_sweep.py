@@ -174,3 +174,21 @@ def test_sweep_where_nothing_finished_exits_nonzero(toy_app):
     assert "no job of the sweep finished" in result.stderr
     summary = json.loads((sweep_dir / "sweep_summary.json").read_text())
     assert sorted(r["status"] for r in summary["jobs"]) == ["failed", "oom"]
+
+
+def test_optuna_sweeper_records_failed_trials_and_goes_on(toy_app, tmp_path):
+    """With Optuna the callback leaves failures to the sweeper (a failed trial, not a fake value)."""
+    run, sweep_dir, log_file = toy_app
+    result = run(
+        "hydra/sweeper=optuna",
+        "hydra.sweeper.n_trials=6",
+        "hydra.sweeper.max_failure_rate=1.0",
+        "hydra.sweeper.sampler.seed=3",
+        "x=choice(1,2,bad)",
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    calls = log_file.read_text().split()
+    assert len(calls) == 6 and "bad" in calls and {"1", "2"} & set(calls)
+    summary = json.loads((sweep_dir / "sweep_summary.json").read_text())
+    assert summary["counts"]["failed"] == 1 and summary["counts"]["finished"] >= 1
+    assert summary["optuna"]["best_params"]["x"] in (1, 2)
