@@ -103,3 +103,10 @@ def test_real_shapes_build_without_weights():
         node = compose([f"model={option}", "model.init=random"]).model
         config = load_architecture(node.family, node.name_or_path, node.init, node.architecture, node.config)
         assert parameter_count(config) == pytest.approx(expected, rel=0.01)
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))
+def test_experiments_compose(name: str):
+    cfg = compose([f"experiment={name}"])
+    OmegaConf.to_container(cfg, resolve=False)
+    assert cfg.task_name == name
