@@ -173,15 +173,19 @@ def test_chatml_template(tok):
     assert row["input_ids"][: len(prompt)] == prompt and prompt_len(row) == len(prompt)
 
 
+SIMPLE_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}<user>{{ m['content'] }}</user>"
+    "{% else %}<bot>{{ m['content'] }}</bot>{{ eos_token }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<bot>{% endif %}"
+)
+
+
 def test_models_own_chat_template_is_used_when_present(tok, tmp_path):
     from conftest_data import saved_copy
 
     t = saved_copy(tok, tmp_path / "tok")
-    t.chat_template = (
-        "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}<user>{{ m['content'] }}</user>"
-        "{% else %}<bot>{{ m['content'] }}</bot>{{ eos_token }}{% endif %}{% endfor %}"
-        "{% if add_generation_prompt %}<bot>{% endif %}"
-    )
+    t.add_tokens(["<|extra|>"])  # no longer Mistral's vocabulary: auto picks the model's template
+    t.chat_template = SIMPLE_TEMPLATE
     bundle = build_data(format="chat", path=str(FIXTURES / "chat.jsonl"), tokenizer=t, max_length=128)
     assert bundle.report.template == "chat_template"
     row = bundle.train[0]
@@ -191,6 +195,26 @@ def test_models_own_chat_template_is_used_when_present(tok, tmp_path):
     )
     assert row["input_ids"] == t(rendered, add_special_tokens=False)["input_ids"]
     assert trained_text(t, row).replace(" ", "") == "Hithere</bot></s>"
+    prompt = render_prompt([{"role": "user", "content": "Hello world"}], t, "chat_template")
+    assert t.decode(prompt) == "<s><user>Hello world</user><bot>"
+
+
+def test_mistral_vocabulary_prefers_the_reference_format_over_a_jinja_template(tok, tmp_path):
+    from conftest_data import saved_copy
+
+    t = saved_copy(tok, tmp_path / "tok")
+    t.chat_template = SIMPLE_TEMPLATE
+    auto = build_data(format="chat", path=str(FIXTURES / "chat.jsonl"), tokenizer=t, max_length=128)
+    assert auto.report.template == "mistral_v1"
+    explicit = build_data(
+        format="chat",
+        path=str(FIXTURES / "chat.jsonl"),
+        template="chat_template",
+        tokenizer=t,
+        max_length=128,
+    )
+    assert explicit.report.template == "chat_template"
+    assert tok.decode(explicit.train[0]["input_ids"]).startswith("<s><user>Hello world</user>")
 
 
 def test_chat_template_that_moves_the_system_prompt_still_masks_every_turn(tok, tmp_path):
@@ -208,7 +232,13 @@ def test_chat_template_that_moves_the_system_prompt_still_masks_every_turn(tok, 
         "{{ sys }}\n\n{% endif %}{{ m['content'] }} [/INST]{% else %} {{ m['content'] }}{{ eos_token }}"
         "{% endif %}{% endfor %}"
     )
-    bundle = build_data(format="chat", path=str(FIXTURES / "chat.jsonl"), tokenizer=t, max_length=128)
+    bundle = build_data(
+        format="chat",
+        path=str(FIXTURES / "chat.jsonl"),
+        tokenizer=t,
+        max_length=128,
+        template="chat_template",
+    )
     row = bundle.train[1]  # system + two user/assistant turns
     ids, labels = row["input_ids"], row["labels"]
     assert (

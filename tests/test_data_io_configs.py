@@ -106,6 +106,7 @@ def test_every_dataset_option_composes_and_builds(option, tok, tmp_path):
 
     fixture = {
         "alpaca": "alpaca.jsonl",
+        "local": "alpaca.jsonl",
         "dolly": "dolly.jsonl",
         "qa": "qa.csv",
         "law_title": "law_title.jsonl",

@@ -60,42 +60,64 @@ def _hf_pieces(tokenizer) -> list[str]:
     return pieces
 
 
-def find_sentencepiece(tokenizer) -> Any | None:
-    """The sentencepiece processor whose vocabulary is exactly the tokenizer's, or None.
+def _match_sentencepiece(tokenizer) -> tuple[Any | None, bool]:
+    """(processor, is_mistral): the sentencepiece model whose vocabulary is exactly the tokenizer's.
 
     Looks at the tokenizer's own `vocab_file` first, then at the models bundled with mistral-common
     (v1/v2/v3/v7), which cover the Mistral/Mixtral checkpoints this project fine-tunes; a saved HF
-    tokenizer (tokenizer.json only) loses its .model file, and this finds it again.
+    tokenizer (tokenizer.json only) loses its .model file, and this finds it again. `is_mistral` says
+    the vocabulary is one of Mistral's.
     """
     try:
         import sentencepiece as spm
     except ImportError:  # pragma: no cover - a dependency of the project
-        return None
+        return None, False
     pieces = _hf_pieces(tokenizer)
     key = _vocab_fingerprint(pieces)
     if key in _SP_CACHE:
         return _SP_CACHE[key]
-    candidates: list[Path] = []
+    candidates: list[tuple[Path, bool]] = []
     vocab_file = getattr(tokenizer, "vocab_file", None) or tokenizer.init_kwargs.get("vocab_file")
     if vocab_file and str(vocab_file).endswith(".model") and os.path.isfile(vocab_file):
-        candidates.append(Path(vocab_file))
+        candidates.append((Path(vocab_file), False))
     try:
         import mistral_common
 
         data = Path(mistral_common.__file__).parent / "data"
-        candidates += sorted(p for p in data.glob("*.model.v*") if "m1" not in p.suffix)
+        candidates += [(p, True) for p in sorted(data.glob("*.model.v*")) if "m1" not in p.suffix]
     except ImportError:  # pragma: no cover
         pass
-    found = None
-    for path in candidates:
+    found: tuple[Any | None, bool] = (None, False)
+    for path, bundled in candidates:
         sp = spm.SentencePieceProcessor(model_file=str(path))
         if sp.get_piece_size() != len(pieces):
             continue
         if all(sp.id_to_piece(i) == pieces[i] for i in range(sp.get_piece_size())):
-            found = sp
+            found = (sp, bundled)
             break
+    if found[0] is not None and not found[1]:
+        # the tokenizer's own .model file: is it one of Mistral's all the same?
+        found = (found[0], any(b and _same_model(p, found[0]) for p, b in candidates))
     _SP_CACHE[key] = found
     return found
+
+
+def _same_model(path: Path, sp) -> bool:
+    import sentencepiece as spm
+
+    other = spm.SentencePieceProcessor(model_file=str(path))
+    n = other.get_piece_size()
+    return n == sp.get_piece_size() and all(other.id_to_piece(i) == sp.id_to_piece(i) for i in range(n))
+
+
+def find_sentencepiece(tokenizer) -> Any | None:
+    """The sentencepiece processor with exactly the tokenizer's vocabulary, or None."""
+    return _match_sentencepiece(tokenizer)[0]
+
+
+def is_mistral_vocabulary(tokenizer) -> bool:
+    """True for Mistral's own tokenizers (v1/v2/v3/v7), whatever chat_template they carry."""
+    return _match_sentencepiece(tokenizer)[1]
 
 
 def _usable_cores() -> int:
@@ -135,18 +157,24 @@ def special_id(tokenizer, token: str) -> int | None:
 
 
 def resolve_template(name: str | None, tokenizer, fmt_default: str = "auto") -> str:
-    """Pick the concrete template: the model's chat template if it has one, else Mistral's format."""
+    """The concrete template for `name` (auto: Mistral's format for Mistral tokenizers, else the
+    tokenizer's chat_template when it has one, else Mistral's format)."""
     name = name or fmt_default
     if name not in TEMPLATES:
         raise UserError(
             f"unknown template {name!r}", where="dataset.template", hint=f"use one of {list(TEMPLATES)}"
         )
     if name == "auto":
-        name = (
-            fmt_default
-            if fmt_default != "auto"
-            else ("chat_template" if getattr(tokenizer, "chat_template", None) else "mistral")
-        )
+        # A Mistral vocabulary gets Mistral's reference format even when the tokenizer carries a Jinja
+        # chat_template: the template's string, tokenized whole by the HF tokenizer, differs from the
+        # reference ids (e.g. "<s>[INST]" vs "<s>▁[INST]", runs of spaces). Other models get their own
+        # chat_template; with neither, the [INST] format.
+        if fmt_default != "auto":
+            name = fmt_default
+        elif is_mistral_vocabulary(tokenizer) or not getattr(tokenizer, "chat_template", None):
+            name = "mistral"
+        else:
+            name = "chat_template"
     if name == "chat_template" and not getattr(tokenizer, "chat_template", None):
         raise UserError(
             "the tokenizer has no chat_template",
