@@ -1,0 +1,113 @@
+"""Layer-by-layer building: random real-shape models come out quantized and reproducible, and the
+streaming loader reads real checkpoints (both expert layouts) into exactly the weights that
+quantizing the loaded bf16 model would give."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+bnb = pytest.importorskip("bitsandbytes")
+transformers = pytest.importorskip("transformers")
+
+from fine_tune.models.moe import (  # noqa: E402
+    Experts4bit,
+    build_random_model,
+    load_pretrained_moe_4bit,
+    quantize_fused_experts,
+    replace_linear_with_4bit,
+)
+from fine_tune.models.moe.build import expected_param_count  # noqa: E402
+
+
+def tiny_config(**kw):
+    args = dict(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        use_cache=False,
+    )
+    args.update(kw)
+    return transformers.MixtralConfig(**args)
+
+
+def build(seed=0, **kw):
+    return build_random_model(
+        tiny_config(**kw), "nf4", True, torch.float32, device="cpu", dtype=torch.float32, seed=seed
+    )
+
+
+def test_random_model_is_quantized_as_from_pretrained_would_plus_experts():
+    model = build()
+    linears = {n: type(m).__name__ for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert linears.pop("lm_head") == "Linear"  # kept in full precision, like bnb's loader
+    assert linears and set(linears.values()) == {"Linear4bit"}
+    assert all(m.weight.bnb_quantized for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
+    assert len([m for m in model.modules() if isinstance(m, Experts4bit)]) == 2
+    assert not any(p.device.type == "meta" for p in model.parameters())
+    assert not any(b.device.type == "meta" for b in model.buffers())
+    counts = model.fine_tune_param_counts
+    assert counts["params_4bit"] + counts["params_other"] == expected_param_count(tiny_config())
+    assert model.is_loaded_in_4bit
+    ids = torch.randint(0, 128, (2, 10))
+    loss = model(input_ids=ids, labels=ids).loss
+    assert torch.isfinite(loss)
+
+
+def test_random_model_is_reproducible_from_its_seed():
+    ids = torch.randint(0, 128, (1, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b, c = (build(seed=s)(ids).logits for s in (1, 1, 2))
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(a, c)
+
+
+def test_unquantized_random_model_keeps_dtype():
+    model = build_random_model(tiny_config(), None, device="cpu", dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert not any(isinstance(m, Experts4bit) for m in model.modules())
+
+
+def _fused_checkpoint(model, path):
+    """A checkpoint with the fused transformers-5 key layout (the hub's Mixtral uses the legacy one)."""
+    from safetensors.torch import save_file
+
+    model.config.save_pretrained(path)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path / "model.safetensors"))
+
+
+@pytest.mark.parametrize("layout", ["legacy", "fused"])
+def test_streaming_loader_equals_quantizing_the_full_model(tmp_path, layout):
+    torch.manual_seed(0)
+    original = transformers.MixtralForCausalLM(tiny_config()).float().eval()
+    if layout == "legacy":
+        original.save_pretrained(tmp_path)  # transformers 5 writes block_sparse_moe.experts.{e}.w1/w2/w3
+    else:
+        _fused_checkpoint(original, tmp_path)
+    loaded = load_pretrained_moe_4bit(tmp_path, "nf4", True, torch.float32, device="cpu", dtype=torch.float32)
+
+    # reference: the whole model in memory, then quantized (what we avoid doing for Mixtral-8x7B)
+    quantize_fused_experts(original, "nf4", True, torch.float32)
+    replace_linear_with_4bit(original, "nf4", True, torch.float32)
+    for (name, a), (_, b) in zip(loaded.named_buffers(), original.named_buffers(), strict=True):
+        assert torch.equal(a, b), name
+    ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, original(ids).logits)
+    assert loaded.fine_tune_param_counts["params_4bit"] > 0
+
+
+def test_loader_refuses_a_checkpoint_with_missing_weights(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    transformers.MixtralForCausalLM(tiny_config()).save_pretrained(tmp_path)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    del tensors["model.layers.1.block_sparse_moe.experts.3.w2.weight"]
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with pytest.raises(RuntimeError, match="lacks weight"):
+        load_pretrained_moe_4bit(tmp_path, "nf4", device="cpu", dtype=torch.float32)
