@@ -158,3 +158,19 @@ def test_percentiles_nearest_rank():
     p = percentiles(values)
     assert (p["p50"], p["p90"], p["p99"], p["max"], p["mean"]) == (50, 90, 99, 100, 50.5)
     assert percentiles([7]) == {"p50": 7, "p90": 7, "p95": 7, "p99": 7, "min": 7, "max": 7, "mean": 7}
+
+
+def test_test_file_is_kept_apart_and_cached(tmp_path, tok):
+    train, test = tmp_path / "t.jsonl", tmp_path / "x.jsonl"
+    write_rows(train, 20)
+    write_rows(test, 6, start=500)
+    opts = {"format": "alpaca", "path": str(train), "test_path": str(test), "val_ratio": 0.1}
+    first = build_data(opts, tokenizer=tok, max_length=64, packing=True, cache_dir=tmp_path / "c")
+    assert len(first.test) == 6 and first.report.test_examples == 6 and first.report.rows_read == 26
+    assert "position_ids" not in first.test.column_names  # never packed: one row per test example
+    assert "500 plus 500" in tok.decode(first.test[0]["input_ids"])
+    train_text = " ".join(tok.decode(r["input_ids"]) for r in first.train)
+    assert "500 plus" not in train_text
+    again = build_data(opts, tokenizer=tok, max_length=64, packing=True, cache_dir=tmp_path / "c")
+    assert again.report.from_cache and rows_of(again.test) == rows_of(first.test)
+    assert ", test 6" in again.report.format()

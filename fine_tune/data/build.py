@@ -46,6 +46,7 @@ OPTIONS: dict[str, Any] = {
     "instruction": None,  # law_title: the instruction put before each question body
     "train_on_inputs": False,
     "validation_path": None,
+    "test_path": None,  # held-out test file(s): tokenized (never packed) into bundle.test
     "validation_split": None,  # hub only: e.g. "test"
     "val_ratio": 0.0,
     "max_samples": None,
@@ -69,6 +70,7 @@ class DataBundle:
     report: DataReport
     prompts: list[dict[str, Any]] = field(default_factory=list)
     template: str = "mistral_v1"
+    test: Any = None  # from dataset.test_path: for a final evaluation, never used in training
 
 
 def _options(dataset_cfg: Mapping | None, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -196,16 +198,18 @@ def _cache_key(
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
-def _load_cache(entry: Path):
+def _load_cache(entry: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     import datasets
 
     meta = json.loads((entry / "meta.json").read_text(encoding="utf-8"))
-    train = datasets.load_from_disk(str(entry / "train"))
-    ev = datasets.load_from_disk(str(entry / "eval")) if (entry / "eval").exists() else None
-    return train, ev, meta
+    splits = {
+        name: datasets.load_from_disk(str(entry / name)) if (entry / name).exists() else None
+        for name in ("train", "eval", "test")
+    }
+    return splits, meta
 
 
-def _save_cache(entry: Path, train, ev, meta: dict[str, Any]) -> None:
+def _save_cache(entry: Path, splits: dict[str, Any], meta: dict[str, Any]) -> None:
     """Write into a private temp dir, then rename: readers see a whole entry or none."""
     from datasets.utils import logging as ds_logging
 
@@ -217,9 +221,9 @@ def _save_cache(entry: Path, train, ev, meta: dict[str, Any]) -> None:
     bars = ds_logging.is_progress_bar_enabled()
     ds_logging.disable_progress_bar()  # one bar per split per job is noise in a sweep's logs
     try:
-        train.save_to_disk(str(tmp / "train"))
-        if ev is not None:
-            ev.save_to_disk(str(tmp / "eval"))
+        for name, ds in splits.items():
+            if ds is not None:
+                ds.save_to_disk(str(tmp / name))
         atomic_write_json(tmp / "meta.json", meta)
         # another job of the sweep may have won the race; its entry is as good as ours
         with contextlib.suppress(OSError):
@@ -389,6 +393,7 @@ def build_data(
         )
     if opts["validation_path"]:
         val_paths = resolve_paths(opts["validation_path"], "dataset.validation_path")
+    test_paths = resolve_paths(opts["test_path"], "dataset.test_path") if opts["test_path"] else None
 
     report = DataReport(
         source=source,
@@ -401,19 +406,27 @@ def build_data(
     tok_fp = template_fingerprint(template, tokenizer, encoder)
     entry = None
     if cache_dir is not None and train_paths is not None:
-        key = _cache_key(opts, train_paths + (val_paths or []), tok_fp, max_length, bool(packing), seed)
+        files = train_paths + (val_paths or []) + (test_paths or [])
+        key = _cache_key(opts, files, tok_fp, max_length, bool(packing), seed)
         entry = Path(cache_dir) / f"data-{key}"
         if (entry / "meta.json").exists():
             try:
-                train, ev, meta = _load_cache(entry)
+                splits, meta = _load_cache(entry)
             except Exception:  # a damaged entry is rebuilt, never trusted
                 shutil.rmtree(entry, ignore_errors=True)
             else:
                 report = DataReport(**{k: v for k, v in meta["report"].items() if k != "trained_share"})
                 report.from_cache = True
                 report.seconds = time.perf_counter() - started
+                collator = _collator(packing, tokenizer, opts)
                 return DataBundle(
-                    train, ev, _collator(packing, tokenizer, opts), report, meta["prompts"], template
+                    splits["train"],
+                    splits["eval"],
+                    collator,
+                    report,
+                    meta["prompts"],
+                    template,
+                    splits["test"],
                 )
 
     skips = _Skips(opts["on_bad_row"])
@@ -423,7 +436,8 @@ def build_data(
         val_rows = _read_sources(opts, "dataset.validation_path", val_paths, None, skips)
     elif opts["hub_name"] and opts["validation_split"]:
         val_rows = _read_sources(opts, "dataset.validation_split", None, opts["validation_split"], skips)
-    report.rows_read = len(rows) + len(val_rows or []) + sum(skips.counts.values())
+    test_rows = _read_sources(opts, "dataset.test_path", test_paths, None, skips) if test_paths else []
+    report.rows_read = len(rows) + len(val_rows or []) + len(test_rows) + sum(skips.counts.values())
     if not rows:
         raise UserError("the data set has no rows", where=source, hint="check the file (and dataset.split)")
 
@@ -438,14 +452,19 @@ def build_data(
         train_ex = [ex for i, ex in enumerate(train_ex) if i not in held]
     if opts["max_samples"]:
         train_ex = train_ex[: int(opts["max_samples"])]
+    test_ex = _to_examples(test_rows, opts, skips)
     if opts["max_eval_samples"]:
         eval_ex = eval_ex[: int(opts["max_eval_samples"])]
+        test_ex = test_ex[: int(opts["max_eval_samples"])]
 
     train_ids, train_labels, train_lens = _tokenize(
         train_ex, opts, template, tokenizer, encoder, max_length, skips, report
     )
     eval_ids, eval_labels, eval_lens = _tokenize(
         eval_ex, opts, template, tokenizer, encoder, max_length, skips, report
+    )
+    test_ids, test_labels, _ = _tokenize(
+        test_ex, opts, template, tokenizer, encoder, max_length, skips, report
     )
     report.rows_dropped = dict(skips.counts)
     report.dropped_examples = skips.examples
@@ -459,12 +478,14 @@ def build_data(
     lengths = [len(x) for x in train_ids + eval_ids]
     report.token_lengths = percentiles(train_lens + eval_lens)
     report.train_examples, report.eval_examples = len(train_ids), len(eval_ids)
+    report.test_examples = len(test_ids)
     report.total_tokens = sum(lengths)
     report.trained_tokens = sum(
         sum(1 for t in lab[1:] if t != IGNORE_INDEX) for lab in train_labels + eval_labels
     )
     train, eff = _make_dataset(train_ids, train_labels, bool(packing), max_length)
     ev = _make_dataset(eval_ids, eval_labels, bool(packing), max_length)[0] if eval_ids else None
+    test = _make_dataset(test_ids, test_labels, False, max_length)[0] if test_ids else None
     if packing:
         report.packed_rows, report.packing_efficiency = len(train), round(eff or 0.0, 4)
     else:
@@ -472,8 +493,12 @@ def build_data(
     prompts = _prompts(eval_ex or train_ex, template, tokenizer, encoder, int(opts["num_prompts"] or 0))
     report.seconds = time.perf_counter() - started
     if entry is not None:
-        _save_cache(entry, train, ev, {"report": report.to_dict(), "prompts": prompts})
-    return DataBundle(train, ev, _collator(packing, tokenizer, opts), report, prompts, template)
+        _save_cache(
+            entry,
+            {"train": train, "eval": ev, "test": test},
+            {"report": report.to_dict(), "prompts": prompts},
+        )
+    return DataBundle(train, ev, _collator(packing, tokenizer, opts), report, prompts, template, test)
 
 
 def _collator(packing: bool, tokenizer, opts: dict[str, Any]):

@@ -30,6 +30,7 @@ class DataReport:
     rows_dropped: dict[str, int] = field(default_factory=dict)
     train_examples: int = 0
     eval_examples: int = 0
+    test_examples: int = 0
     truncated: int = 0
     chunks_split: int = 0
     token_lengths: dict[str, float] = field(default_factory=dict)
@@ -60,7 +61,8 @@ class DataReport:
             f"data: {self.source} (format {self.data_format}, template {self.template}, "
             f"encoder {self.encoder})",
             f"  rows read {self.rows_read}; dropped {dropped} ({reasons}); "
-            f"train {self.train_examples}, eval {self.eval_examples}",
+            f"train {self.train_examples}, eval {self.eval_examples}"
+            + (f", test {self.test_examples}" if self.test_examples else ""),
             f"  tokens per example: p50 {L.get('p50', 0):.0f}, p90 {L.get('p90', 0):.0f}, "
             f"p99 {L.get('p99', 0):.0f},"
             f" max {L.get('max', 0):.0f}, mean {L.get('mean', 0):.1f} (max_length {self.max_length});"
