@@ -167,14 +167,6 @@ if not OmegaConf.has_resolver("fine_tune.job_subdir"):
     OmegaConf.register_new_resolver("fine_tune.job_subdir", job_subdir)
 
 
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return str(value)
-
-
 def summarize(sweep_dir: str | os.PathLike, metric: str = "eval_loss") -> dict[str, Any]:
     """Status of every job under `sweep_dir`: rows sorted finished-best-first, plus counts."""
     from fine_tune.compare import differing_overrides, load_jobs
