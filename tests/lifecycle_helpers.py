@@ -82,3 +82,13 @@ def tiny_run() -> Path:
     result = cli([*TINY, f"hydra.run.dir={run_dir}"])
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     return run_dir
+
+
+def composed(overrides: list[str]):
+    """The config `python -m fine_tune OVERRIDES` would run, composed in-process (no job)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        return compose("config", overrides=overrides)
