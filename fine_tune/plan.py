@@ -267,7 +267,7 @@ class MemoryPlan:
         for what, b, how in self.items:
             lines.append(f"  {'':2}{what:<44}{b / GIB:>8.2f}   {how}")
         row = "  {:2}{:<44}{:>8.2f}".format
-        lines.append(row("", "= peak allocated (torch.cuda.max_memory_allocated)", self.total_bytes / GIB))
+        lines.append(row("", "= peak allocated (max_memory_allocated)", self.total_bytes / GIB))
         act = self.activation_bytes(self.batch_size)
         lines.append(f"  {'':2}{'+ allocator slack (fragmentation)':<44}{ALLOCATOR_SLACK * act / GIB:>8.2f}")
         outside = self.outside_allocator_bytes / GIB
@@ -515,3 +515,78 @@ def check_fits(plan: MemoryPlan, gpu_gib: float) -> None:
         where="plan",
         hint="; or ".join(advice) or "use a larger GPU",
     )
+
+
+COMMON_GPUS = {
+    "24 GB (RTX 4090/A10G)": 22.0,
+    "40 GB (A100-40G)": 39.4,
+    "48 GB (L40S/A6000)": 44.4,
+    "80 GB (A100/H100)": 79.2,
+    "141 GB (H200)": 139.8,
+}
+
+
+def detected_gpu_gib() -> float | None:
+    """Memory of the local GPU without importing torch: FINE_TUNE_GPU_GIB, else nvidia-smi, else None."""
+    import os
+    import shutil
+    import subprocess
+
+    if os.environ.get("FINE_TUNE_GPU_GIB"):
+        return float(os.environ["FINE_TUNE_GPU_GIB"])
+    if not shutil.which("nvidia-smi"):
+        return None
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
+        # nvidia-smi reports MiB including what the driver keeps; torch sees ~0.5 GiB less
+        return int(out.split()[0]) / 1024 - 0.45
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
+
+
+def print_plan(cfg: Any, gpu_gib: float | None = None) -> MemoryPlan:
+    """`plan=true`: the breakdown, whether it fits the local GPU (or common GPU sizes) and the largest
+    batch that fits; ends with one `plan:` line so a multirun's jobs can be compared at a glance."""
+    plan = plan_memory(cfg)
+    gpu_gib = gpu_gib if gpu_gib is not None else detected_gpu_gib()
+    print(plan.format(gpu_gib))
+    if gpu_gib is None:
+        print(
+            "  no GPU here; largest batch that fits (seq "
+            f"{plan.seq_len}, checkpointing {'on' if plan.gradient_checkpointing else 'off'}):"
+        )
+        for name, gib in COMMON_GPUS.items():
+            print(f"    {name:<24}{plan.max_batch_size(gib):>5}")
+        gib = COMMON_GPUS["80 GB (A100/H100)"]
+    else:
+        gib = gpu_gib
+    fits = plan.device_bytes() <= gib * GIB
+    print(
+        f"plan: {plan.device_bytes() / GIB:.1f} GiB needed, {'fits' if fits else 'does NOT fit'} "
+        f"{gib:.0f} GiB, batch {plan.batch_size} (max {plan.max_batch_size(gib)}) x {plan.seq_len}"
+    )
+    return plan
+
+
+def check_before_loading(cfg: Any) -> MemoryPlan | None:
+    """For a normal run on a GPU: raise UserError with advice if the plan will not fit this GPU.
+
+    Returns the plan (for the log) or None where there is no GPU or nothing to plan (unknown family).
+    """
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    try:
+        plan = plan_memory(cfg)
+    except UserError:
+        return None  # a model the planner does not know: train anyway, the OOM handler still reports
+    gpu_gib = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / GIB
+    check_fits(plan, gpu_gib)
+    return plan

@@ -191,3 +191,15 @@ def test_planning_imports_neither_torch_nor_transformers():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
+
+
+def test_print_plan_lists_fit_and_max_batch(capsys, monkeypatch):
+    from fine_tune.plan import print_plan
+
+    monkeypatch.setenv("FINE_TUNE_GPU_GIB", "79.2")
+    plan = print_plan(cfg())
+    out = capsys.readouterr().out
+    assert f"max {plan.max_batch_size(79.2)})" in out and "fits 79 GiB" in out
+    monkeypatch.setenv("FINE_TUNE_GPU_GIB", "20")
+    print_plan(cfg())
+    assert "does NOT fit 20 GiB" in capsys.readouterr().out
