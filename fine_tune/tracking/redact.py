@@ -40,7 +40,7 @@ _NOT_SECRET_KEYS = {
     "instruction_token",
 }
 # Keys that legitimately hold 40-hex-digit values (git commits / hub revisions).
-_HEX_OK_KEYS = {"revision", "commit", "sha", "git_commit", "code_revision", "hash"}
+HEX_OK_KEYS = {"revision", "commit", "sha", "git_commit", "code_revision", "hash"}
 
 # Token shapes of the services this project talks to (and a few common neighbours).
 _TOKEN_PATTERNS = [
@@ -105,7 +105,7 @@ def redact(obj: Any, *, key: object = None, _env: list[str] | None = None) -> An
         return type(obj)(items) if isinstance(obj, tuple) else items
     if isinstance(obj, str):
         last = str(key).rsplit(".", 1)[-1].lower() if key is not None else ""
-        return redact_text(obj, allow_hex40=last in _HEX_OK_KEYS, env_values=env)
+        return redact_text(obj, allow_hex40=last in HEX_OK_KEYS, env_values=env)
     return obj
 
 
