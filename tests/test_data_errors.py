@@ -102,6 +102,9 @@ CASES = [
         "dataset.on_bad_row",
         ["error or skip"],
     ),
+    ("bad_val_ratio", "d.jsonl", jsonl(GOOD), {"val_ratio": "half"}, "dataset.val_ratio", ["[0, 1)"]),
+    ("bad_max_samples", "d.jsonl", jsonl(GOOD), {"max_samples": 0}, "dataset.max_samples", ["positive"]),
+    ("bad_encoder", "d.jsonl", jsonl(GOOD), {"encoder": "tiktoken"}, "dataset.encoder", ["encoder"]),
     ("no_path", None, None, {"path": None}, "dataset.path", ["needs data"]),
     (
         "chat_without_answer",

@@ -58,6 +58,7 @@ OPTIONS: dict[str, Any] = {
     "pad_to_multiple_of": None,
 }
 TRUNCATION = ("error", "truncate", "drop")
+ENCODERS = ("auto", "sentencepiece", "hf")
 
 
 @dataclass
@@ -103,11 +104,30 @@ def _options(dataset_cfg: Mapping | None, kwargs: dict[str, Any]) -> dict[str, A
         raise UserError(
             f"truncation must be one of {TRUNCATION}, got {opts['truncation']!r}", where="dataset.truncation"
         )
-    if not 0.0 <= float(opts["val_ratio"] or 0.0) < 1.0:
-        raise UserError(f"val_ratio must be in [0, 1), got {opts['val_ratio']}", where="dataset.val_ratio")
-    for key in ("max_samples", "max_eval_samples"):
-        if opts[key] is not None and int(opts[key]) < 1:
-            raise UserError(f"{key} must be >= 1 or null, got {opts[key]}", where=f"dataset.{key}")
+    if opts["encoder"] not in ENCODERS:
+        raise UserError(
+            f"encoder must be one of {ENCODERS}, got {opts['encoder']!r}", where="dataset.encoder"
+        )
+    try:
+        ratio = float(opts["val_ratio"] or 0.0)
+    except (TypeError, ValueError):
+        ratio = -1.0
+    if not 0.0 <= ratio < 1.0:
+        raise UserError(
+            f"val_ratio must be a number in [0, 1), got {opts['val_ratio']!r}", where="dataset.val_ratio"
+        )
+    for key in ("max_samples", "max_eval_samples", "num_prompts"):
+        value = opts[key]
+        if value is None:
+            continue
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int)
+            or value < (0 if key == "num_prompts" else 1)
+        ):
+            raise UserError(
+                f"{key} must be a positive integer or null, got {value!r}", where=f"dataset.{key}"
+            )
     return opts
 
 
@@ -136,7 +156,7 @@ class _Skips:
 
 
 def _read_sources(
-    opts: dict[str, Any], key: str, paths: list[Path] | None, hub_split: str | None, skips: _Skips
+    opts: dict[str, Any], paths: list[Path] | None, hub_split: str | None, skips: _Skips
 ) -> list[Row]:
     if paths is not None:
         bad: list[tuple[str, str, str]] | None = [] if opts["on_bad_row"] == "skip" else None
@@ -430,13 +450,13 @@ def build_data(
                 )
 
     skips = _Skips(opts["on_bad_row"])
-    rows = _read_sources(opts, "dataset.path", train_paths, opts["split"], skips)
+    rows = _read_sources(opts, train_paths, opts["split"], skips)
     val_rows = None
     if val_paths is not None:
-        val_rows = _read_sources(opts, "dataset.validation_path", val_paths, None, skips)
+        val_rows = _read_sources(opts, val_paths, None, skips)
     elif opts["hub_name"] and opts["validation_split"]:
-        val_rows = _read_sources(opts, "dataset.validation_split", None, opts["validation_split"], skips)
-    test_rows = _read_sources(opts, "dataset.test_path", test_paths, None, skips) if test_paths else []
+        val_rows = _read_sources(opts, None, opts["validation_split"], skips)
+    test_rows = _read_sources(opts, test_paths, None, skips) if test_paths else []
     report.rows_read = len(rows) + len(val_rows or []) + len(test_rows) + sum(skips.counts.values())
     if not rows:
         raise UserError("the data set has no rows", where=source, hint="check the file (and dataset.split)")
