@@ -11,6 +11,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+import fine_tune.sweep  # noqa: F401  registers the `fine_tune.job_subdir` resolver used by hydra.sweep.subdir
 from fine_tune.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, UserError, report
 
 log = logging.getLogger("fine_tune")
