@@ -250,6 +250,15 @@ def cross_checks(data: dict, checked: Checked) -> None:
                 hint="use quant=nf4 (with quant.quant_experts=true), or lora.experts=false",
             )
 
+    wrapped = kind not in ("nf4", "fp4") or not quant.get("quant_experts", True)
+    moe_all_linear = lora.get("target_modules") == "all-linear" and _is_moe(model) and wrapped
+    if moe_all_linear and float(lora.get("lora_dropout") or 0) > 0:
+        raise UserError(
+            "all-linear on an MoE model adapts the fused expert tensors, which take no dropout",
+            where="lora.lora_dropout",
+            hint="set lora.lora_dropout=0 (lora=all does), or list target_modules explicitly",
+        )
+
     attn = model.get("attn_implementation")
     if attn in ("flash_attention_2", "flash_attention_3"):
         package = "flash_attn" if attn == "flash_attention_2" else "flash_attn_interface"
@@ -342,11 +351,13 @@ def shapes_of(model: dict) -> Any:
     return model_shapes(model)
 
 
-def parameter_counts(shapes: Any, lora: dict) -> tuple[int, int]:
+def parameter_counts(shapes: Any, lora: dict, fused_experts_wrapped: bool = True) -> tuple[int, int]:
     """(total base parameters, trainable LoRA parameters), computed from the shapes alone.
 
     Mirrors what PEFT creates: r * (in + out) per adapted linear, per layer; expert adapters add
     r * (in + out) per expert and fused tensor (gate_up_proj: h -> 2*inter, down_proj: inter -> h).
+    `fused_experts_wrapped`: the experts stay bf16 tensors (not 4-bit), which PEFT's all-linear adapts.
+    Mistral/Mixtral linears have no bias, so `lora.bias` adds nothing.
     """
     h, inter, n = shapes.hidden_size, shapes.intermediate_size, shapes.num_hidden_layers
     head, heads, kv = shapes.head_dim, shapes.num_attention_heads, shapes.num_key_value_heads
@@ -372,8 +383,10 @@ def parameter_counts(shapes: Any, lora: dict) -> tuple[int, int]:
     trainable = n * sum(r * (i + o) for k, (i, o) in dims.items() if k in names)
     if lora.get("experts") and moe:
         trainable += n * experts * r * ((h + 2 * inter) + (inter + h))
-    if lora.get("bias") in ("all", "lora_only"):
-        trainable += n * sum(o for k, (_, o) in dims.items() if k in names)
+    if fused_experts_wrapped and moe and targets == "all-linear":
+        # PEFT's ParamWrapper on the fused bf16 experts: rank r per expert, twice for gate_up_proj.
+        rank = r * experts
+        trainable += n * (2 * rank * h + 2 * inter * 2 * rank + rank * inter + h * rank)
     return total, trainable
 
 
@@ -427,7 +440,8 @@ def print_validation(cfg: DictConfig) -> None:
     )
     trainable = total = None
     if shapes is not None:
-        total, trainable = parameter_counts(shapes, lora)
+        wrapped = quant["kind"] not in ("nf4", "fp4") or not quant.get("quant_experts", True)
+        total, trainable = parameter_counts(shapes, lora, fused_experts_wrapped=wrapped)
         experts = getattr(shapes, "num_local_experts", 0) or 0
         node.add(
             f"{shapes.num_hidden_layers} layers, hidden {shapes.hidden_size}, "

@@ -1,0 +1,115 @@
+"""validate=true: targets and cross-checks fail fast with the key named, the analytic parameter
+counts match the real model, and the dry run writes nothing a finished run would."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from lifecycle_helpers import cli, composed
+
+from fine_tune.errors import UserError
+from fine_tune.validate import check_config, check_prompts, parameter_counts, shapes_of
+
+
+def real_counts(cfg) -> tuple[int, int]:
+    from fine_tune.adapters import attach_adapter, count_parameters
+    from fine_tune.run import build_tokenizer
+    from fine_tune.utils.build import build
+
+    tokenizer = build_tokenizer(cfg)
+    loaded = build(cfg.model, quant=cfg.quant, seed=cfg.seed, tokenizer=tokenizer)
+    model = attach_adapter(loaded.model, build(cfg.lora), False, loaded.quant.enabled)
+    return count_parameters(model)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],
+        ["lora=all_linear", "lora.r=4"],
+        ["lora=attn_only", "lora.bias=lora_only"],
+        ["model=tiny_mixtral", "lora=all_linear", "lora.lora_dropout=0"],
+        ["model=tiny_mixtral", "lora=all_linear", "lora.lora_dropout=0", "lora.r=4"],
+        ["model=tiny_mixtral", "quant=nf4", "lora=attn_experts", "lora.r=8"],
+    ],
+    ids=[
+        "mistral_default",
+        "mistral_all_linear",
+        "mistral_attn_bias",
+        "mixtral_all_linear",
+        "mixtral_r4",
+        "mixtral_experts",
+    ],
+)
+def test_analytic_parameter_counts_match_the_built_model(overrides):
+    from omegaconf import OmegaConf
+
+    cfg = composed(["logger=none", *overrides])
+    wrapped = cfg.quant.kind == "none"
+    lora = OmegaConf.to_container(cfg.lora, resolve=True)
+    total, trainable = parameter_counts(shapes_of(cfg.model), lora, fused_experts_wrapped=wrapped)
+    real_trainable, real_total = real_counts(cfg)
+    assert trainable == real_trainable
+    if cfg.quant.kind == "none":
+        assert total + trainable == real_total
+
+
+@pytest.mark.parametrize(
+    ("overrides", "env", "where"),
+    [
+        (["model.attn_implementation=flash_attention_2"], {}, "model.attn_implementation"),
+        (["model=tiny_mixtral", "lora=attn_experts"], {}, "lora.experts"),  # experts need 4-bit experts
+        (["optim=paged_adamw_8bit"], {"ACCELERATE_USE_FSDP": "true"}, "optim.optimizer._target_"),
+        (["+optim.optimizer.nesterov=true"], {}, "optim.optimizer.nesterov"),
+        (["logger.project=x", "+logger.colour=red"], {}, "logger.colour"),
+        (["optim.warmup_ratio=1.5"], {}, "optim.warmup_ratio"),
+        (["model=tiny_mixtral", "lora=all_linear"], {}, "lora.lora_dropout"),  # PEFT refuses it late
+        (["trainer.max_steps=-1", "trainer.num_train_epochs=0"], {}, "trainer.num_train_epochs"),
+    ],
+)
+def test_cross_checks_name_the_key(overrides, env, where, monkeypatch):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(UserError) as error:
+        check_config(composed(["logger=wandb", *overrides]))
+    assert error.value.where == where
+
+
+def test_notes_for_cpu_limits():
+    checked = check_config(composed(["logger=none", "quant=nf4", "trainer.precision=bf16"]))
+    text = " ".join(checked.notes)
+    assert "quant=nf4 on CPU" in text and "bf16 requested on CPU" in text
+    assert ("lora", "fine_tune.adapters.build_lora_config") in checked.targets
+
+
+def test_prompt_longer_than_max_length_is_refused():
+    bundle = SimpleNamespace(prompts=[{"prompt_ids": [1] * 10}, {"prompt_ids": [1] * 40}])
+    check_prompts(bundle, 64)
+    with pytest.raises(UserError) as error:
+        check_prompts(bundle, 40)
+    assert error.value.where == "trainer.max_length"
+
+
+def test_validate_prints_the_plan_and_writes_no_run(tmp_path: Path):
+    from omegaconf import OmegaConf
+
+    run_dir = tmp_path / "run"
+    result = cli(["validate=true", "trainer=cpu", "logger=none", f"hydra.run.dir={run_dir}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    cfg = composed(["trainer=cpu", "logger=none"])
+    _, trainable = parameter_counts(shapes_of(cfg.model), OmegaConf.to_container(cfg.lora, resolve=True))
+    for needle in (
+        "validation passed",
+        "checks:",
+        f"trainable parameters: {trainable:,}",
+        "data",
+        "training: 20 steps",
+        "memory",
+        "held-out prompts",
+    ):
+        assert needle in out, needle
+    assert not (run_dir / "status.json").exists() and not (run_dir / "metrics.json").exists()
+    assert not (run_dir / "checkpoints").exists() and not (run_dir / "adapter").exists()
