@@ -45,6 +45,14 @@ def render_example(row: dict[str, Any], tokenizer, color: bool = False, tokens: 
             line = f"{i:5d} {t:7d} {piece!r:24} {mark}{boundary}"
             lines.append(f"{GREEN}{line}{RESET}" if color and lab != IGNORE_INDEX else line)
         return "\n".join(lines)
+    if positions is not None and list(positions).count(0) > 1:
+        # a packed row: show each example on its own, as the model sees them (attention stops at starts)
+        starts = [i for i, p in enumerate(positions) if p == 0] + [len(ids)]
+        pieces = [
+            render_example({"input_ids": ids[a:b], "labels": labels[a:b]}, tokenizer, color=color)
+            for a, b in zip(starts, starts[1:], strict=False)
+        ]
+        return "\n[next packed example]\n".join(pieces)
     parts = []
     # Decoding a run on its own drops its leading space ("▁One" -> "One"); decode growing prefixes
     # and take the difference so the text shows exactly where the spaces are.

@@ -188,3 +188,16 @@ def test_importing_fine_tune_data_stays_light():
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "[]", out.stderr
+
+
+def test_preview_splits_packed_rows_into_their_examples(tok):
+    from fine_tune.data_preview import render_example
+
+    packed = build_data(
+        format="alpaca", path=str(FIXTURES / "alpaca.jsonl"), tokenizer=tok, max_length=128, packing=True
+    )
+    row = packed.train[0]
+    n_examples = row["position_ids"].count(0)
+    text = render_example(row, tok)
+    assert n_examples > 1 and text.count("[next packed example]") == n_examples - 1
+    assert text.count("<s>") == n_examples and text.count("</s>»") == n_examples

@@ -228,7 +228,8 @@ def _mistral_plan(
     turns = [m for m in messages if m["role"] != "system"]
     user_idx = [i for i, m in enumerate(turns) if m["role"] == "user"]
     first_user, last_user = (user_idx[0], user_idx[-1]) if user_idx else (-1, -1)
-    plan: list[tuple[str, Any, bool]] = [("ids", [bos], False)]
+    eos_ids = [eos] if eos is not None else []
+    plan: list[tuple[str, Any, bool]] = [("ids", [bos] if bos is not None else [], False)]
     if variant == "mistral_v1":
         for i, m in enumerate(turns):
             if m["role"] == "user":
@@ -236,7 +237,7 @@ def _mistral_plan(
                 plan.append(("text", f"[INST] {content} [/INST]", False))
             else:
                 plan.append(("text", m["content"], True))
-                plan.append(("ids", [eos], True))
+                plan.append(("ids", eos_ids, True))
         return plan
     inst, end_inst = special_id(tokenizer, "[INST]"), special_id(tokenizer, "[/INST]")
     if variant == "mistral_v7":
@@ -248,14 +249,14 @@ def _mistral_plan(
             elif m["role"] == "user":
                 plan += [("ids", [inst], False), ("text", m["content"], False), ("ids", [end_inst], False)]
             else:
-                plan += [("text", m["content"].rstrip(" "), True), ("ids", [eos], True)]
+                plan += [("text", m["content"].rstrip(" "), True), ("ids", eos_ids, True)]
         return plan
     for i, m in enumerate(turns):  # v2/v3
         if m["role"] == "user":
             content = f"{system}\n\n{m['content']}" if (system and i == last_user) else m["content"]
             plan += [("ids", [inst], False), ("text", content, False), ("ids", [end_inst], False)]
         else:
-            plan += [("text", m["content"].rstrip(" "), True), ("ids", [eos], True)]
+            plan += [("text", m["content"].rstrip(" "), True), ("ids", eos_ids, True)]
     return plan
 
 
