@@ -15,7 +15,13 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+    from transformers import PreTrainedTokenizerBase
+
+    from fine_tune.data import DataBundle
 
 IGNORE_INDEX = -100
 GREEN, DIM, RESET = "\033[32m", "\033[2m", "\033[0m"
@@ -32,7 +38,9 @@ def _runs(labels: list[int]) -> list[tuple[int, int, bool]]:
     return out
 
 
-def render_example(row: dict[str, Any], tokenizer, color: bool = False, tokens: bool = False) -> str:
+def render_example(
+    row: dict[str, Any], tokenizer: PreTrainedTokenizerBase, color: bool = False, tokens: bool = False
+) -> str:
     """One row as text with trained spans marked; `tokens=True` lists every token with id and label."""
     ids, labels = list(row["input_ids"]), list(row["labels"])
     positions = row.get("position_ids")
@@ -69,13 +77,13 @@ def render_example(row: dict[str, Any], tokenizer, color: bool = False, tokens: 
 
 
 def preview(
-    bundle,
-    tokenizer,
+    bundle: DataBundle,
+    tokenizer: PreTrainedTokenizerBase,
     n: int = 3,
     split: str = "train",
     color: bool | None = None,
     tokens: bool = False,
-    stream=None,
+    stream: TextIO | None = None,
 ) -> None:
     """Print the data report and `n` rendered rows of `split`."""
     stream = stream or sys.stdout
@@ -100,7 +108,7 @@ def preview(
         print(repr(bundle.prompts[0]["prompt_text"]), file=stream)
 
 
-def bundle_from_config(cfg) -> tuple[Any, Any]:
+def bundle_from_config(cfg: DictConfig) -> tuple[PreTrainedTokenizerBase, DataBundle]:
     """Tokenizer and data from a composed run config, as `fine_tune.run` builds them (no cache writes)."""
     from fine_tune.models.tokenizer import build_tokenizer
     from fine_tune.utils.build import build
@@ -120,7 +128,7 @@ def bundle_from_config(cfg) -> tuple[Any, Any]:
     return tokenizer, bundle
 
 
-def preview_from_config(cfg, n: int = 3, split: str = "train", tokens: bool = False) -> None:
+def preview_from_config(cfg: DictConfig, n: int = 3, split: str = "train", tokens: bool = False) -> None:
     """The `preview=true` mode of `python -m fine_tune`."""
     tokenizer, bundle = bundle_from_config(cfg)
     preview(bundle, tokenizer, n=n, split=split, tokens=tokens)

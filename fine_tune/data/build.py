@@ -18,12 +18,15 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fine_tune.data.formats import BadRow, Example, check_columns, get_format, resolve_fields, to_example
 from fine_tune.data.readers import Row, read_file, read_hub, resolve_paths
 from fine_tune.data.report import DataReport, percentiles
 from fine_tune.errors import UserError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 CACHE_VERSION = "1"
 RESOURCES = Path(__file__).resolve().parents[1] / "resources" / "data"
@@ -363,7 +366,7 @@ def _prompts(examples: list[Example], template: str, tokenizer, encoder, n: int)
 def build_data(
     dataset_cfg: Mapping | None = None,
     *,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     max_length: int = 512,
     packing: bool = False,
     seed: int = 42,

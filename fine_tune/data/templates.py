@@ -17,10 +17,13 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fine_tune.data.formats import Example
 from fine_tune.errors import UserError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 TEMPLATES = (
     "auto",
@@ -110,12 +113,12 @@ def _same_model(path: Path, sp) -> bool:
     return n == sp.get_piece_size() and all(other.id_to_piece(i) == sp.id_to_piece(i) for i in range(n))
 
 
-def find_sentencepiece(tokenizer) -> Any | None:
+def find_sentencepiece(tokenizer: PreTrainedTokenizerBase) -> Any | None:
     """The sentencepiece processor with exactly the tokenizer's vocabulary, or None."""
     return _match_sentencepiece(tokenizer)[0]
 
 
-def is_mistral_vocabulary(tokenizer) -> bool:
+def is_mistral_vocabulary(tokenizer: PreTrainedTokenizerBase) -> bool:
     """True for Mistral's own tokenizers (v1/v2/v3/v7), whatever chat_template they carry."""
     return _match_sentencepiece(tokenizer)[1]
 
@@ -131,7 +134,7 @@ def _usable_cores() -> int:
 class SegmentEncoder:
     """Encodes text segments the way mistral-common does (sentencepiece, dummy prefix, no BOS/EOS)."""
 
-    def __init__(self, tokenizer, prefer_sentencepiece: bool = True) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, prefer_sentencepiece: bool = True) -> None:
         self.tokenizer = tokenizer
         self.sp = find_sentencepiece(tokenizer) if prefer_sentencepiece else None
         self.backend = "sentencepiece" if self.sp is not None else "hf"
@@ -148,7 +151,7 @@ class SegmentEncoder:
 # Template choice
 
 
-def special_id(tokenizer, token: str) -> int | None:
+def special_id(tokenizer: PreTrainedTokenizerBase, token: str) -> int | None:
     """The id of `token` when the tokenizer has it as one (control) token."""
     idx = tokenizer.convert_tokens_to_ids(token)
     if idx is None or idx == tokenizer.unk_token_id:
@@ -156,7 +159,7 @@ def special_id(tokenizer, token: str) -> int | None:
     return int(idx)
 
 
-def resolve_template(name: str | None, tokenizer, fmt_default: str = "auto") -> str:
+def resolve_template(name: str | None, tokenizer: PreTrainedTokenizerBase, fmt_default: str = "auto") -> str:
     """The concrete template for `name` (auto: Mistral's format for Mistral tokenizers, else the
     tokenizer's chat_template when it has one, else Mistral's format)."""
     name = name or fmt_default
@@ -386,7 +389,7 @@ def _encode_strings(
 def encode_examples(
     examples: list[Example],
     template: str,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     encoder: SegmentEncoder | None = None,
 ) -> list[Encoded]:
     """Encode many examples in one batch per backend (the tokenizers are parallel inside)."""
@@ -426,7 +429,7 @@ def _as_messages(messages_or_text: str | list[dict[str, str]] | dict) -> list[di
 
 def render_prompt(
     messages_or_text: str | list[dict[str, str]],
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     template: str = "auto",
     encoder: SegmentEncoder | None = None,
 ) -> list[int]:
@@ -449,7 +452,9 @@ def render_prompt(
     return _encode_strings([(text, spans)], tokenizer, add_bos=template != "chat_template")[0].input_ids
 
 
-def template_fingerprint(template: str, tokenizer, encoder: SegmentEncoder | None) -> str:
+def template_fingerprint(
+    template: str, tokenizer: PreTrainedTokenizerBase, encoder: SegmentEncoder | None
+) -> str:
     """What the cache key needs to know about how text becomes ids."""
     parts = [
         template,
