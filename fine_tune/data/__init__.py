@@ -1,5 +1,11 @@
 """Data side of fine-tuning: formats, prompt templates, masking, packing, the data report.
 
+    bundle = build_data(cfg.dataset, tokenizer=tok, max_length=512, packing=False, seed=42, cache_dir=dir)
+    bundle.train / bundle.eval / bundle.test   datasets.Dataset: input_ids, labels (-100 = not trained)
+    bundle.collator                           padding collator, or padding-free packed one
+    bundle.report.format()                    what was read, dropped, how long, how much is trained
+    bundle.prompts, bundle.template           held-out prompts; render_prompt(msgs, tok, bundle.template)
+
 Importing this package stays cheap (no torch/datasets/transformers) because configs, the CLI and
 `--help` import it; the heavy libraries load inside the functions that need them.
 """

@@ -239,6 +239,10 @@ def _save_cache(entry: Path, splits: dict[str, Any], meta: dict[str, Any]) -> No
     from fine_tune.utils.io import atomic_write_json
 
     entry.parent.mkdir(parents=True, exist_ok=True)
+    for stale in entry.parent.glob(".data-*.tmp"):  # left by jobs killed mid-write
+        with contextlib.suppress(OSError):
+            if time.time() - stale.stat().st_mtime > 6 * 3600:
+                shutil.rmtree(stale, ignore_errors=True)
     tmp = entry.parent / f".{entry.name}.{os.getpid()}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     bars = ds_logging.is_progress_bar_enabled()
