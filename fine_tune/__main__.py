@@ -49,6 +49,7 @@ def main(cfg: DictConfig) -> float | None:
         if type(error).__name__ == "Preempted":  # checkpoint saved: requeue with resume=true
             sweep.mark_preempted(run_dir, str(error))
             log.warning("preempted: %s; rerun with resume=true (same run dir) to continue", error)
+            error.forward_signal()  # submitit's SIGUSR2 handler requeues the SLURM job here
             sys.exit(EXIT_PREEMPTED)
         sweep.mark_failed(run_dir, f"{type(error).__name__}: {error}", oom=sweep.is_oom(error))
         if multirun:

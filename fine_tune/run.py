@@ -128,16 +128,22 @@ def quiet_libraries() -> None:
 def train(cfg: DictConfig, run_dir: Path, tracker: Any, job: dict) -> tuple[dict, Any]:
     """Build everything, train, evaluate, save; return the final metrics (also in metrics.json) and
     the trainer, whose model tests compare with the saved adapter."""
+    from fine_tune.training.preemption import PreemptionHandler
+
+    with PreemptionHandler() as preemption:  # a SIGTERM from here on stops cleanly, with a checkpoint
+        return _train(cfg, run_dir, tracker, job, preemption)
+
+
+def _train(cfg: DictConfig, run_dir: Path, tracker: Any, job: dict, preemption: Any) -> tuple[dict, Any]:
     from transformers import set_seed
 
     from fine_tune.adapters import attach_adapter, count_parameters
     from fine_tune.hardware import is_main_process, peak_memory_gib
     from fine_tune.training.checkpoints import prepare_resume
-    from fine_tune.training.preemption import Preempted, PreemptionHandler
+    from fine_tune.training.preemption import Preempted
     from fine_tune.utils.build import build
 
     started = time.perf_counter()
-    preemption = PreemptionHandler().install()  # a SIGTERM from here on stops cleanly
     checkpoint, logged = prepare_resume(cfg.resume, run_dir)
     quiet_libraries()
     set_seed(cfg.seed)
@@ -162,12 +168,11 @@ def train(cfg: DictConfig, run_dir: Path, tracker: Any, job: dict) -> tuple[dict
     tracker.start(cfg, run_dir, job)
     if not preemption.requested:
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    preemption.uninstall()
     if preemption.requested:
         from fine_tune.training.checkpoints import list_checkpoints
 
         saved = list_checkpoints(run_dir / "checkpoints")
-        raise Preempted(preemption.signum, str(saved[-1]) if saved else None)
+        raise Preempted(preemption.signum, str(saved[-1]) if saved else None, preemption.previous_handler)
     eval_loss = None
     if data.eval is not None:  # the last step may have just been evaluated: do not repeat it
         done = metrics_cb.last_eval.get("step") == trainer.state.global_step

@@ -108,3 +108,27 @@ def test_sigterm_mid_training_then_resume_gives_the_same_losses(tmp_path: Path):
     assert step_losses(tmp_path) == reference  # every step, bit for bit, and no step logged twice
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["first_train_loss"] == reference[0][1] and metrics["steps"] == 8
+
+
+def test_preemption_signal_is_deferred_then_forwarded_to_the_previous_handler():
+    """SIGUSR2 (SLURM via submitit) only raises a flag during training; after the checkpoint the
+    handler that was installed before (submitit's requeue) gets it."""
+    import os
+
+    from fine_tune.training.preemption import Preempted, PreemptionHandler
+
+    received = []
+    before = signal.signal(signal.SIGUSR2, lambda signum, frame: received.append(signum))
+    try:
+        with PreemptionHandler() as handler:
+            os.kill(os.getpid(), signal.SIGUSR2)
+            time.sleep(0.01)
+            assert handler.requested and received == []  # deferred: training goes on to the step end
+            control = handler.on_step_end(None, None, type("C", (), {})())
+            assert control.should_save and control.should_training_stop
+            error = Preempted(handler.signum, "ckpt", handler.previous_handler)
+        assert signal.getsignal(signal.SIGUSR2) is not handler._handle  # restored on exit
+        error.forward_signal()
+        assert received == [signal.SIGUSR2]
+    finally:
+        signal.signal(signal.SIGUSR2, before)

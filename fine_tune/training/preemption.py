@@ -19,17 +19,29 @@ from transformers import TrainerCallback
 
 log = logging.getLogger("fine_tune")
 
-SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# SIGUSR2 is what SLURM sends before the time limit under submitit (`signal_delay_s`).
+SIGNALS = tuple(s for s in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGUSR2", None)) if s)
 
 
 class Preempted(Exception):
     """Training stopped on a signal after saving a checkpoint; the job should be requeued."""
 
-    def __init__(self, signum: int, checkpoint: str | None) -> None:
+    def __init__(self, signum: int, checkpoint: str | None, previous: Any = None) -> None:
         name = signal.Signals(signum).name
         super().__init__(f"stopped on {name}; checkpoint {checkpoint or '(none)'}")
         self.signum = signum
         self.checkpoint = checkpoint
+        self.previous = previous
+
+    def forward_signal(self) -> None:
+        """Give the signal to the handler that was there before ours, now that the checkpoint is safe.
+
+        Under Hydra's submitit launcher that handler is submitit's: on SIGUSR2 it requeues the job
+        (which then resumes with resume=true) and exits. Python's default SIGINT handler is skipped,
+        since it would only turn a clean stop into a KeyboardInterrupt traceback.
+        """
+        if callable(self.previous) and self.previous is not signal.default_int_handler:
+            self.previous(self.signum, None)
 
 
 class PreemptionHandler(TrainerCallback):
@@ -45,6 +57,16 @@ class PreemptionHandler(TrainerCallback):
             with contextlib.suppress(ValueError):
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
+
+    def __enter__(self) -> PreemptionHandler:
+        return self.install()
+
+    def __exit__(self, *exc: object) -> None:
+        self.uninstall()
+
+    @property
+    def previous_handler(self) -> Any:
+        return self._previous.get(self.signum) if self.signum is not None else None
 
     def uninstall(self) -> None:
         for sig, handler in self._previous.items():
