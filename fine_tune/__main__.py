@@ -13,6 +13,9 @@ from omegaconf import DictConfig
 
 import fine_tune.sweep  # noqa: F401  registers the `fine_tune.job_subdir` resolver used by hydra.sweep.subdir
 from fine_tune.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, UserError, report
+from fine_tune.schema import register_configs
+
+register_configs()  # typed run-level keys at compose time (conf/config.yaml: fine_tune_schema)
 
 log = logging.getLogger("fine_tune")
 

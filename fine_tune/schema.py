@@ -92,6 +92,34 @@ class OptimSchema:
     optimizer: dict[str, Any] = MISSING
 
 
+@dataclass
+class RunSchema:
+    """The run-level keys, typed; registered with Hydra's ConfigStore so `seed=abc` or `plan=maybe`
+    fail while the config is composed. Groups are typed by their own schemas at run start."""
+
+    task_name: str = "train"
+    seed: int = 42
+    plan: bool = False
+    validate: bool = False
+    preview: bool = False
+    resume: Any = False  # false | true | a checkpoint path (OmegaConf has no bool | str union)
+    model: Any = None
+    quant: Any = None
+    lora: Any = None
+    dataset: Any = None
+    optim: Any = None
+    trainer: Any = None
+    logger: Any = None
+
+
+def register_configs() -> None:
+    """Make `fine_tune_schema/run` available to conf/config.yaml's defaults list (it is `optional`
+    there, so composing without this registration, e.g. from tests, still works untyped)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(group="fine_tune_schema", name="run", node=RunSchema)
+
+
 GROUP_SCHEMAS = {
     "model": ModelSchema,
     "quant": QuantSchema,
@@ -125,3 +153,13 @@ def check_types(cfg: DictConfig) -> None:
         value = cfg.get(key)
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise UserError(f"expected {kind.__name__}, got {value!r}", where=key)
+    resume = cfg.get("resume", False)
+    if not isinstance(resume, (bool, str)) or resume is None:
+        raise UserError(f"expected true, false or a checkpoint path, got {resume!r}", where="resume")
+    unknown = sorted(set(cfg.keys()) - set(RunSchema.__dataclass_fields__) - {"hydra"})
+    if unknown:
+        raise UserError(
+            "unknown top-level key",
+            where=unknown[0],
+            hint=f"top-level keys are {sorted(RunSchema.__dataclass_fields__)}; others belong in a group",
+        )
