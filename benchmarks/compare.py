@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     worst = 0.0
     for f in args.files:
         doc = json.loads(Path(f).read_text())
+        if "rows" not in doc:  # e.g. a run's metrics.json: not a memory_bench.py result
+            continue
         bench_args = argparse.Namespace(**doc["args"])
         for r in doc["rows"]:
             plan = plan_memory(cfg_for(bench_args, r["batch"], r["ckpt"], r["optim"]))

@@ -73,6 +73,8 @@ def cfg_for(args: argparse.Namespace, batch: int, ckpt: bool, optim: str) -> dic
             else (0.0 if lora == "attn_experts" else 0.05),
             "target_modules": ATTN if lora in ("attn", "attn_experts") else ATTN + MLP,
             "experts": lora in ("attn_experts", "all") and args.model == "mixtral",
+            # the bench gives expert adapters the same dropout (the core gives them none)
+            "expert_dropout": args.dropout or 0.0,
         },
         "trainer": {
             "per_device_train_batch_size": batch,
@@ -145,7 +147,7 @@ def build(args: argparse.Namespace):
     )
     if lcfg["experts"]:
         attach_expert_lora(
-            model, r=lcfg["r"], lora_alpha=lcfg["lora_alpha"], lora_dropout=lcfg["lora_dropout"]
+            model, r=lcfg["r"], lora_alpha=lcfg["lora_alpha"], lora_dropout=lcfg["expert_dropout"]
         )
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     static = torch.cuda.memory_allocated()

@@ -425,7 +425,11 @@ def plan_memory(cfg: Any) -> MemoryPlan:
     per_in = CALIBRATION["lora_dense"] + (CALIBRATION["lora_dropout"] if dropout else 0.0)
     layer += sum(per_in * i for name, (i, _) in linears.items() if name in names)
     if lora_experts:
-        per_routed = CALIBRATION["lora_experts"] + (CALIBRATION["lora_experts_dropout"] if dropout else 0.0)
+        # the core attaches expert adapters without dropout unless `lora.expert_dropout` says otherwise
+        expert_dropout = float(_get(lora, "expert_dropout", 0.0)) > 0
+        per_routed = CALIBRATION["lora_experts"] + (
+            CALIBRATION["lora_experts_dropout"] if expert_dropout else 0.0
+        )
         layer += k * per_routed * (h + inter)
     if ckpt:
         saved = n_layers * residual * h  # each layer's input, kept for the recompute
