@@ -47,6 +47,15 @@ def save_adapter(model: Any, directory: Path, experts: bool) -> None:
         save_expert_adapter(model, directory)
 
 
+def save_tokenizer(tokenizer: Any, directory: Path) -> None:
+    """`save_pretrained` plus the SentencePiece model it drops: the data pipeline encodes the Mistral
+    format with SentencePiece, so a reloaded run must find the same model file."""
+    tokenizer.save_pretrained(directory)
+    source = getattr(tokenizer, "vocab_file", None) or tokenizer.init_kwargs.get("vocab_file")
+    if source and Path(source).is_file() and not (Path(directory) / "tokenizer.model").exists():
+        shutil.copy(source, Path(directory) / "tokenizer.model")
+
+
 def build_tokenizer(cfg: DictConfig) -> Any:
     from fine_tune.models.tokenizer import build_tokenizer as build
 
@@ -154,6 +163,9 @@ def _train(cfg: DictConfig, run_dir: Path, tracker: Any, job: dict, preemption: 
         atomic_write_json(run_dir / "data_report.json", data.report.to_dict())
     adapter = build(cfg.lora)
     loaded, quant = build_model(cfg, tokenizer)
+    # A KV cache in training makes packed rows attend across example boundaries (transformers 5.23
+    # only honours restarting position_ids without a cache); training never needs it.
+    loaded.model.config.use_cache = False
     set_seed(cfg.seed)  # adapter init must not depend on how many random numbers loading drew
     model = attach_adapter(loaded.model, adapter, cfg.trainer.gradient_checkpointing, quant.enabled)
     trainable, total = count_parameters(model)
@@ -179,7 +191,7 @@ def _train(cfg: DictConfig, run_dir: Path, tracker: Any, job: dict, preemption: 
         eval_loss = metrics_cb.last_eval["eval_loss"] if done else trainer.evaluate()["eval_loss"]
     if is_main_process():
         save_atomically(lambda d: save_adapter(model, d, adapter.experts), run_dir / "adapter")
-        save_atomically(tokenizer.save_pretrained, run_dir / "tokenizer")
+        save_atomically(lambda path: save_tokenizer(tokenizer, path), run_dir / "tokenizer")
     state = trainer.state
     runtime = time.perf_counter() - started
     train_time = metrics_cb._train_time or runtime
