@@ -111,3 +111,13 @@ def test_loader_refuses_a_checkpoint_with_missing_weights(tmp_path):
     save_file(tensors, str(tmp_path / "model.safetensors"))
     with pytest.raises(RuntimeError, match="lacks weight"):
         load_pretrained_moe_4bit(tmp_path, "nf4", device="cpu", dtype=torch.float32)
+
+
+def test_int8_is_refused_with_advice():
+    from types import SimpleNamespace
+
+    from fine_tune.errors import UserError
+
+    spec = SimpleNamespace(kind="int8", double_quant=False, compute_dtype=torch.float32)
+    with pytest.raises(UserError, match="nf4"):
+        build_random_model(tiny_config(), device="cpu", dtype=torch.float32, quant=spec)

@@ -261,7 +261,13 @@ def _quant(quant_type: Any, double_quant: bool, compute_dtype: torch.dtype | str
     if quant_type in (None, "none", False):
         return None
     if quant_type not in ("nf4", "fp4"):
-        raise ValueError(f"layer-by-layer building quantizes to nf4 or fp4, not {quant_type!r}")
+        from fine_tune.errors import UserError
+
+        raise UserError(
+            f"layer-by-layer building quantizes to nf4 or fp4, not {quant_type!r}",
+            where="quant.kind",
+            hint="use quant=nf4 (or fp4) for large random/streamed models, or quant=none",
+        )
     return {
         "quant_type": quant_type,
         "double_quant": bool(double_quant),

@@ -11,6 +11,7 @@ dequantized weight alive until the backward: the full bf16 model again).
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -18,6 +19,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 #: the fused expert tensors we know how to quantize, with their layout [E, out, in] (not transposed)
 EXPERT_PARAM_NAMES = ("gate_up_proj", "down_proj")
@@ -351,6 +354,9 @@ def quantize_fused_experts(
         done += 1
     counts = count_parameters(model)
     counts.update(quantized_modules=done, skipped=skipped)
+    log.info("quantized %d fused-expert modules to %s; %s", done, quant_type, format_counts(counts))
+    for name, reason in skipped.items():
+        log.warning("experts %s left unquantized: %s", name, reason)
     return counts
 
 
