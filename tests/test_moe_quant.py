@@ -123,3 +123,12 @@ def test_accepts_the_core_quant_spec():
     assert quantize_fused_experts(model, spec)["quantized_modules"] == 2
     with pytest.raises(ValueError):
         quantize_fused_experts(tiny_model(), "int8")
+
+
+def test_dtype_casts_of_the_model_leave_quantization_constants_intact():
+    model = tiny_model(layers=1)
+    quantize_fused_experts(model, "nf4", True, torch.float32)
+    experts = model.model.layers[0].mlp.experts
+    before = experts.dequantize("down_proj", torch.float32)
+    model.to(torch.bfloat16).to(torch.float32)  # e.g. a cast for export, or PEFT's fp32 upcast
+    torch.testing.assert_close(experts.dequantize("down_proj", torch.float32), before, rtol=0, atol=0)

@@ -61,6 +61,7 @@ class Experts4bit(nn.Module):
     Buffers per fused tensor `<name>` (E experts, each quantized independently):
     `<name>_qweight` uint8 [E, ceil(out*in/2)] packed nibbles; `<name>_absmax` [E, n_blocks]
     float32, or uint8 with `<name>_absmax2` float32 [E, n_blocks2] and `<name>_offset` float32 [E]
+    (float32 constants are held as int32 views, see `_float_buffer`)
     when double quant is on. Shared: `quant_code` (the 16-value NF4/FP4 map) and `nested_code`.
     Call signature and routing maths follow transformers' eager `MixtralExperts.forward` exactly.
     """
@@ -91,8 +92,8 @@ class Experts4bit(nn.Module):
         self.is_concatenated = is_concatenated
         self.adapters = nn.ModuleDict()  # filled by fine_tune.models.moe.lora.attach_expert_lora
         code = _bnb_functional().get_4bit_type(quant_type, device="cpu").float()
-        self.register_buffer("quant_code", code.to(device))
-        self.register_buffer("nested_code", torch.zeros(256, dtype=torch.float32, device=device))
+        self._float_buffer("quant_code", code.to(device))
+        self._float_buffer("nested_code", torch.zeros(256, dtype=torch.float32, device=device))
         for name, (out_f, in_f) in self.shapes.items():
             n = out_f * in_f
             n_blocks = math.ceil(n / blocksize)
@@ -104,16 +105,19 @@ class Experts4bit(nn.Module):
                 self.register_buffer(
                     f"{name}_absmax", torch.zeros(num_experts, n_blocks, dtype=torch.uint8, device=device)
                 )
-                self.register_buffer(
-                    f"{name}_absmax2", torch.zeros(num_experts, n_blocks2, dtype=torch.float32, device=device)
-                )
-                self.register_buffer(
-                    f"{name}_offset", torch.zeros(num_experts, dtype=torch.float32, device=device)
-                )
+                self._float_buffer(f"{name}_absmax2", torch.zeros(num_experts, n_blocks2, device=device))
+                self._float_buffer(f"{name}_offset", torch.zeros(num_experts, device=device))
             else:
-                self.register_buffer(
-                    f"{name}_absmax", torch.zeros(num_experts, n_blocks, dtype=torch.float32, device=device)
-                )
+                self._float_buffer(f"{name}_absmax", torch.zeros(num_experts, n_blocks, device=device))
+
+    def _float_buffer(self, name: str, value: torch.Tensor) -> None:
+        """Quantization constants are stored as int32 views of float32: `model.to(torch.bfloat16)`,
+        `.half()` or an fp32 upcast cast floating buffers, which would silently corrupt them."""
+        self.register_buffer(name, value.to(torch.float32).view(torch.int32))
+
+    def _f32(self, name: str) -> torch.Tensor:
+        buf = getattr(self, name)
+        return buf.view(torch.float32) if buf.dtype == torch.int32 else buf
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -163,11 +167,11 @@ class Experts4bit(nn.Module):
             quant_storage=torch.uint8,
         )
         qweight[expert].copy_(packed.view(-1))
-        getattr(self, f"{name}_absmax")[expert].copy_(state.absmax.view(-1))
+        self._f32(f"{name}_absmax")[expert].copy_(state.absmax.view(-1))
         if self.double_quant:
-            getattr(self, f"{name}_absmax2")[expert].copy_(state.state2.absmax.view(-1))
-            getattr(self, f"{name}_offset")[expert].copy_(state.offset)
-            self.nested_code.copy_(state.state2.code)
+            self._f32(f"{name}_absmax2")[expert].copy_(state.state2.absmax.view(-1))
+            self._f32(f"{name}_offset")[expert].copy_(state.offset)
+            self._f32("nested_code").copy_(state.state2.code)
 
     # ---- dequantization -----------------------------------------------------------------------
     def quant_state(self, name: str, expert: int, dtype: torch.dtype):
@@ -176,16 +180,16 @@ class Experts4bit(nn.Module):
         state2 = offset = None
         if self.double_quant:
             state2 = bnbf.QuantState(
-                absmax=getattr(self, f"{name}_absmax2")[expert],
-                code=self.nested_code,
+                absmax=self._f32(f"{name}_absmax2")[expert],
+                code=self._f32("nested_code"),
                 blocksize=NESTED_BLOCKSIZE,
                 dtype=torch.float32,
             )
-            offset = getattr(self, f"{name}_offset")[expert]
+            offset = self._f32(f"{name}_offset")[expert]
         return bnbf.QuantState(
-            absmax=getattr(self, f"{name}_absmax")[expert],
+            absmax=self._f32(f"{name}_absmax")[expert],
             shape=torch.Size(self.shapes[name]),
-            code=self.quant_code,
+            code=self._f32("quant_code"),
             blocksize=self.blocksize,
             quant_type=self.quant_type,
             dtype=dtype,
