@@ -18,6 +18,7 @@ class AdapterSpec:
     experts: bool  # also adapt fused MoE expert weights
     r: int
     lora_alpha: float
+    expert_dropout: float = 0.0
 
 
 def build_lora_config(
@@ -28,6 +29,7 @@ def build_lora_config(
     bias: str = "none",
     use_rslora: bool = False,
     experts: bool = False,
+    expert_dropout: float = 0.0,
     modules_to_save: list[str] | None = None,
 ) -> AdapterSpec:
     if r <= 0:
@@ -50,7 +52,9 @@ def build_lora_config(
         modules_to_save=modules_to_save,
         task_type="CAUSAL_LM",
     )
-    return AdapterSpec(lora=config, experts=experts, r=r, lora_alpha=lora_alpha)
+    return AdapterSpec(
+        lora=config, experts=experts, r=r, lora_alpha=lora_alpha, expert_dropout=expert_dropout
+    )
 
 
 def attach_adapter(model: Any, spec: AdapterSpec, gradient_checkpointing: bool, quantized: bool) -> Any:
@@ -85,18 +89,20 @@ def attach_adapter(model: Any, spec: AdapterSpec, gradient_checkpointing: bool, 
     if spec.experts:
         from fine_tune.models.moe import attach_expert_lora
 
-        attach_expert_lora(peft_model, r=spec.r, lora_alpha=spec.lora_alpha)
+        attach_expert_lora(
+            peft_model,
+            r=spec.r,
+            lora_alpha=spec.lora_alpha,
+            lora_dropout=spec.expert_dropout,
+            use_rslora=spec.lora.use_rslora,
+        )
     return peft_model
 
 
 def count_parameters(model: Any) -> tuple[int, int]:
-    """(trainable, total) — 4-bit weights count as their logical number of parameters."""
-    trainable = total = 0
-    for param in model.parameters():
-        n = param.numel()
-        if getattr(param, "quant_state", None) is not None or param.__class__.__name__ == "Params4bit":
-            n *= 2  # two 4-bit values per stored byte
-        total += n
-        if param.requires_grad:
-            trainable += n
-    return trainable, total
+    """(trainable, total), counting 4-bit weights (Linear4bit and fused experts, which are buffers)
+    by their logical size, so Mixtral-8x7B reports 46.7B whatever its storage."""
+    from fine_tune.models.moe import count_parameters as count_by_storage
+
+    counts = count_by_storage(model)
+    return counts["params_trainable"], counts["params_4bit"] + counts["params_other"]

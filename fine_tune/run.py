@@ -78,7 +78,12 @@ def build_data(cfg: DictConfig, tokenizer: Any, run_dir: Path) -> Any:
 
 
 def build_model(cfg: DictConfig, tokenizer: Any) -> Any:
+    from fine_tune.plan import check_before_loading
     from fine_tune.utils.build import build
+
+    plan = check_before_loading(cfg)  # on a GPU: stop with advice before loading what will not fit
+    if plan is not None:
+        log.info("memory plan: %.1f GiB predicted peak", plan.total_bytes / 2**30)
 
     # The quant node is instantiated by Hydra as a nested `_target_` (a dataclass passed in directly
     # would be turned back into a config).

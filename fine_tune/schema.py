@@ -52,6 +52,7 @@ class LoraSchema:
     use_rslora: bool = False
     target_modules: Any = None  # a list of names or "all-linear"
     experts: bool = False
+    expert_dropout: float = 0.0
     modules_to_save: list[str] | None = None
 
 

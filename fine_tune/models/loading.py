@@ -80,6 +80,30 @@ def from_pretrained(
         ) from None
 
 
+def load_moe_4bit(path: str | Path, quant: QuantSpec, dtype: Any, attn_implementation: str) -> Any:
+    """Stream a MoE checkpoint tensor by tensor, experts quantized as they arrive.
+
+    `from_pretrained` with bitsandbytes would first place every fused expert on the GPU in bf16
+    (~84 GiB for Mixtral-8x7B) and only then could we quantize them: that never fits 80 GB.
+    """
+    import torch
+
+    from fine_tune.models.moe import load_pretrained_moe_4bit
+
+    check_local_path(str(path))
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    try:
+        return load_pretrained_moe_4bit(
+            path, quant=quant, dtype=dtype, attn_implementation=attn_implementation, device=device
+        )
+    except OSError as error:
+        raise UserError(
+            f"cannot load weights from '{path}' ({str(error).splitlines()[0][:200]})",
+            where="model.name_or_path",
+            hint="give a local directory with safetensors weights, or a hub id with hub access",
+        ) from None
+
+
 def load_weights(
     architecture: Any,
     name_or_path: str | None,
@@ -94,23 +118,25 @@ def load_weights(
 
     if init not in ("random", "pretrained"):
         raise UserError(f"unknown init '{init}'", where="model.init", hint="use random or pretrained")
-    if init == "pretrained":
-        if not name_or_path:
-            raise UserError(
-                "init=pretrained needs a checkpoint",
-                where="model.name_or_path",
-                hint="set model.name_or_path, or model.init=random for a random model",
-            )
-        model = from_pretrained(name_or_path, quant, dtype, attn_implementation, trust_remote_code)
-    elif parameter_count(architecture) > MATERIALISE_LIMIT:
+    if init == "pretrained" and not name_or_path:
+        raise UserError(
+            "init=pretrained needs a checkpoint",
+            where="model.name_or_path",
+            hint="set model.name_or_path, or model.init=random for a random model",
+        )
+    if init == "random" and parameter_count(architecture) > MATERIALISE_LIMIT:
+        # Real shapes: built and quantized layer by layer on the device, never written to disk.
         from fine_tune.models.moe import build_random_model
 
-        model = build_random_model(architecture, quant=quant, dtype=dtype, seed=seed)
-    else:
-        path = materialise_random(architecture, seed)
-        model = from_pretrained(path, quant, dtype, attn_implementation, trust_remote_code)
+        return build_random_model(
+            architecture,
+            quant_type=None,
+            quant=quant if quant.enabled else None,
+            dtype=dtype,
+            attn_implementation=attn_implementation,
+            seed=seed,
+        )
+    path = name_or_path if init == "pretrained" else materialise_random(architecture, seed)
     if quant.is_4bit and quant.quant_experts and has_fused_experts(architecture):
-        from fine_tune.models.moe import quantize_fused_experts
-
-        quantize_fused_experts(model, quant)
-    return model
+        return load_moe_4bit(path, quant, dtype, attn_implementation)
+    return from_pretrained(path, quant, dtype, attn_implementation, trust_remote_code)
