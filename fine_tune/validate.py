@@ -210,7 +210,7 @@ def cross_checks(data: dict, checked: Checked) -> None:
         raise UserError(
             f"unknown quantization {kind!r}", where="quant.kind", hint=f"use one of {QUANT_KINDS}"
         )
-    cuda = _has_cuda()
+    cuda = _LazyCuda()  # torch is imported only when a check needs to know
     if kind != "none":
         if importlib.util.find_spec("bitsandbytes") is None:
             raise UserError(
@@ -287,6 +287,16 @@ def cross_checks(data: dict, checked: Checked) -> None:
         raise UserError(f"must be positive, got {optim.get('lr')}", where="optim.lr")
 
     dataset = data.get("dataset") or {}
+    if dataset.get("_target_") == "fine_tune.data.build_data":
+        from fine_tune.data.build import OPTIONS
+
+        unknown = sorted(set(dataset) - set(OPTIONS) - HYDRA_KEYS)
+        if unknown:
+            raise UserError(
+                "unknown dataset option",
+                where=f"dataset.{unknown[0]}",
+                hint=f"known options: {sorted(OPTIONS)}",
+            )
     for key in ("path", "validation_path"):
         for item in _as_list(dataset.get(key)):
             if not any(ch in str(item) for ch in "*?[") and not Path(str(item)).expanduser().exists():
@@ -310,6 +320,17 @@ def _as_list(value: Any) -> list:
     if value is None:
         return []
     return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+class _LazyCuda:
+    """Truthy when a GPU is there; asks torch (seconds to import) only when first evaluated."""
+
+    _value: bool | None = None
+
+    def __bool__(self) -> bool:
+        if self._value is None:
+            self._value = _has_cuda()
+        return self._value
 
 
 def _has_cuda() -> bool:
