@@ -173,6 +173,10 @@ def _train(cfg: DictConfig, run_dir: Path, tracker: Any, job: dict, preemption: 
     loaded.model.config.use_cache = False
     set_seed(cfg.seed)  # adapter init must not depend on how many random numbers loading drew
     model = attach_adapter(loaded.model, adapter, cfg.trainer.gradient_checkpointing, quant.enabled)
+    if checkpoint is not None and adapter.experts:  # HF restores PEFT's weights; ours come from beside them
+        from fine_tune.models.moe import load_expert_adapter
+
+        load_expert_adapter(model, checkpoint, trainable=True)
     trainable, total = count_parameters(model)
     log.info(
         "trainable parameters: %s of %s (%.3f%%)",

@@ -14,6 +14,13 @@ from transformers import Trainer
 from fine_tune.training.checkpoints import STAGING, publish, rotate
 
 
+def save_expert_adapters_if_any(model: Any, directory: Path) -> None:
+    from fine_tune.models.moe import expert_lora_state_dict, save_expert_adapter
+
+    if expert_lora_state_dict(model):
+        save_expert_adapter(model, directory)
+
+
 class FineTuneTrainer(Trainer):
     def __init__(self, *args: Any, optimizer_factory: Callable[[list], Any], **kwargs: Any) -> None:
         self.optimizer_factory = optimizer_factory
@@ -46,6 +53,8 @@ class FineTuneTrainer(Trainer):
         self._staging = True
         try:
             super()._save_checkpoint(model, trial)
+            if self.args.should_save:  # PEFT's files hold no expert adapters: put ours beside them
+                save_expert_adapters_if_any(self.model, staging / folder)
         finally:
             self._staging = False
         self.accelerator.wait_for_everyone()  # every rank's shards are written before the rename
