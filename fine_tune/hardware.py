@@ -49,8 +49,20 @@ def resolve_precision(name: str) -> str:
     return "fp16" if has_cuda() else "fp32"
 
 
+def local_device() -> str:
+    """This process's device: its own GPU under torchrun/accelerate (LOCAL_RANK), else the CPU."""
+    if has_cuda():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return "cpu"
+
+
 def rank() -> int:
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
+    """Global rank under torchrun / accelerate / SLURM (srun tasks); 0 when not distributed."""
+    for name in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        value = os.environ.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return 0
 
 
 def is_main_process() -> bool:

@@ -28,6 +28,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from fine_tune.hardware import is_main_process
 from fine_tune.tracking.redact import redact, redact_override, redact_text
 from fine_tune.utils.io import atomic_write_json, atomic_write_text, read_json
 
@@ -99,7 +100,8 @@ def _write(run_dir: str | os.PathLike, **fields: Any) -> dict[str, Any]:
     }
     status.update(fields)
     status["overrides"] = [redact_override(str(o)) for o in status["overrides"]]
-    atomic_write_json(Path(run_dir) / STATUS_FILE, status)
+    if is_main_process():  # under torchrun every rank runs the job; one writes its status
+        atomic_write_json(Path(run_dir) / STATUS_FILE, status)
     return status
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fine_tune.errors import UserError
+from fine_tune.hardware import local_device
 from fine_tune.models.architecture import check_local_path, has_fused_experts
 from fine_tune.models.quant import QuantSpec
 from fine_tune.models.tokenizer import cache_root
@@ -24,10 +25,9 @@ MATERIALISE_LIMIT = 500_000_000
 
 def device_map_for(quant: QuantSpec) -> Any:
     """Quantized weights must be placed while loading; each rank takes its own GPU."""
-    import torch
-
-    if torch.cuda.is_available():
-        return {"": int(os.environ.get("LOCAL_RANK", 0))}
+    device = local_device()
+    if device != "cpu":
+        return {"": device}
     return "cpu" if quant.enabled else None
 
 
@@ -86,12 +86,10 @@ def load_moe_4bit(path: str | Path, quant: QuantSpec, dtype: Any, attn_implement
     `from_pretrained` with bitsandbytes would first place every fused expert on the GPU in bf16
     (~84 GiB for Mixtral-8x7B) and only then could we quantize them: that never fits 80 GB.
     """
-    import torch
-
     from fine_tune.models.moe import load_pretrained_moe_4bit
 
     check_local_path(str(path))
-    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    device = local_device()
     try:
         return load_pretrained_moe_4bit(
             path, quant=quant, dtype=dtype, attn_implementation=attn_implementation, device=device
@@ -135,6 +133,7 @@ def load_weights(
             dtype=dtype,
             attn_implementation=attn_implementation,
             seed=seed,
+            device=local_device(),
         )
     path = name_or_path if init == "pretrained" else materialise_random(architecture, seed)
     if quant.is_4bit and quant.quant_experts and has_fused_experts(architecture):

@@ -14,6 +14,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from fine_tune.hardware import is_main_process as _is_main_process
+from fine_tune.hardware import rank
 from fine_tune.tracking.redact import redact, redact_override
 
 # Short names for the keys people sweep most; anything else uses its last dotted component.
@@ -46,24 +48,10 @@ class Tracker:
         """Close the run; must be safe to call twice and after a failed `start`."""
 
 
-def process_rank() -> int:
-    """Global rank of this process under torchrun / accelerate / SLURM; 0 when not distributed.
-
-    Only rank 0 logs: every rank runs the same training loop, and N ranks logging would make N
-    W&B runs (or N interleaved TensorBoard writers) for one job.
-    """
-    for name in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
-        value = os.environ.get(name)
-        if value not in (None, ""):
-            try:
-                return int(value)
-            except ValueError:
-                continue
-    return 0
-
-
-def is_main_process() -> bool:
-    return process_rank() == 0
+# One definition of "which process logs" for the whole package (hardware.rank reads RANK, SLURM_PROCID,
+# LOCAL_RANK): only rank 0 logs, or N ranks would make N W&B runs for one job.
+process_rank = rank
+is_main_process = _is_main_process
 
 
 def _override_key_value(override: str) -> tuple[str, str]:
