@@ -67,14 +67,56 @@ def test_adapter_export_loads_with_plain_peft(trained, tmp_path: Path):
     model = PeftModel.from_pretrained(base, out)
     torch.testing.assert_close(logits(model, loaded.tokenizer), expected, atol=1e-6, rtol=1e-6)
     card = (out / "README.md").read_text()
-    for needle in ("library_name: peft", "random-init mistral", "sample", "mistral_v1", "train_loss",
-                   "r=16", "```yaml"):
+    for needle in (
+        "library_name: peft",
+        "random-init mistral",
+        "sample",
+        "mistral_v1",
+        "train_loss",
+        "r=16",
+        "```yaml",
+    ):
         assert needle in card, needle
 
 
 def test_push_without_a_token_is_a_user_error(trained, tmp_path: Path):
     run, _, _ = trained
-    result = cli([f"run={run}", f"out={tmp_path / 'a'}", "push_to_hub=someone/some-adapter"],
-                 module="fine_tune.export", extra_env={"HF_TOKEN": "", "HF_HOME": str(tmp_path / "hf")})
+    result = cli(
+        [f"run={run}", f"out={tmp_path / 'a'}", "push_to_hub=someone/some-adapter"],
+        module="fine_tune.export",
+        extra_env={"HF_TOKEN": "", "HF_HOME": str(tmp_path / "hf")},
+    )
     assert result.returncode == 2
     assert "push_to_hub" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_qlora_run_merges_into_the_unquantized_base(tmp_path: Path):
+    """A 4-bit run exports a plain full-precision model: LoRA folded into the base's real weights."""
+    from omegaconf import OmegaConf
+    from transformers import AutoModelForCausalLM
+
+    from fine_tune.inference import load_run
+
+    run = tmp_path / "run"
+    args = [
+        "logger=none",
+        "trainer=cpu",
+        "quant=nf4",
+        "trainer.max_steps=2",
+        "trainer.eval_steps=2",
+        "trainer.per_device_train_batch_size=2",
+        "dataset.max_samples=8",
+        "dataset.max_eval_samples=2",
+    ]
+    result = cli([*args, f"hydra.run.dir={run}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "merged"
+    result = cli([f"run={run}", "merge=true", "dtype=float32", f"out={out}"], module="fine_tune.export")
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    plain = OmegaConf.create({"_target_": "fine_tune.models.quant.build_quant_config", "kind": "none"})
+    reference = load_run(run, quant=plain, dtype="float32")
+    expected = logits(reference.model, reference.tokenizer)
+    torch.testing.assert_close(logits(merged, reference.tokenizer), expected, atol=1e-4, rtol=1e-4)
