@@ -113,3 +113,44 @@ def test_validate_prints_the_plan_and_writes_no_run(tmp_path: Path):
         assert needle in out, needle
     assert not (run_dir / "status.json").exists() and not (run_dir / "metrics.json").exists()
     assert not (run_dir / "checkpoints").exists() and not (run_dir / "adapter").exists()
+
+
+def test_config_errors_are_found_before_torch_is_imported():
+    """Bad values must fail in a second, not after torch/transformers load (a fresh interpreter)."""
+    import subprocess
+    import sys
+
+    from lifecycle_helpers import ROOT, env
+
+    script = (
+        "import sys\n"
+        "from lifecycle_helpers import composed\n"
+        "from fine_tune.validate import check_config\n"
+        "from fine_tune.errors import UserError\n"
+        "for ov in (['lora.r=0'], ['trainer.precision=fp64'], ['+dataset.colour=1'], ['lora.experts=true'],\n"
+        "           ['model.attn_implementation=magic'], ['dataset=alpaca', 'dataset.path=/nope.jsonl']):\n"
+        "    try:\n"
+        "        check_config(composed(['logger=none', *ov]))\n"
+        "    except UserError as error:\n"
+        "        print(error.where, 'torch' in sys.modules, 'transformers' in sys.modules)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT / "tests",
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split("\n")[:-1] == [
+        f"{key} False False"
+        for key in (
+            "lora.r",
+            "trainer.precision",
+            "dataset.colour",
+            "lora.experts",
+            "model.attn_implementation",
+            "dataset.path",
+        )
+    ]
