@@ -231,6 +231,15 @@ def _train(cfg: DictConfig, run_dir: Path, tracker: Any, job: dict, preemption: 
     return metrics, trainer
 
 
+def close_process_group() -> None:
+    """Under torchrun the Trainer opens a process group; leaving it open leaks NCCL resources."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def objective(metrics: dict) -> float | None:
     """The number a sweeper minimizes: eval loss, or the last train loss without an eval split."""
     value = metrics.get("eval_loss")
@@ -259,6 +268,7 @@ def run(cfg: DictConfig, run_dir: Path, job: dict) -> float | None:
         raise
     finally:
         tracker.finish(status)
+        close_process_group()
 
 
 def job_info() -> tuple[Path, dict]:
