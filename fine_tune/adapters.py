@@ -3,7 +3,9 @@ safely on its own (experts of fused MoE layers at exactly the requested rank).""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,15 +80,21 @@ def attach_adapter(model: Any, spec: AdapterSpec, gradient_checkpointing: bool, 
     elif gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
+    experts_4bit = spec.experts and any(type(m).__name__ == "Experts4bit" for m in model.modules())
+    lora = spec.lora
+    if spec.experts and not experts_4bit:
+        # bf16 experts are real parameters: PEFT's target_parameters adapts them at rank r per
+        # expert (lora_A is [r x experts, in]) and saves them in its own format.
+        lora = dataclasses.replace(lora, target_parameters=fused_expert_parameter_names(model))
     try:
-        peft_model = get_peft_model(model, spec.lora)
+        peft_model = get_peft_model(model, lora)
     except ValueError as error:
         raise UserError(
             f"LoRA targets do not match this model: {error}",
             where="lora.target_modules",
             hint="use module names of the model, e.g. q_proj, v_proj, or 'all-linear'",
         ) from None
-    if spec.experts:
+    if experts_4bit:
         from fine_tune.models.moe import attach_expert_lora
 
         attach_expert_lora(
@@ -97,6 +105,16 @@ def attach_adapter(model: Any, spec: AdapterSpec, gradient_checkpointing: bool, 
             use_rslora=spec.lora.use_rslora,
         )
     return peft_model
+
+
+def fused_expert_parameter_names(model: Any) -> list[str]:
+    """Layer-relative names of 3-D expert tensors, e.g. `mlp.experts.gate_up_proj`."""
+    names = set()
+    for name, param in model.named_parameters():
+        match = re.search(r"layers\.\d+\.(.+)$", name)
+        if match and param.dim() == 3:
+            names.add(match.group(1))
+    return sorted(names)
 
 
 def count_parameters(model: Any) -> tuple[int, int]:

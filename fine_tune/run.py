@@ -38,13 +38,12 @@ def save_atomically(save: Any, target: Path) -> None:
         raise
 
 
-def save_adapter(model: Any, directory: Path, experts: bool) -> None:
-    """PEFT's files, plus the expert adapters PEFT cannot hold (generate/export load both)."""
-    model.save_pretrained(directory)
-    if experts:
-        from fine_tune.models.moe import save_expert_adapter
+def save_adapter(model: Any, directory: Path) -> None:
+    """PEFT's files, plus the 4-bit expert adapters PEFT cannot hold (generate/export load both)."""
+    from fine_tune.training.trainer import save_expert_adapters_if_any
 
-        save_expert_adapter(model, directory)
+    model.save_pretrained(directory)
+    save_expert_adapters_if_any(model, directory)
 
 
 def save_tokenizer(tokenizer: Any, directory: Path) -> None:
@@ -173,8 +172,10 @@ def _train(cfg: DictConfig, run_dir: Path, tracker: Any, job: dict, preemption: 
     loaded.model.config.use_cache = False
     set_seed(cfg.seed)  # adapter init must not depend on how many random numbers loading drew
     model = attach_adapter(loaded.model, adapter, cfg.trainer.gradient_checkpointing, quant.enabled)
-    if checkpoint is not None and adapter.experts:  # HF restores PEFT's weights; ours come from beside them
-        from fine_tune.models.moe import load_expert_adapter
+    from fine_tune.models.moe import EXPERT_ADAPTER_FILE, load_expert_adapter
+
+    if checkpoint is not None and (Path(checkpoint) / EXPERT_ADAPTER_FILE).exists():
+        # HF restores PEFT's weights; the 4-bit expert adapters come from the file beside them
 
         load_expert_adapter(model, checkpoint, trainable=True)
     trainable, total = count_parameters(model)
@@ -199,7 +200,7 @@ def _train(cfg: DictConfig, run_dir: Path, tracker: Any, job: dict, preemption: 
         done = metrics_cb.last_eval.get("step") == trainer.state.global_step
         eval_loss = metrics_cb.last_eval["eval_loss"] if done else trainer.evaluate()["eval_loss"]
     if is_main_process():
-        save_atomically(lambda d: save_adapter(model, d, adapter.experts), run_dir / "adapter")
+        save_atomically(lambda d: save_adapter(model, d), run_dir / "adapter")
         save_atomically(lambda path: save_tokenizer(tokenizer, path), run_dir / "tokenizer")
     state = trainer.state
     runtime = time.perf_counter() - started

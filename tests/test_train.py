@@ -36,8 +36,9 @@ def fresh_base(cfg):
 
 
 def logits_of(model, tokenizer) -> torch.Tensor:
-    batch = tokenizer(["[INST] What is 3 plus 4? [/INST]", "Paris is the capital of"], return_tensors="pt",
-                      padding=True)
+    batch = tokenizer(
+        ["[INST] What is 3 plus 4? [/INST]", "Paris is the capital of"], return_tensors="pt", padding=True
+    )
     model.eval()
     with torch.no_grad():
         return model(**batch).logits.float()
@@ -84,8 +85,16 @@ def test_tiny_mixtral_nf4_trains(tmp_path: Path):
     from peft import PeftModel
 
     cfg, run_dir, metrics, trainer = train_in_process(
-        tmp_path, ["model=tiny_mixtral", "quant=nf4", "trainer.max_steps=30", "trainer.logging_steps=1",
-                   "optim.lr=5e-3", "optim.scheduler=constant"])
+        tmp_path,
+        [
+            "model=tiny_mixtral",
+            "quant=nf4",
+            "trainer.max_steps=30",
+            "trainer.logging_steps=1",
+            "optim.lr=5e-3",
+            "optim.scheduler=constant",
+        ],
+    )
     model = trainer.model
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
     experts = [m for m in model.modules() if type(m).__name__ == "Experts4bit"]
@@ -103,3 +112,21 @@ def test_lora_options_train(tmp_path: Path, option: str):
     names = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
     assert names and all("lora_" in n for n in names)
     assert (option == "attn_only") == (not any("mlp" in n for n in names))
+
+
+def test_expert_lora_on_bf16_experts_uses_requested_rank(tmp_path: Path):
+    """Without 4-bit, experts are adapted through PEFT's target_parameters at rank r per expert."""
+    from peft import PeftModel
+
+    cfg, run_dir, metrics, trainer = train_in_process(
+        tmp_path, ["model=tiny_mixtral", "lora=attn_experts", "lora.r=4", "trainer.max_steps=4"]
+    )
+    experts = cfg.model.architecture.num_local_experts
+    shapes = {
+        n: tuple(p.shape) for n, p in trainer.model.named_parameters() if p.requires_grad and "experts" in n
+    }
+    assert shapes, "no expert adapters were trained"
+    assert all(shape[0] == 4 * experts for n, shape in shapes.items() if "lora_A" in n)
+    expected = logits_of(trainer.model, trainer.processing_class)
+    reloaded = PeftModel.from_pretrained(fresh_base(cfg), run_dir / "adapter")
+    torch.testing.assert_close(logits_of(reloaded, trainer.processing_class), expected, rtol=1e-5, atol=1e-5)
