@@ -154,6 +154,7 @@ def _train(cfg: DictConfig, run_dir: Path, tracker: Any, job: dict, preemption: 
     from fine_tune.hardware import is_main_process, peak_memory_gib
     from fine_tune.training.checkpoints import prepare_resume
     from fine_tune.training.preemption import Preempted
+    from fine_tune.training.trainer import restore_expert_adapters
     from fine_tune.utils.build import build
 
     started = time.perf_counter()
@@ -172,12 +173,8 @@ def _train(cfg: DictConfig, run_dir: Path, tracker: Any, job: dict, preemption: 
     loaded.model.config.use_cache = False
     set_seed(cfg.seed)  # adapter init must not depend on how many random numbers loading drew
     model = attach_adapter(loaded.model, adapter, cfg.trainer.gradient_checkpointing, quant.enabled)
-    from fine_tune.models.moe import EXPERT_ADAPTER_FILE, load_expert_adapter
-
-    if checkpoint is not None and (Path(checkpoint) / EXPERT_ADAPTER_FILE).exists():
-        # HF restores PEFT's weights; the 4-bit expert adapters come from the file beside them
-
-        load_expert_adapter(model, checkpoint, trainable=True)
+    if checkpoint is not None:
+        restore_expert_adapters(model, checkpoint)  # HF's resume restores PEFT's weights only
     trainable, total = count_parameters(model)
     log.info(
         "trainable parameters: %s of %s (%.3f%%)",
