@@ -71,14 +71,9 @@ def reference(version: str, conversation, final_user: str | None = None) -> list
 
 
 def tokenizer_for(version: str):
-    from conftest_data import _build
+    from fine_tune.models.tokenizer import mistral_common_tokenizer
 
-    files = {
-        "v1": "tokenizer.model.v1",
-        "v3": "mistral_instruct_tokenizer_240323.model.v3",
-        "v7": "mistral_instruct_tokenizer_241114.model.v7",
-    }
-    return mistral_v1_tokenizer() if version == "v1" else _build(files[version])
+    return mistral_common_tokenizer(f"mistral_{version}")
 
 
 def write_chat(path, conversations) -> None:

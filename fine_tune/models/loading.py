@@ -5,11 +5,13 @@ so they travel the exact path real checkpoints take (quantization included)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -56,13 +58,26 @@ def materialise_random(architecture: Any, seed: int) -> Path:
     return target
 
 
+@contextlib.contextmanager
+def weights_from(path: str | Path) -> Iterator[None]:
+    """A missing or unreadable checkpoint is the user's to fix: say which, without a traceback."""
+    check_local_path(str(path))
+    try:
+        yield
+    except OSError as error:
+        raise UserError(
+            f"cannot load weights from '{path}' ({str(error).splitlines()[0][:200]})",
+            where="model.name_or_path",
+            hint="give a local directory with safetensors weights, or a hub id with hub access",
+        ) from None
+
+
 def from_pretrained(
     path: str | Path, quant: QuantSpec, dtype: Any, attn_implementation: str, trust_remote_code: bool
 ) -> Any:
     from transformers import AutoModelForCausalLM
 
-    check_local_path(str(path))
-    try:
+    with weights_from(path):
         return AutoModelForCausalLM.from_pretrained(
             path,
             dtype=dtype,
@@ -72,12 +87,6 @@ def from_pretrained(
             trust_remote_code=trust_remote_code,
             use_safetensors=True,
         )
-    except OSError as error:
-        raise UserError(
-            f"cannot load weights from '{path}' ({str(error).splitlines()[0][:200]})",
-            where="model.name_or_path",
-            hint="give a local directory with safetensors weights, or a hub id with hub access",
-        ) from None
 
 
 def load_moe_4bit(path: str | Path, quant: QuantSpec, dtype: Any, attn_implementation: str) -> Any:
@@ -88,18 +97,10 @@ def load_moe_4bit(path: str | Path, quant: QuantSpec, dtype: Any, attn_implement
     """
     from fine_tune.models.moe import load_pretrained_moe_4bit
 
-    check_local_path(str(path))
-    device = local_device()
-    try:
+    with weights_from(path):
         return load_pretrained_moe_4bit(
-            path, quant=quant, dtype=dtype, attn_implementation=attn_implementation, device=device
+            path, quant=quant, dtype=dtype, attn_implementation=attn_implementation, device=local_device()
         )
-    except OSError as error:
-        raise UserError(
-            f"cannot load weights from '{path}' ({str(error).splitlines()[0][:200]})",
-            where="model.name_or_path",
-            hint="give a local directory with safetensors weights, or a hub id with hub access",
-        ) from None
 
 
 def load_weights(

@@ -16,6 +16,8 @@ from fine_tune.errors import UserError
 # Tokenizer files that mistral-common ships, by the name used in `model.tokenizer`.
 MISTRAL_COMMON_TOKENIZERS = {
     "mistral_v1": "tokenizer.model.v1",  # Mistral-7B-v0.1 / Mixtral-8x7B vocabulary (32,000 pieces)
+    "mistral_v3": "mistral_instruct_tokenizer_240323.model.v3",  # 32,768 pieces, [INST] as control tokens
+    "mistral_v7": "mistral_instruct_tokenizer_241114.model.v7",  # v3 vocabulary + [SYSTEM_PROMPT] tokens
 }
 
 
@@ -31,16 +33,20 @@ def mistral_common_file(name: str) -> Path:
 
 
 def mistral_v1_tokenizer() -> Any:
-    """Mistral's v1 SentencePiece model as a fast HF tokenizer.
+    return mistral_common_tokenizer("mistral_v1")
+
+
+def mistral_common_tokenizer(name: str) -> Any:
+    """A SentencePiece model shipped by mistral-common as a fast HF tokenizer.
 
     Converting SentencePiece to `tokenizer.json` takes seconds, so the result is cached (written to a
     temporary directory, then renamed into place) and later runs load it in milliseconds.
     """
     from transformers import AutoTokenizer
 
-    source = mistral_common_file("mistral_v1")
+    source = mistral_common_file(name)
     digest = hashlib.sha256(source.read_bytes()).hexdigest()[:16]
-    target = cache_root() / "tokenizers" / f"mistral_v1-{digest}"
+    target = cache_root() / "tokenizers" / f"{name}-{digest}"
     if not (target / "tokenizer.json").exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(dir=target.parent))
@@ -72,7 +78,7 @@ def mistral_v1_tokenizer() -> Any:
 def build_tokenizer(spec: str | None, name_or_path: str | None, trust_remote_code: bool = False) -> Any:
     """Load the tokenizer named by `model.tokenizer`, else the one saved with the model."""
     if spec in MISTRAL_COMMON_TOKENIZERS:
-        tokenizer = mistral_v1_tokenizer()
+        tokenizer = mistral_common_tokenizer(spec)
     else:
         source = spec or name_or_path
         if not source:
