@@ -158,7 +158,7 @@ def _train(cfg: DictConfig, run_dir: Path, tracker: Any, job: dict, preemption: 
     from fine_tune.utils.build import build
 
     started = time.perf_counter()
-    checkpoint, logged = prepare_resume(cfg.resume, run_dir)
+    checkpoint, logged = prepare_resume(cfg.resume, run_dir, cfg.lora, cfg.trainer)
     quiet_libraries()
     set_seed(cfg.seed)
     tokenizer = build_tokenizer(cfg)

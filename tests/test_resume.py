@@ -132,3 +132,41 @@ def test_preemption_signal_is_deferred_then_forwarded_to_the_previous_handler():
         assert received == [signal.SIGUSR2]
     finally:
         signal.signal(signal.SIGUSR2, before)
+
+
+@pytest.mark.parametrize(
+    ("lora", "trainer", "where"),
+    [
+        (
+            {"r": 8, "lora_alpha": 32, "target_modules": ["q_proj"]},
+            {"per_device_train_batch_size": 2},
+            "lora.r",
+        ),
+        (
+            {"r": 16, "lora_alpha": 32, "target_modules": ["v_proj"]},
+            {"per_device_train_batch_size": 2},
+            "lora.target_modules",
+        ),
+        (
+            {"r": 16, "lora_alpha": 32, "target_modules": ["q_proj"]},
+            {"per_device_train_batch_size": 4},
+            "trainer.per_device_train_batch_size",
+        ),
+    ],
+)
+def test_resume_refuses_a_checkpoint_of_another_shape_before_touching_the_logs(
+    lora, trainer, where, tmp_path
+):
+    checkpoint = fake_checkpoint(tmp_path / "checkpoints", 3)
+    (checkpoint / "adapter_config.json").write_text(
+        json.dumps({"r": 16, "lora_alpha": 32, "target_modules": ["q_proj"]})
+    )
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"train_batch_size": 2, "global_step": 3}))
+    log = "".join(json.dumps({"step": s, "train/loss": 1.0}) + "\n" for s in range(1, 6))
+    (tmp_path / "metrics.jsonl").write_text(log)
+    ok = ({"r": 16, "lora_alpha": 32, "target_modules": ["q_proj"]}, {"per_device_train_batch_size": 2})
+    with pytest.raises(UserError) as error:
+        prepare_resume(True, tmp_path, lora, trainer)
+    assert error.value.where == where
+    assert (tmp_path / "metrics.jsonl").read_text() == log  # nothing trimmed for a refused resume
+    assert prepare_resume(True, tmp_path, *ok)[0] == checkpoint

@@ -133,8 +133,11 @@ def trim_jsonl(path: Path, step: int) -> list[dict]:
     return kept
 
 
-def prepare_resume(resume: Any, run_dir: Path) -> tuple[Path | None, list[dict]]:
-    """The checkpoint to continue from, with the run's logs cut back to its step.
+def prepare_resume(
+    resume: Any, run_dir: Path, lora: Any = None, trainer: Any = None
+) -> tuple[Path | None, list[dict]]:
+    """The checkpoint to continue from, checked against the config, with the run's logs cut back to
+    its step.
 
     Returns (checkpoint or None, metrics.jsonl rows kept). Leftovers of a kill mid-save are removed
     first, so they can neither be picked nor fill the disk.
@@ -144,9 +147,48 @@ def prepare_resume(resume: Any, run_dir: Path) -> tuple[Path | None, list[dict]]
     checkpoint = find_checkpoint(resume, run_dir)
     if checkpoint is None:
         return None, []
+    if lora is not None and trainer is not None:
+        check_compatible(checkpoint, lora, trainer)
     step = checkpoint_step(checkpoint) or 0
     import logging
 
     logging.getLogger("fine_tune").info("resuming from %s (step %d)", checkpoint, step)
     trim_jsonl(run_dir / "samples.jsonl", step)
     return checkpoint, trim_jsonl(run_dir / "metrics.jsonl", step)
+
+
+def check_compatible(checkpoint: Path, lora: Any, trainer: Any) -> None:
+    """Refuse to resume a checkpoint written with another adapter shape or batch size.
+
+    A different rank fails deep inside PEFT's loader with a size-mismatch traceback; a different
+    batch size silently breaks the data position (the loader skips `step x batch` examples), so the
+    resumed run would no longer be the interrupted one.
+    """
+    from fine_tune.utils.io import read_json
+
+    saved = read_json(checkpoint / "adapter_config.json") or {}
+    for key in ("r", "lora_alpha"):
+        if key in saved and key in lora and float(saved[key]) != float(lora[key]):
+            raise UserError(
+                f"the checkpoint was trained with {key}={saved[key]}, the config says {lora[key]}",
+                where=f"lora.{key}",
+                hint=f"resume with the config the checkpoint was written with ({checkpoint.parent.parent}"
+                "/.hydra/config.yaml), or start a new run dir",
+            )
+    targets = lora.get("target_modules")
+    listed = isinstance(saved.get("target_modules"), list) and targets and not isinstance(targets, str)
+    if listed and sorted(saved["target_modules"]) != sorted(str(t) for t in targets):
+        raise UserError(
+            f"the checkpoint adapts {sorted(saved['target_modules'])}, the config {sorted(targets)}",
+            where="lora.target_modules",
+            hint="resume with the config the checkpoint was written with",
+        )
+    state = read_json(checkpoint / "trainer_state.json") or {}
+    batch = state.get("train_batch_size")
+    if batch is not None and int(batch) != int(trainer["per_device_train_batch_size"]):
+        raise UserError(
+            f"the checkpoint was trained with batch size {batch}, the config says "
+            f"{trainer['per_device_train_batch_size']}: the data position would not match",
+            where="trainer.per_device_train_batch_size",
+            hint="resume with the same batch size (change gradient_accumulation_steps in a new run instead)",
+        )
