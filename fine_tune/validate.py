@@ -33,6 +33,18 @@ ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_at
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 DTYPES = ("auto", "bfloat16", "bf16", "float16", "fp16", "float32", "fp32")
 QUANT_KINDS = ("none", "nf4", "fp4", "int8")
+LORA_BIAS = ("none", "all", "lora_only")
+SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+    "cosine_with_min_lr",
+    "warmup_stable_decay",
+)
 LINEAR_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 LINEAR_MLP = ("gate_proj", "up_proj", "down_proj")
 
@@ -205,7 +217,25 @@ def cross_checks(data: dict, checked: Checked) -> None:
     if model.get("trust_remote_code"):
         checked.notes.append("model.trust_remote_code=true: code from the model repository will run")
 
+    seed = data.get("seed")
+    if isinstance(seed, int) and not 0 <= seed < 2**32:
+        raise UserError(f"must be in [0, 2**32), got {seed}", where="seed", hint="numpy cannot seed with it")
+    if int(trainer.get("dataloader_num_workers") or 0) < 0:
+        raise UserError("must be >= 0", where="trainer.dataloader_num_workers")
+    if lora.get("bias") not in LORA_BIAS:
+        raise UserError(
+            f"unknown bias mode {lora.get('bias')!r}", where="lora.bias", hint=f"use one of {LORA_BIAS}"
+        )
+    _check_scheduler(optim.get("scheduler"))
+    _check_architecture(model, trainer, checked)
+
     kind = quant.get("kind")
+    if kind != "none" and quant.get("compute_dtype", "auto") not in DTYPES:
+        raise UserError(
+            f"unknown compute dtype {quant.get('compute_dtype')!r}",
+            where="quant.compute_dtype",
+            hint=f"use one of {DTYPES}",
+        )
     if kind not in QUANT_KINDS:
         raise UserError(
             f"unknown quantization {kind!r}", where="quant.kind", hint=f"use one of {QUANT_KINDS}"
@@ -313,6 +343,36 @@ def cross_checks(data: dict, checked: Checked) -> None:
             f"checkpoint '{resume}' does not exist",
             where="resume",
             hint="resume=true continues this run dir's latest checkpoint",
+        )
+
+
+def _check_scheduler(name: Any) -> None:
+    """transformers' scheduler names; its enum is consulted only for a name we do not know."""
+    if name in SCHEDULERS:
+        return
+    from transformers.trainer_utils import SchedulerType
+
+    known = [member.value for member in SchedulerType]
+    if name not in known:
+        raise UserError(f"unknown scheduler {name!r}", where="optim.scheduler", hint=f"use one of {known}")
+
+
+def _check_architecture(model: dict, trainer: dict, checked: Checked) -> None:
+    """Shapes that transformers would reject with a traceback, or that training cannot use."""
+    arch = {**(model.get("architecture") or {}), **(model.get("config") or {})}
+    heads, kv = arch.get("num_attention_heads"), arch.get("num_key_value_heads")
+    if heads and kv and (kv <= 0 or heads % kv):
+        raise UserError(
+            f"num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv})",
+            where="model.architecture.num_key_value_heads",
+        )
+    for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
+        if key in arch and arch[key] is not None and int(arch[key]) <= 0:
+            raise UserError(f"must be positive, got {arch[key]}", where=f"model.architecture.{key}")
+    positions = arch.get("max_position_embeddings")
+    if positions and int(trainer.get("max_length") or 0) > int(positions):
+        checked.notes.append(
+            f"trainer.max_length {trainer['max_length']} exceeds the model's {positions} positions"
         )
 
 
