@@ -42,8 +42,27 @@ def parse_args(argv: list[str], allowed: dict[str, Any]) -> dict[str, Any]:
                 where=key or arg,
                 hint=f"arguments are key=value with keys {sorted(allowed)}",
             )
-        values[key] = OmegaConf.from_dotlist([f"v={raw}"]).v if raw != "" else ""
+        value = OmegaConf.from_dotlist([f"v={raw}"]).v if raw != "" else ""
+        values[key] = _typed(key, value, allowed[key])
     return values
+
+
+def _typed(key: str, value: Any, default: Any) -> Any:
+    """The value in the type of the argument's default (None defaults take text or nothing)."""
+    if default is None:
+        return None if value is None else str(value)
+    kind = type(default)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+    elif kind in (int, float) and not isinstance(value, bool):
+        try:
+            return kind(value)
+        except (TypeError, ValueError):
+            pass
+    elif isinstance(value, kind):
+        return value
+    raise UserError(f"expected {kind.__name__}, got {value!r}", where=key)
 
 
 def run_main(main: Any, argv: list[str] | None = None) -> None:

@@ -100,8 +100,16 @@ def test_bad_configuration_fails_cleanly(overrides, needle, data_dir: Path, tmp_
         ("fine_tune.generate", ["run=/nonexistent/run", "prompt=hi"], "run"),
         ("fine_tune.export", ["run=/nonexistent/run"], "run"),
         ("fine_tune.export", ["run=.", "shape=round"], "shape"),
+        ("fine_tune.generate", ["run=.", "max_new_tokens=many"], "max_new_tokens"),
+        ("fine_tune.export", ["run=.", "merge=perhaps"], "merge"),
     ],
-    ids=["generate_missing_run", "export_missing_run", "export_unknown_argument"],
+    ids=[
+        "generate_missing_run",
+        "export_missing_run",
+        "export_unknown_argument",
+        "generate_bad_int",
+        "export_bad_bool",
+    ],
 )
 def test_bad_tool_arguments_fail_cleanly(module, args, needle):
     result = cli(args, module=module, timeout=300)
