@@ -77,7 +77,7 @@ def test_cheap_builders_instantiate():
     param = torch.nn.Parameter(torch.zeros(4))
     for option in options("optim"):
         optimizer = build_optimizer_factory(compose([f"optim={option}"]).optim.optimizer)([param])
-        assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(compose().model.lr)
     for option in options("trainer"):
         cfg = compose([f"trainer={option}"])
         args = instantiate(cfg.trainer, output_dir="/tmp/x", optim=OmegaConf.to_container(cfg.optim,
