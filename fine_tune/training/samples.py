@@ -32,6 +32,7 @@ def generate_completion(model: Any, tokenizer: Any, prompt_ids: list[int], max_n
         max_new_tokens=max_new_tokens,
         do_sample=False,
         num_beams=1,
+        use_cache=True,  # training runs without a KV cache (packing); decoding wants one
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
