@@ -34,14 +34,50 @@ def compose(overrides: list[str] | None = None, return_hydra_config: bool = Fals
         return hydra_compose("config", overrides=overrides or [], return_hydra_config=return_hydra_config)
 
 
-def run_cli(args: list[str], cwd: Path | None = None, env: dict | None = None, timeout: int = 600,
-            module: str = "fine_tune") -> subprocess.CompletedProcess:
+def run_cli(
+    args: list[str],
+    cwd: Path | None = None,
+    env: dict | None = None,
+    timeout: int = 600,
+    module: str = "fine_tune",
+) -> subprocess.CompletedProcess:
     """`python -m fine_tune ARGS` in a subprocess, as a user would type it."""
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd or ROOT, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=cwd or ROOT,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 # Small and fast settings for end-to-end runs of the tiny models on CPU.
-FAST = ["trainer=cpu", "logger=none", "trainer.max_steps=12", "trainer.eval_steps=6", "trainer.save_steps=6",
-        "dataset.max_samples=96", "dataset.max_eval_samples=16"]
+FAST = [
+    "trainer=cpu",
+    "logger=none",
+    "trainer.max_steps=12",
+    "trainer.eval_steps=6",
+    "trainer.save_steps=6",
+    "dataset.max_samples=96",
+    "dataset.max_eval_samples=16",
+]
+
+
+def tiny_mixtral_config(**overrides):
+    """A 2-layer, 4-expert, top-2 Mixtral small enough for CPU tests of the MoE code."""
+    from transformers import MixtralConfig
+
+    args = dict(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        use_cache=False,
+    )
+    return MixtralConfig(**{**args, **overrides})

@@ -4,36 +4,24 @@ quantizing the loaded bf16 model would give."""
 
 from __future__ import annotations
 
+import bitsandbytes as bnb
 import pytest
+import torch
+import transformers
+from conftest import tiny_mixtral_config
 
-torch = pytest.importorskip("torch")
-bnb = pytest.importorskip("bitsandbytes")
-transformers = pytest.importorskip("transformers")
-
-from fine_tune.models.moe import (  # noqa: E402
+from fine_tune.models.moe import (
     Experts4bit,
     build_random_model,
     load_pretrained_moe_4bit,
     quantize_fused_experts,
     replace_linear_with_4bit,
 )
-from fine_tune.models.moe.build import expected_param_count  # noqa: E402
+from fine_tune.models.moe.build import expected_param_count
 
 
 def tiny_config(**kw):
-    args = dict(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        use_cache=False,
-    )
-    args.update(kw)
-    return transformers.MixtralConfig(**args)
+    return tiny_mixtral_config(**{"vocab_size": 128, **kw})
 
 
 def build(seed=0, **kw):

@@ -3,36 +3,25 @@ round-trips through save/load; its PEFT layout equals PEFT's own `target_paramet
 
 from __future__ import annotations
 
+import peft
 import pytest
+import torch
+import transformers
+from conftest import tiny_mixtral_config
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("bitsandbytes")
-transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
-
-from fine_tune.models.moe import (  # noqa: E402
+from fine_tune.models.moe import (
     attach_expert_lora,
     build_random_model,
     load_expert_adapter,
     save_expert_adapter,
 )
-from fine_tune.models.moe.lora import ExpertLoRA  # noqa: E402
+from fine_tune.models.moe.lora import ExpertLoRA
 
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
 def tiny_config(layers: int = 1):
-    return transformers.MixtralConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        use_cache=False,
-    )
+    return tiny_mixtral_config(vocab_size=128, num_hidden_layers=layers)
 
 
 def qlora_model(r: int = 4, seed: int = 0, layers: int = 1):

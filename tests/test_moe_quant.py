@@ -4,28 +4,15 @@ original module run on the dequantized weights (so quantization is the only appr
 from __future__ import annotations
 
 import pytest
+import torch
+import transformers
+from conftest import tiny_mixtral_config
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("bitsandbytes")
-transformers = pytest.importorskip("transformers")
-
-from fine_tune.models.moe import Experts4bit, count_parameters, quantize_fused_experts  # noqa: E402
+from fine_tune.models.moe import Experts4bit, count_parameters, quantize_fused_experts
 
 
 def tiny_config(**kw):
-    args = dict(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        use_cache=False,
-    )
-    args.update(kw)
-    return transformers.MixtralConfig(**args)
+    return tiny_mixtral_config(**kw)
 
 
 def tiny_model(seed: int = 0, layers: int = 2):
