@@ -22,7 +22,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .experts4bit import EXPERT_PARAM_NAMES, Experts4bit, count_parameters, find_fused_experts, format_counts
+from .experts4bit import (
+    EXPERT_PARAM_NAMES,
+    Experts4bit,
+    count_parameters,
+    find_fused_experts,
+    format_counts,
+    set_submodule,
+)
 
 log = logging.getLogger(__name__)
 
@@ -126,11 +133,6 @@ class _CheckpointSource:
 
 
 # ---- materialization --------------------------------------------------------------------------------
-def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
-
-
 def _init_kind(module: nn.Module, pname: str, param: torch.Tensor) -> str:
     if pname == "bias":
         return "zeros"
@@ -200,14 +202,14 @@ def _materialize(
                     w = source.expert(mod_name, pname, e, src_shape, dtype, device)
                     new.set_expert(pname, e, w.t() if transposed else w)
                     del w
-            _set_submodule(model, mod_name, new)
+            set_submodule(model, mod_name, new)
             continue
         if quant and isinstance(module, nn.Linear) and not is_skipped(mod_name):
             w = source.tensor(prefix + "weight", module.weight.shape, dtype, device, "normal")
             b = None
             if module.bias is not None:
                 b = source.tensor(prefix + "bias", module.bias.shape, dtype, device, "zeros")
-            _set_submodule(model, mod_name, _linear4bit(module, w, b, quant, device))
+            set_submodule(model, mod_name, _linear4bit(module, w, b, quant, device))
             continue
         for pname, param in list(module.named_parameters(recurse=False)):
             if param.device.type != "meta":
@@ -226,7 +228,7 @@ def _materialize(
             if not hasattr(module, "config"):
                 raise RuntimeError(f"cannot rebuild buffers {meta_buffers} of {mod_name}")
             with torch.device(device):
-                _set_submodule(model, mod_name, type(module)(config=module.config))
+                set_submodule(model, mod_name, type(module)(config=module.config))
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
 
@@ -404,7 +406,7 @@ def replace_linear_with_4bit(
             continue
         w = module.weight.detach()
         b = module.bias.detach() if module.bias is not None else None
-        _set_submodule(model, name, _linear4bit(module, w, b, quant, w.device))
+        set_submodule(model, name, _linear4bit(module, w, b, quant, w.device))
         n += 1
     return n
 

@@ -276,7 +276,7 @@ def find_fused_experts(model: nn.Module) -> Iterator[tuple[str, nn.Module, str |
             yield name, module, _unsupported_reason(module)
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
@@ -353,7 +353,7 @@ def quantize_fused_experts(
             blocksize=blocksize,
             device=device,
         )
-        _set_submodule(model, name, new)
+        set_submodule(model, name, new)
         del module
         done += 1
     counts = count_parameters(model)
