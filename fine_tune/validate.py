@@ -46,7 +46,6 @@ SCHEDULERS = (
     "warmup_stable_decay",
 )
 LINEAR_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
-LINEAR_MLP = ("gate_proj", "up_proj", "down_proj")
 
 
 @dataclass
@@ -394,7 +393,7 @@ class _LazyCuda:
 
 
 def _has_cuda() -> bool:
-    if "torch" not in __import__("sys").modules and importlib.util.find_spec("torch") is None:
+    if importlib.util.find_spec("torch") is None:
         return False
     from fine_tune.hardware import has_cuda
 
