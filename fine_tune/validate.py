@@ -503,7 +503,11 @@ def print_validation(cfg: DictConfig) -> None:
     model, lora, trainer, quant, optim = (data[k] for k in ("model", "lora", "trainer", "quant", "optim"))
     tree = Tree("[bold]fine_tune run plan[/bold] (validate=true: nothing was trained, no weights loaded)")
 
-    node = tree.add(f"[bold]checks[/bold]: {len(checked.targets)} targets import and accept their keys")
+    built = instantiate_light(cfg)
+    node = tree.add(
+        f"[bold]checks[/bold]: {len(checked.targets)} targets import and accept their keys; "
+        f"built without weights: {', '.join(built)}"
+    )
     for path, target in checked.targets:
         node.add(f"{path}: {target}")
 
@@ -576,6 +580,31 @@ def print_validation(cfg: DictConfig) -> None:
             node.add(note)
     Console().print(tree)
     print("validation passed")
+
+
+def instantiate_light(cfg: DictConfig) -> list[str]:
+    """Build every object that holds no weights, so their own validation runs too (PEFT's LoraConfig,
+    BitsAndBytesConfig, TrainingArguments, the optimizer factory, the tracker; nothing is started)."""
+    import tempfile
+
+    from fine_tune.utils.build import build
+
+    build(cfg.lora)
+    build(cfg.quant)
+    with tempfile.TemporaryDirectory() as tmp:
+        build(
+            cfg.trainer,
+            output_dir=tmp,
+            seed=cfg.seed,
+            has_eval=True,
+            optim=OmegaConf.to_container(cfg.optim, resolve=True),
+            _convert_="all",
+        )
+    from fine_tune.training.optim import build_optimizer_factory
+
+    build_optimizer_factory(cfg.optim.optimizer)
+    build(cfg.logger)
+    return ["lora", "quant", "trainer", "optim.optimizer", "logger"]
 
 
 def _build_data(cfg: DictConfig) -> Any:
