@@ -3,7 +3,7 @@
 # SIGTERM mid-run + resume=true compared with the uninterrupted run, a QLoRA (nf4) run, generate,
 # export (adapter and merged, loaded back with plain transformers on the GPU), and validate=true on a
 # Mistral-7B-shaped config. On the device machine, wheels from .whl/ (carry it) are installed first.
-#   OUT=/tmp/lc_out bash scripts/lifecycle_gpu_smoke.sh
+#   OUT=/tmp/lc_out bash benchmarks/lifecycle_gpu_smoke.sh
 set -o pipefail
 OUT=${OUT:-/tmp/lc_out}; mkdir -p "$OUT"
 if [ -d .whl ] && ! python3 -c "import hydra, mistral_common" 2>/dev/null; then
