@@ -110,7 +110,12 @@ def build_trainer(
     metrics = MetricsLogCallback(run_dir, tracker)
     generation = cfg.trainer.generation
     samples = SampleCallback(
-        run_dir, tracker, tokenizer, data.prompts, generation.num_prompts, generation.max_new_tokens,
+        run_dir,
+        tracker,
+        tokenizer,
+        data.prompts,
+        generation.num_prompts,
+        generation.max_new_tokens,
         cfg.trainer.eval_steps,
     )
     from transformers.trainer_callback import PrinterCallback

@@ -35,20 +35,37 @@ TINY = [
 
 
 def env(extra: dict | None = None) -> dict:
-    base = {**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "offline"), "HF_HUB_OFFLINE": "1",
-            "TOKENIZERS_PARALLELISM": "false"}
+    base = {
+        **os.environ,
+        "WANDB_MODE": os.environ.get("WANDB_MODE", "offline"),
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     return {**base, **(extra or {})}
 
 
-def cli(args: list[str], module: str = "fine_tune", extra_env: dict | None = None,
-        timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env(extra_env),
-                          capture_output=True, text=True, timeout=timeout)
+def cli(
+    args: list[str], module: str = "fine_tune", extra_env: dict | None = None, timeout: int = 600
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=ROOT,
+        env=env(extra_env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def popen(args: list[str], module: str = "fine_tune") -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, env=env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", module, *args],
+        cwd=ROOT,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -59,8 +76,11 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def step_losses(run_dir: Path) -> list[tuple[int, float, float | None]]:
     """(step, train loss, grad norm) of every logged step: what exact resume must reproduce."""
-    return [(r["step"], r["train/loss"], r.get("train/grad_norm"))
-            for r in read_jsonl(run_dir / "metrics.jsonl") if "train/loss" in r]
+    return [
+        (r["step"], r["train/loss"], r.get("train/grad_norm"))
+        for r in read_jsonl(run_dir / "metrics.jsonl")
+        if "train/loss" in r
+    ]
 
 
 def status(run_dir: Path) -> str | None:

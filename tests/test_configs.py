@@ -52,9 +52,12 @@ def test_option_composes_and_target_binds(group: str, option: str):
     assert target, f"conf/{group}/{option}.yaml has no _target_"
     builder = locate(target)
     keys = {k: v for k, v in node.items() if not str(k).startswith("_")}
-    runtime = {"model": {"quant": None, "seed": 0}, "dataset": {"tokenizer": None, "max_length": 1,
-               "packing": False, "seed": 0, "cache_dir": None}, "trainer": {"output_dir": "x"},
-               "optim": {"params": []}}
+    runtime = {
+        "model": {"quant": None, "seed": 0},
+        "dataset": {"tokenizer": None, "max_length": 1, "packing": False, "seed": 0, "cache_dir": None},
+        "trainer": {"output_dir": "x"},
+        "optim": {"params": []},
+    }
     inspect.signature(builder).bind(**keys, **runtime.get(group, {}))
 
 
@@ -80,16 +83,19 @@ def test_cheap_builders_instantiate():
         assert optimizer.param_groups[0]["lr"] == pytest.approx(compose().model.lr)
     for option in options("trainer"):
         cfg = compose([f"trainer={option}"])
-        args = instantiate(cfg.trainer, output_dir="/tmp/x", optim=OmegaConf.to_container(cfg.optim,
-                                                                                           resolve=True))
+        args = instantiate(
+            cfg.trainer, output_dir="/tmp/x", optim=OmegaConf.to_container(cfg.optim, resolve=True)
+        )
         assert isinstance(args, TrainingArguments)
         assert args.learning_rate == pytest.approx(cfg.optim.lr)
 
 
 def test_real_model_options_name_real_checkpoints():
-    for option, name in [("mistral_7b", "mistralai/Mistral-7B-v0.1"),
-                         ("mixtral", "mistralai/Mixtral-8x7B-v0.1"),
-                         ("mixtral_8x7b_instruct", "mistralai/Mixtral-8x7B-Instruct-v0.1")]:
+    for option, name in [
+        ("mistral_7b", "mistralai/Mistral-7B-v0.1"),
+        ("mixtral", "mistralai/Mixtral-8x7B-v0.1"),
+        ("mixtral_8x7b_instruct", "mistralai/Mixtral-8x7B-Instruct-v0.1"),
+    ]:
         cfg = compose([f"model={option}"])
         assert cfg.model.name_or_path == name
         assert cfg.model.init == "pretrained"

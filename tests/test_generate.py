@@ -12,8 +12,10 @@ def test_generate_matches_the_sample_logged_at_the_last_eval():
     sample = rows[0]
     # The sample's prompt was rendered by the data pipeline; feed generate the user text only.
     instruction = sample["prompt"].split("[INST] ", 1)[1].rsplit(" [/INST]", 1)[0]
-    result = cli([f"run={run}", f"prompt={instruction}", "max_new_tokens=16", "show_prompt=true"],
-                 module="fine_tune.generate")
+    result = cli(
+        [f"run={run}", f"prompt={instruction}", "max_new_tokens=16", "show_prompt=true"],
+        module="fine_tune.generate",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
     assert lines[0] == f"[prompt] {sample['prompt']}"  # the same template, token for token
@@ -29,7 +31,12 @@ def test_chat_loop_reads_turns_until_eof():
 
     result = subprocess.run(
         [sys.executable, "-m", "fine_tune.generate", f"run={run}", "max_new_tokens=4", "show_prompt=true"],
-        input="Hello there\nAnd again\n", cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600,
+        input="Hello there\nAnd again\n",
+        cwd=ROOT,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     prompts = [line for line in result.stdout.splitlines() if "[prompt]" in line]

@@ -8,8 +8,14 @@ from pathlib import Path
 
 from conftest import run_cli
 
-ARGS = ["experiment=tiny_mixtral_qlora", "logger=none", "trainer.save_steps=4", "trainer.eval_steps=4",
-        "trainer.logging_steps=1", "dataset.max_samples=64"]
+ARGS = [
+    "experiment=tiny_mixtral_qlora",
+    "logger=none",
+    "trainer.save_steps=4",
+    "trainer.eval_steps=4",
+    "trainer.logging_steps=1",
+    "dataset.max_samples=64",
+]
 
 
 def train_losses(run_dir: Path) -> list[tuple[int, float]]:

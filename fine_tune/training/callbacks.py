@@ -16,8 +16,14 @@ from fine_tune.utils.io import append_jsonl
 
 log = logging.getLogger("fine_tune")
 
-SHOWN = {"train/loss": "loss", "eval/loss": "eval loss", "eval/perplexity": "ppl",
-         "train/learning_rate": "lr", "train/grad_norm": "grad", "perf/tokens_per_second": "tok/s"}
+SHOWN = {
+    "train/loss": "loss",
+    "eval/loss": "eval loss",
+    "eval/perplexity": "ppl",
+    "train/learning_rate": "lr",
+    "train/grad_norm": "grad",
+    "perf/tokens_per_second": "tok/s",
+}
 
 
 def format_row(row: dict[str, float]) -> str:
@@ -26,8 +32,15 @@ def format_row(row: dict[str, float]) -> str:
     for key, label in SHOWN.items():
         if key in row:
             value = row[key]
-            text = f"{value:.3g}" if key == "train/learning_rate" else f"{value:.4f}" if "loss" in key \
-                else f"{value:.0f}" if key == "perf/tokens_per_second" else f"{value:.3f}"
+            text = (
+                f"{value:.3g}"
+                if key == "train/learning_rate"
+                else f"{value:.4f}"
+                if "loss" in key
+                else f"{value:.0f}"
+                if key == "perf/tokens_per_second"
+                else f"{value:.3f}"
+            )
             parts.append(f"{label} {text}")
     return "  ".join(parts)
 

@@ -31,8 +31,10 @@ def checkpoint_step(path: Path) -> int | None:
 
 
 def is_complete(path: Path) -> bool:
-    return path.is_dir() and all((path / name).is_file() for name in REQUIRED) and any(
-        path.glob("adapter_model.*")
+    return (
+        path.is_dir()
+        and all((path / name).is_file() for name in REQUIRED)
+        and any(path.glob("adapter_model.*"))
     )
 
 

@@ -79,8 +79,10 @@ class PreemptionHandler(TrainerCallback):
             signal.raise_signal(signum)
             return
         self.signum = signum
-        log.warning("%s received: saving a checkpoint at the end of this step, then stopping",
-                    signal.Signals(signum).name)
+        log.warning(
+            "%s received: saving a checkpoint at the end of this step, then stopping",
+            signal.Signals(signum).name,
+        )
 
     @property
     def requested(self) -> bool:

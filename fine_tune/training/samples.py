@@ -36,15 +36,21 @@ def generate_completion(model: Any, tokenizer: Any, prompt_ids: list[int], max_n
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    return tokenizer.decode(output[0, len(prompt_ids):], skip_special_tokens=True)
+    return tokenizer.decode(output[0, len(prompt_ids) :], skip_special_tokens=True)
 
 
 class SampleCallback(TrainerCallback):
     """Writes samples.jsonl rows {step, index, prompt, completion, reference, where} and logs them."""
 
     def __init__(
-        self, run_dir: Path, tracker: Any, tokenizer: Any, prompts: list[dict], num_prompts: int,
-        max_new_tokens: int, eval_steps: int,
+        self,
+        run_dir: Path,
+        tracker: Any,
+        tokenizer: Any,
+        prompts: list[dict],
+        num_prompts: int,
+        max_new_tokens: int,
+        eval_steps: int,
     ) -> None:
         self.path = Path(run_dir) / "samples.jsonl"
         self.tracker = tracker
@@ -77,14 +83,17 @@ class SampleCallback(TrainerCallback):
                     completion = generate_completion(
                         model, self.tokenizer, prompt["prompt_ids"], self.max_new_tokens
                     )
-                    rows.append({
-                        "step": step,
-                        "index": index,
-                        "prompt": prompt.get("prompt_text") or self.tokenizer.decode(prompt["prompt_ids"]),
-                        "completion": completion,
-                        "reference": prompt.get("reference"),
-                        "where": prompt.get("where"),
-                    })
+                    rows.append(
+                        {
+                            "step": step,
+                            "index": index,
+                            "prompt": prompt.get("prompt_text")
+                            or self.tokenizer.decode(prompt["prompt_ids"]),
+                            "completion": completion,
+                            "reference": prompt.get("reference"),
+                            "where": prompt.get("where"),
+                        }
+                    )
         finally:
             model.train(was_training)
         if is_main_process():
