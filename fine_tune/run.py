@@ -156,7 +156,7 @@ def _train(cfg: DictConfig, run_dir: Path, tracker: Any, job: dict, preemption: 
     from transformers import set_seed
 
     from fine_tune.adapters import attach_adapter, count_parameters
-    from fine_tune.hardware import is_main_process, peak_memory_gib
+    from fine_tune.hardware import is_main_process
     from fine_tune.training.checkpoints import prepare_resume
     from fine_tune.training.preemption import Preempted
     from fine_tune.training.trainer import restore_expert_adapters
@@ -197,29 +197,13 @@ def _train(cfg: DictConfig, run_dir: Path, tracker: Any, job: dict, preemption: 
 
         saved = list_checkpoints(run_dir / "checkpoints")
         raise Preempted(preemption.signum, str(saved[-1]) if saved else None, preemption.previous_handler)
-    eval_loss = None
-    if data.eval is not None:  # the last step may have just been evaluated: do not repeat it
-        done = metrics_cb.last_eval.get("step") == trainer.state.global_step
-        eval_loss = metrics_cb.last_eval["eval_loss"] if done else trainer.evaluate()["eval_loss"]
+    eval_loss = final_eval_loss(trainer, metrics_cb, data)
     if is_main_process():
         save_atomically(lambda d: save_adapter(model, d), run_dir / "adapter")
         save_atomically(lambda path: save_tokenizer(tokenizer, path), run_dir / "tokenizer")
-    state = trainer.state
-    runtime = time.perf_counter() - started
-    train_time = metrics_cb._train_time or runtime
-    metrics = {
-        "first_train_loss": metrics_cb.first_loss,
-        "train_loss": metrics_cb.last_loss,
-        "eval_loss": eval_loss,
-        "eval_perplexity": math.exp(min(eval_loss, 50.0)) if eval_loss is not None else None,
-        "steps": state.global_step,
-        "tokens_seen": int(state.num_input_tokens_seen or 0),
-        "tokens_per_second": (state.num_input_tokens_seen or 0) / train_time if train_time else None,
-        "peak_memory_gib": peak_memory_gib(),
-        "trainable_params": trainable,
-        "total_params": total,
-        "runtime_s": runtime,
-    }
+    metrics = final_metrics(
+        trainer.state, metrics_cb, eval_loss, trainable, total, time.perf_counter() - started
+    )
     if is_main_process():
         atomic_write_json(run_dir / "metrics.json", metrics)
         tracker.summary(metrics)
@@ -228,10 +212,42 @@ def _train(cfg: DictConfig, run_dir: Path, tracker: Any, job: dict, preemption: 
         metrics["train_loss"] or float("nan"),
         metrics["first_train_loss"] or float("nan"),
         f"{eval_loss:.4f}" if eval_loss is not None else "n/a",
-        state.global_step,
+        metrics["steps"],
         metrics["tokens_per_second"] or 0.0,
     )
     return metrics, trainer
+
+
+def final_eval_loss(trainer: Any, metrics_cb: Any, data: Any) -> float | None:
+    """The last step may just have been evaluated: reuse it rather than evaluate twice."""
+    if data.eval is None:
+        return None
+    if metrics_cb.last_eval.get("step") == trainer.state.global_step:
+        return metrics_cb.last_eval["eval_loss"]
+    return trainer.evaluate()["eval_loss"]
+
+
+def final_metrics(
+    state: Any, metrics_cb: Any, eval_loss: float | None, trainable: int, total: int, runtime: float
+) -> dict:
+    """metrics.json: what compare, sweeps and the model card read (keys in docs/contracts.md)."""
+    from fine_tune.hardware import peak_memory_gib
+
+    tokens = int(state.num_input_tokens_seen or 0)
+    train_time = metrics_cb.train_time or runtime
+    return {
+        "first_train_loss": metrics_cb.first_loss,
+        "train_loss": metrics_cb.last_loss,
+        "eval_loss": eval_loss,
+        "eval_perplexity": math.exp(min(eval_loss, 50.0)) if eval_loss is not None else None,
+        "steps": state.global_step,
+        "tokens_seen": tokens,
+        "tokens_per_second": tokens / train_time if train_time else None,
+        "peak_memory_gib": peak_memory_gib(),
+        "trainable_params": trainable,
+        "total_params": total,
+        "runtime_s": runtime,
+    }
 
 
 def close_process_group() -> None:

@@ -64,7 +64,7 @@ class MetricsLogCallback(TrainerCallback):
         self.last_loss: float | None = None
         self.last_eval: dict[str, float] = {}
         self._clock = time.perf_counter()
-        self._train_time = 0.0
+        self.train_time = 0.0
         self._tokens_at_clock = 0
 
     def resume_from(self, rows: list[dict]) -> None:
@@ -92,7 +92,7 @@ class MetricsLogCallback(TrainerCallback):
         self._clock, self._tokens_at_clock = now, state.num_input_tokens_seen or 0
         if elapsed <= 0 or tokens <= 0:
             return None
-        self._train_time += elapsed
+        self.train_time += elapsed
         return tokens / elapsed
 
     def on_log(self, args, state, control, logs=None, **kwargs):
