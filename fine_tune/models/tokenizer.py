@@ -96,7 +96,8 @@ def build_tokenizer(spec: str | None, name_or_path: str | None, trust_remote_cod
                 f"cannot load a tokenizer from '{source}' ({type(error).__name__})",
                 where="model.tokenizer" if spec else "model.name_or_path",
                 hint="give a local directory holding tokenizer files, or a hub id with hub access "
-                "(huggingface-cli login; HF_HUB_OFFLINE unset)",
+                "(huggingface-cli login; HF_HUB_OFFLINE unset); without the hub, Mistral/Mixtral use "
+                "model.tokenizer=mistral_v1 (and model.init=random for a dry run)",
             ) from None
     if tokenizer.pad_token is None:
         # Padding positions are masked out of the loss, so any id works; unk keeps EOS unambiguous.
