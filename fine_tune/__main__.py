@@ -12,7 +12,7 @@ import hydra
 from omegaconf import DictConfig
 
 import fine_tune.sweep  # noqa: F401  registers the `fine_tune.job_subdir` resolver used by hydra.sweep.subdir
-from fine_tune.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, UserError, report
+from fine_tune.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, Preempted, UserError, report
 from fine_tune.schema import register_configs
 
 register_configs()  # typed run-level keys at compose time (conf/config.yaml: fine_tune_schema)
@@ -48,12 +48,12 @@ def main(cfg: DictConfig) -> float | None:
         if multirun:
             return None  # the sweep goes on; its summary lists this job as failed
         sys.exit(EXIT_USER_ERROR)
+    except Preempted as error:  # checkpoint saved: requeue with resume=true
+        sweep.mark_preempted(run_dir, str(error))
+        log.warning("preempted: %s; rerun with resume=true (same run dir) to continue", error)
+        error.forward_signal()  # submitit's SIGUSR2 handler requeues the SLURM job here
+        sys.exit(EXIT_PREEMPTED)
     except Exception as error:
-        if type(error).__name__ == "Preempted":  # checkpoint saved: requeue with resume=true
-            sweep.mark_preempted(run_dir, str(error))
-            log.warning("preempted: %s; rerun with resume=true (same run dir) to continue", error)
-            error.forward_signal()  # submitit's SIGUSR2 handler requeues the SLURM job here
-            sys.exit(EXIT_PREEMPTED)
         sweep.mark_failed(run_dir, f"{type(error).__name__}: {error}", oom=sweep.is_oom(error))
         if multirun:
             log.exception("job failed; the sweep goes on")

@@ -6,7 +6,9 @@ print it as one short paragraph and exit with `EXIT_USER_ERROR`, never with a tr
 
 from __future__ import annotations
 
+import signal
 import sys
+from typing import Any
 
 EXIT_USER_ERROR = 2
 EXIT_PREEMPTED = 143  # 128 + SIGTERM, what schedulers (SLURM) expect from a job that stopped cleanly
@@ -35,3 +37,24 @@ def report(error: BaseException, stream=None) -> None:
     """Print an error the way users should see it: one paragraph, no traceback."""
     stream = stream or sys.stderr
     print(f"fine_tune error: {error}", file=stream)
+
+
+class Preempted(Exception):
+    """Training stopped on a signal after saving a checkpoint; the job should be requeued."""
+
+    def __init__(self, signum: int, checkpoint: str | None, previous: Any = None) -> None:
+        name = signal.Signals(signum).name
+        super().__init__(f"stopped on {name}; checkpoint {checkpoint or '(none)'}")
+        self.signum = signum
+        self.checkpoint = checkpoint
+        self.previous = previous
+
+    def forward_signal(self) -> None:
+        """Give the signal to the handler that was there before ours, now that the checkpoint is safe.
+
+        Under Hydra's submitit launcher that handler is submitit's: on SIGUSR2 it requeues the job
+        (which then resumes with resume=true) and exits. Python's default SIGINT handler is skipped,
+        since it would only turn a clean stop into a KeyboardInterrupt traceback.
+        """
+        if callable(self.previous) and self.previous is not signal.default_int_handler:
+            self.previous(self.signum, None)

@@ -18,7 +18,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from fine_tune.errors import UserError
+from fine_tune.errors import Preempted
 from fine_tune.utils.io import atomic_write_json
 
 log = logging.getLogger("fine_tune")
@@ -158,7 +158,6 @@ def _train(cfg: DictConfig, run_dir: Path, tracker: Any, job: dict, preemption: 
     from fine_tune.adapters import attach_adapter, count_parameters
     from fine_tune.hardware import is_main_process
     from fine_tune.training.checkpoints import prepare_resume
-    from fine_tune.training.preemption import Preempted
     from fine_tune.training.trainer import restore_expert_adapters
     from fine_tune.utils.build import build
 
@@ -276,14 +275,8 @@ def run(cfg: DictConfig, run_dir: Path, job: dict) -> float | None:
         metrics, _ = train(cfg, run_dir, tracker, job)
         status = "finished"
         return objective(metrics)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Preempted):
         status = "preempted"
-        raise
-    except UserError:
-        raise
-    except Exception as error:
-        if type(error).__name__ == "Preempted":  # fine_tune.training.preemption; checkpoint saved
-            status = "preempted"
         raise
     finally:
         tracker.finish(status)

@@ -17,31 +17,12 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from fine_tune.errors import Preempted  # noqa: F401  raised by run.py with this handler's signal
+
 log = logging.getLogger("fine_tune")
 
 # SIGUSR2 is what SLURM sends before the time limit under submitit (`signal_delay_s`).
 SIGNALS = tuple(s for s in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGUSR2", None)) if s)
-
-
-class Preempted(Exception):
-    """Training stopped on a signal after saving a checkpoint; the job should be requeued."""
-
-    def __init__(self, signum: int, checkpoint: str | None, previous: Any = None) -> None:
-        name = signal.Signals(signum).name
-        super().__init__(f"stopped on {name}; checkpoint {checkpoint or '(none)'}")
-        self.signum = signum
-        self.checkpoint = checkpoint
-        self.previous = previous
-
-    def forward_signal(self) -> None:
-        """Give the signal to the handler that was there before ours, now that the checkpoint is safe.
-
-        Under Hydra's submitit launcher that handler is submitit's: on SIGUSR2 it requeues the job
-        (which then resumes with resume=true) and exits. Python's default SIGINT handler is skipped,
-        since it would only turn a clean stop into a KeyboardInterrupt traceback.
-        """
-        if callable(self.previous) and self.previous is not signal.default_int_handler:
-            self.previous(self.signum, None)
 
 
 class PreemptionHandler(TrainerCallback):
