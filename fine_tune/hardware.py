@@ -77,11 +77,3 @@ def peak_memory_gib() -> float:
         return torch.cuda.max_memory_allocated() / 2**30
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak_kib / 2**20
-
-
-def gpu_memory_gib() -> float | None:
-    if not has_cuda():
-        return None
-    import torch
-
-    return torch.cuda.get_device_properties(0).total_memory / 2**30
