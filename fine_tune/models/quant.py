@@ -8,6 +8,8 @@ from typing import Any
 from fine_tune.errors import UserError
 
 KINDS = ("none", "nf4", "fp4", "int8")
+#: bitsandbytes' per-layer switch for its CPU inference repacking (see `pin_portable_4bit_layout`)
+CPU_REPACK_FLAG = "support_avx512bf16_for_cpu"
 
 
 @dataclass
@@ -76,3 +78,20 @@ def build_quant_config(
         double_quant=double_quant,
         compute_dtype=dtype,
     )
+
+
+def pin_portable_4bit_layout(model: Any) -> Any:
+    """Keep every `Linear4bit` in the one weight layout all CPUs and GPUs compute with.
+
+    bitsandbytes 0.50 on CPUs with AVX512-BF16 (recent Xeon and EPYC) rewrites a 4-bit weight in place
+    the first time its layer runs in inference mode (an eval, a generation sample): the absmax
+    constants are rounded to bf16 and the layer then computes in bf16 through a kernel without
+    autograd, also in the training steps that follow (the gradient through the frozen weight to the
+    layer's input is lost), and a later `state_dict()` re-quantizes the constants. What a run trains,
+    saves and resumes would then depend on the CPU model and on whether an eval ran. Turning the
+    switch off costs CPU inference speed on those CPUs only; GPUs never take that path.
+    """
+    for module in model.modules():
+        if getattr(module, CPU_REPACK_FLAG, False):
+            setattr(module, CPU_REPACK_FLAG, False)
+    return model

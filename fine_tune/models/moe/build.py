@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from fine_tune.models.quant import pin_portable_4bit_layout
+
 from .experts4bit import (
     EXPERT_PARAM_NAMES,
     Experts4bit,
@@ -166,7 +168,7 @@ def _linear4bit(
     ).to(device)  # Params4bit quantizes when moved to a real device
     if bias is not None:
         new.bias = nn.Parameter(bias, requires_grad=False)
-    return new
+    return pin_portable_4bit_layout(new)
 
 
 def _materialize(
