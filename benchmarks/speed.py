@@ -75,10 +75,13 @@ def prepare(work: Path, args: argparse.Namespace) -> dict:
     import torch
     from transformers import MistralConfig, MistralForCausalLM
 
+    from transformers import AutoTokenizer
+
     from fine_tune.models.tokenizer import mistral_v1_tokenizer
 
     work.mkdir(parents=True, exist_ok=True)
-    tokenizer = mistral_v1_tokenizer()
+    # A converted copy spares a GPU machine the mistral-common package (same files as it ships).
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer) if args.tokenizer else mistral_v1_tokenizer()
     examples_path = work / "examples.jsonl"
     alpaca = work / "alpaca.jsonl"
     rows = [row for path in data_files(Path(args.data_dir)) for row in read_rows(path)]
@@ -442,6 +445,7 @@ def main() -> None:
     parser.add_argument("--data-dir", default=str(SHARED))
     parser.add_argument("--work", default="/tmp/speed_work")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--tokenizer", default=None, help="a saved mistral_v1 tokenizer dir (else mistral-common)")
     parser.add_argument("--tiny", action="store_true", help="tiny random model: check the harness on CPU")
     parser.add_argument(
         "--fine-tune-overrides", nargs="*", default=[], help="extra overrides for fine_tune runs"
