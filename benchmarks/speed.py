@@ -73,9 +73,7 @@ def read_rows(path: Path) -> list[dict]:
 def prepare(work: Path, args: argparse.Namespace) -> dict:
     """Tokenized examples (input_ids, completion_mask) and one random checkpoint, shared by all systems."""
     import torch
-    from transformers import MistralConfig, MistralForCausalLM
-
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
 
     from fine_tune.models.tokenizer import mistral_v1_tokenizer
 
@@ -445,7 +443,7 @@ def main() -> None:
     parser.add_argument("--data-dir", default=str(SHARED))
     parser.add_argument("--work", default="/tmp/speed_work")
     parser.add_argument("--json", default=None)
-    parser.add_argument("--tokenizer", default=None, help="a saved mistral_v1 tokenizer dir (else mistral-common)")
+    parser.add_argument("--tokenizer", default=None, help="saved mistral_v1 tokenizer dir")
     parser.add_argument("--tiny", action="store_true", help="tiny random model: check the harness on CPU")
     parser.add_argument(
         "--fine-tune-overrides", nargs="*", default=[], help="extra overrides for fine_tune runs"
