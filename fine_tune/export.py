@@ -218,14 +218,14 @@ def push(out: Path, repo: str, private: bool) -> str:
 
 def main(argv: list[str]) -> None:
     args = parse_args(argv, ARGS)
-    run_dir, cfg = load_config(args["run"])
-    merge = bool(args["merge"])
     if args["dtype"] not in (None, "auto", "bfloat16", "float16", "float32"):
         raise UserError(
             f"unknown dtype {args['dtype']!r}", where="dtype", hint="bfloat16, float16 or float32"
         )
     if args["base"] not in ("original", "dequantized"):
         raise UserError(f"unknown base {args['base']!r}", where="base", hint="original or dequantized")
+    run_dir, cfg = load_config(args["run"])
+    merge = bool(args["merge"])
     out = Path(str(args["out"])) if args["out"] else run_dir / "export" / ("merged" if merge else "adapter")
     if merge:
         export_merged(run_dir, args["checkpoint"], args["dtype"], args["base"], out)

@@ -175,7 +175,13 @@ def test_plain_peft_on_the_dequantized_base_is_the_same_model(tmp_path):
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert sum(p.numel() for n, p in loaded.named_parameters() if "lora_" in n) == trained
     torch.testing.assert_close(logits(loaded), expected, atol=2e-5, rtol=1e-5)
-    assert (before - expected).abs().max() > 1e-2  # the experts' adapters mattered
+    assert (before - expected).abs().max() > 1e-2
+    config = peft.PeftConfig.from_pretrained(tmp_path)
+    config.target_parameters = None  # what plain PEFT loaded before: the attention adapters alone
+    attention_only = peft.PeftModel.from_pretrained(
+        dequantize_model(fresh_base(layers=2), torch.float32), tmp_path, config=config
+    )
+    assert (logits(attention_only.eval()) - expected).abs().max() > 1e-3
     merged = loaded.merge_and_unload()
     torch.testing.assert_close(logits(merged), expected, atol=2e-5, rtol=1e-5)
 
