@@ -26,6 +26,8 @@ from typing import Any
 from fine_tune.errors import UserError
 from fine_tune.inference import adapter_dir_of, load_config, load_run, parse_args, run_main
 
+UNQUANTIZED = {"_target_": "fine_tune.models.quant.build_quant_config", "kind": "none"}  # quant node
+
 ARGS: dict[str, Any] = {
     "run": None,
     "merge": False,  # true: base + LoRA merged into one model; false: the adapter alone
@@ -116,7 +118,7 @@ def adapter_usage(base: str | None, adapter: dict) -> list[str]:
         lines += [
             "",
             f"# LoRA on the fused experts too ({', '.join(experts)}): PEFT adapts them on an",
-            "# unquantized base (bf16 or fp32), so load the base without a quantization config.",
+            "# unquantized base (bf16 or fp32): load it without a quantization config.",
         ]
     lines += [
         f"base = AutoModelForCausalLM.from_pretrained('{base or '<base>'}', dtype=torch.bfloat16)",
@@ -176,10 +178,7 @@ def export_merged(run_dir: Path, checkpoint: str | None, dtype: str | None, base
             )
         loaded = load_run(run_dir, checkpoint, dtype=dtype, dequantize=True)
     else:
-        unquantized = OmegaConf.create(
-            {"_target_": "fine_tune.models.quant.build_quant_config", "kind": "none"}
-        )
-        loaded = load_run(run_dir, checkpoint, quant=unquantized, dtype=dtype)
+        loaded = load_run(run_dir, checkpoint, quant=OmegaConf.create(UNQUANTIZED), dtype=dtype)
     merged = loaded.model.merge_and_unload()  # PEFT folds attention and expert adapters alike
     merged.config.use_cache = True
 

@@ -11,7 +11,18 @@ import pytest
 import torch
 from lifecycle_helpers import cli, tiny_run
 
+from fine_tune.export import UNQUANTIZED
+
 PROMPTS = ["<s> [INST] Convert 35000 grams to kilograms. [/INST]", "The capital of France is"]
+
+
+def train_briefly(run: Path, *overrides: str) -> Path:
+    """A 2-step run: enough for an adapter that differs from its initialisation."""
+    brief = ["logger=none", "trainer.max_steps=2", "trainer.eval_steps=2"]
+    data = ["dataset.max_samples=8", "dataset.max_eval_samples=2"]
+    result = cli([*brief, *data, *overrides, f"hydra.run.dir={run}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run
 
 
 def logits(model, tokenizer) -> torch.Tensor:
@@ -98,27 +109,14 @@ def test_qlora_run_merges_into_the_unquantized_base(tmp_path: Path):
 
     from fine_tune.inference import load_run
 
-    run = tmp_path / "run"
-    args = [
-        "logger=none",
-        "trainer=cpu",
-        "quant=nf4",
-        "trainer.max_steps=2",
-        "trainer.eval_steps=2",
-        "trainer.per_device_train_batch_size=2",
-        "dataset.max_samples=8",
-        "dataset.max_eval_samples=2",
-    ]
-    result = cli([*args, f"hydra.run.dir={run}"])
-    assert result.returncode == 0, result.stderr[-3000:]
+    run = train_briefly(tmp_path / "run", "trainer=cpu", "quant=nf4", "trainer.per_device_train_batch_size=2")
     out = tmp_path / "merged"
     result = cli([f"run={run}", "merge=true", "dtype=float32", f"out={out}"], module="fine_tune.export")
     assert result.returncode == 0, result.stderr[-3000:]
     config = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in config
     merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
-    plain = OmegaConf.create({"_target_": "fine_tune.models.quant.build_quant_config", "kind": "none"})
-    reference = load_run(run, quant=plain, dtype="float32")
+    reference = load_run(run, quant=OmegaConf.create(UNQUANTIZED), dtype="float32")
     expected = logits(reference.model, reference.tokenizer)
     torch.testing.assert_close(logits(merged, reference.tokenizer), expected, atol=1e-4, rtol=1e-4)
 
@@ -134,18 +132,7 @@ def mixtral(tmp_path_factory):
     from fine_tune.inference import load_run
 
     root = tmp_path_factory.mktemp("mixtral")
-    run = root / "run"
-    args = [
-        "experiment=tiny_mixtral_qlora",
-        "logger=none",
-        "trainer.max_steps=2",
-        "trainer.eval_steps=2",
-        "trainer.save_steps=2",
-        "dataset.max_samples=8",
-        "dataset.max_eval_samples=2",
-    ]
-    result = cli([*args, f"hydra.run.dir={run}"])
-    assert result.returncode == 0, result.stderr[-3000:]
+    run = train_briefly(root / "run", "experiment=tiny_mixtral_qlora", "trainer.save_steps=2")
     loaded = load_run(run)
     inputs = loaded.tokenizer(PROMPTS, return_tensors="pt", padding=True, add_special_tokens=False)
     torch.save(dict(inputs), root / "inputs.pt")
@@ -230,8 +217,7 @@ def test_mixtral_merges_into_its_original_weights(mixtral, tmp_path: Path):
     assert result.returncode == 0, result.stderr[-3000:]
     report, got = plain_load(out, None, inputs)
     assert report["lora_names"] == 0
-    plain = OmegaConf.create({"_target_": "fine_tune.models.quant.build_quant_config", "kind": "none"})
-    reference = load_run(run, quant=plain, dtype="float32")
+    reference = load_run(run, quant=OmegaConf.create(UNQUANTIZED), dtype="float32")
     assert not any(type(m).__name__ == "Experts4bit" for m in reference.model.modules())
     expected = logits(reference.model, reference.tokenizer)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
