@@ -3,31 +3,30 @@
 Two products, because they serve different users: the adapter alone (megabytes, PEFT format, needs
 the base model) for people who already have the base, and a merged model (base + LoRA folded into
 the weights, no PEFT needed) that plain `AutoModelForCausalLM.from_pretrained` loads, for serving.
-A quantized base is merged into its unquantized weights (loaded in `dtype`): merging into 4-bit
-weights would round the adapter away. Both get a model card that says what was trained on what,
-with which settings, to which metrics. Outputs are written into a temporary sibling and renamed,
-so an interrupted export never leaves a half model under the final name.
+The adapter is PEFT's format throughout, Mixtral's expert adapters included (`target_parameters`),
+so plain PEFT loads all of it. A quantized base is merged in float, never into 4-bit weights (that
+would round the adapter away): `base=original` loads the unquantized checkpoint in `dtype`,
+`base=dequantized` dequantizes the run's 4-bit weights, the very weights the adapter was trained
+and evaluated on (and the way to merge Mixtral-8x7B with its 4-bit base on one GPU). Both get a
+model card that says what was trained on what, with which settings, to which metrics, and how to
+load it. Outputs are written into a temporary sibling and renamed, so an interrupted export never
+leaves a half model under the final name.
 
   python -m fine_tune.export run=outputs/train/2026-11-23_10-00-00                  # -> <run>/export/adapter
   python -m fine_tune.export run=<dir> merge=true dtype=bfloat16 out=/models/my-mistral
+  python -m fine_tune.export run=<dir> merge=true base=dequantized out=/models/my-mixtral
   python -m fine_tune.export run=<dir> push_to_hub=me/my-adapter   # needs HF_TOKEN or huggingface-cli login
 """
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
 from fine_tune.errors import UserError
-from fine_tune.inference import (
-    adapter_dir_of,
-    has_expert_adapter,
-    load_config,
-    load_run,
-    parse_args,
-    run_main,
-)
+from fine_tune.inference import adapter_dir_of, load_config, load_run, parse_args, run_main
+
+UNQUANTIZED = {"_target_": "fine_tune.models.quant.build_quant_config", "kind": "none"}  # quant node
 
 ARGS: dict[str, Any] = {
     "run": None,
@@ -35,13 +34,17 @@ ARGS: dict[str, Any] = {
     "out": None,  # default <run>/export/adapter or <run>/export/merged
     "checkpoint": None,  # latest | <checkpoint dir>: export a checkpoint's adapter
     "dtype": None,  # merged weights: bfloat16 | float16 | float32; default: the run's model.dtype
+    "base": "original",  # merge into: original (the unquantized checkpoint) | dequantized (the 4-bit run's)
     "push_to_hub": None,  # a hub repo id, e.g. me/my-adapter
     "private": True,  # a new hub repo is private
 }
 
 
-def model_card(run_dir: Path, cfg: Any, merged: bool, template: str | None) -> str:
-    """README.md for the hub: base model, data set, training config and final metrics (redacted)."""
+def model_card(
+    run_dir: Path, cfg: Any, merged: bool, template: str | None, adapter: dict | None = None
+) -> str:
+    """README.md for the hub: base model, data set, training config, final metrics (redacted) and
+    code that loads it; `adapter` ({config, numbers}) is what an adapter export holds."""
     from omegaconf import OmegaConf
 
     from fine_tune.tracking.redact import redact
@@ -84,20 +87,7 @@ def model_card(run_dir: Path, cfg: Any, merged: bool, template: str | None) -> s
         "## Usage",
         "",
         "```python",
-        *(
-            [
-                "from transformers import AutoModelForCausalLM, AutoTokenizer",
-                "model = AutoModelForCausalLM.from_pretrained('<this directory or repo>')",
-                "tokenizer = AutoTokenizer.from_pretrained('<this directory or repo>')",
-            ]
-            if merged
-            else [
-                "from peft import PeftModel",
-                "from transformers import AutoModelForCausalLM",
-                f"base = AutoModelForCausalLM.from_pretrained('{model.get('name_or_path') or '<base>'}')",
-                "model = PeftModel.from_pretrained(base, '<this directory or repo>')",
-            ]
-        ),
+        *(merged_usage() if merged else adapter_usage(model.get("name_or_path"), adapter or {})),
         "```",
         "",
         "Prompts must use the training template above (`python -m fine_tune.generate` applies it).",
@@ -110,6 +100,36 @@ def model_card(run_dir: Path, cfg: Any, merged: bool, template: str | None) -> s
         "",
     ]
     return "\n".join(lines)
+
+
+def merged_usage() -> list[str]:
+    return [
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "model = AutoModelForCausalLM.from_pretrained('<this directory or repo>')",
+        "tokenizer = AutoTokenizer.from_pretrained('<this directory or repo>')",
+    ]
+
+
+def adapter_usage(base: str | None, adapter: dict) -> list[str]:
+    """Plain PEFT code that loads every trained number (experts too: PEFT's `target_parameters`)."""
+    experts = (adapter.get("config") or {}).get("target_parameters")
+    lines = ["import torch", "from peft import PeftModel", "from transformers import AutoModelForCausalLM"]
+    if experts:
+        lines += [
+            "",
+            f"# LoRA on the fused experts too ({', '.join(experts)}): PEFT adapts them on an",
+            "# unquantized base (bf16 or fp32): load it without a quantization config.",
+        ]
+    lines += [
+        f"base = AutoModelForCausalLM.from_pretrained('{base or '<base>'}', dtype=torch.bfloat16)",
+        "model = PeftModel.from_pretrained(base, '<this directory or repo>')",
+    ]
+    if adapter.get("numbers"):
+        lines.append(
+            f"# all {adapter['numbers']:,} trained numbers load: "
+            "sum(p.numel() for n, p in model.named_parameters() if 'lora_' in n)"
+        )
+    return lines
 
 
 def _fmt(value: Any) -> str:
@@ -125,36 +145,41 @@ def write_atomically(out: Path, fill: Any) -> Path:
 
 
 def export_adapter(run_dir: Path, cfg: Any, adapter: Path, out: Path) -> Path:
+    """PEFT's two files (runs from before the expert format are converted), tokenizer, card."""
     from fine_tune.inference import template_of
+    from fine_tune.models.moe import read_peft_adapter, write_peft_adapter
     from fine_tune.run import build_tokenizer, quiet_libraries
 
     quiet_libraries()
     tokenizer = build_tokenizer(cfg)
     template = template_of(run_dir, cfg, tokenizer)
+    config, tensors = read_peft_adapter(adapter)
+    numbers = sum(t.numel() for t in tensors.values())
 
     def fill(tmp: Path) -> None:
-        for path in adapter.iterdir():
-            if path.is_file() and (path.name.startswith(("adapter_", "expert_adapter"))):
-                shutil.copy2(path, tmp / path.name)
+        write_peft_adapter(tmp, config, tensors)
         tokenizer.save_pretrained(tmp)
-        (tmp / "README.md").write_text(model_card(run_dir, cfg, merged=False, template=template))
+        card = model_card(run_dir, cfg, False, template, {"config": config, "numbers": numbers})
+        (tmp / "README.md").write_text(card)
 
     return write_atomically(out, fill)
 
 
-def export_merged(run_dir: Path, checkpoint: str | None, dtype: str | None, out: Path) -> Path:
+def export_merged(run_dir: Path, checkpoint: str | None, dtype: str | None, base: str, out: Path) -> Path:
     from omegaconf import OmegaConf
 
     path, cfg = load_config(run_dir)
-    if has_expert_adapter(adapter_dir_of(path, checkpoint)):
-        raise UserError(
-            "merging expert adapters into a full model is not supported",
-            where="merge",
-            hint="export the adapter alone (merge=false); serve it on the 4-bit base with fine_tune.generate",
-        )
-    unquantized = OmegaConf.create({"_target_": "fine_tune.models.quant.build_quant_config", "kind": "none"})
-    loaded = load_run(run_dir, checkpoint, quant=unquantized, dtype=dtype)
-    merged = loaded.model.merge_and_unload()
+    if base == "dequantized":
+        if cfg.quant.kind not in ("nf4", "fp4"):
+            raise UserError(
+                f"base=dequantized needs a 4-bit run, this one trained with quant={cfg.quant.kind}",
+                where="base",
+                hint="use base=original (the default)",
+            )
+        loaded = load_run(run_dir, checkpoint, dtype=dtype, dequantize=True)
+    else:
+        loaded = load_run(run_dir, checkpoint, quant=OmegaConf.create(UNQUANTIZED), dtype=dtype)
+    merged = loaded.model.merge_and_unload()  # PEFT folds attention and expert adapters alike
     merged.config.use_cache = True
 
     def fill(tmp: Path) -> None:
@@ -192,15 +217,17 @@ def push(out: Path, repo: str, private: bool) -> str:
 
 def main(argv: list[str]) -> None:
     args = parse_args(argv, ARGS)
-    run_dir, cfg = load_config(args["run"])
-    merge = bool(args["merge"])
     if args["dtype"] not in (None, "auto", "bfloat16", "float16", "float32"):
         raise UserError(
             f"unknown dtype {args['dtype']!r}", where="dtype", hint="bfloat16, float16 or float32"
         )
+    if args["base"] not in ("original", "dequantized"):
+        raise UserError(f"unknown base {args['base']!r}", where="base", hint="original or dequantized")
+    run_dir, cfg = load_config(args["run"])
+    merge = bool(args["merge"])
     out = Path(str(args["out"])) if args["out"] else run_dir / "export" / ("merged" if merge else "adapter")
     if merge:
-        export_merged(run_dir, args["checkpoint"], args["dtype"], out)
+        export_merged(run_dir, args["checkpoint"], args["dtype"], args["base"], out)
     else:
         export_adapter(run_dir, cfg, adapter_dir_of(run_dir, args["checkpoint"]), out)
     print(f"exported {'merged model' if merge else 'adapter'} to {out}", flush=True)

@@ -141,27 +141,28 @@ def load_base(cfg: Any, tokenizer: Any, quant: Any = None, dtype: str | None = N
 
 
 def load_run(
-    run_dir: str | Path, checkpoint: str | None = None, quant: Any = None, dtype: str | None = None
+    run_dir: str | Path,
+    checkpoint: str | None = None,
+    quant: Any = None,
+    dtype: str | None = None,
+    dequantize: bool = False,
 ) -> LoadedRun:
-    """Base + adapter in eval mode, the run's tokenizer and template; see the module docstring."""
+    """Base + adapter in eval mode, the run's tokenizer and template; see the module docstring.
+
+    `dequantize=True` turns the run's 4-bit base into plain float weights (in `dtype`) before the
+    adapter is attached: the weights the adapter was trained against, without bitsandbytes.
+    """
     path, cfg = load_config(run_dir)
     adapter = adapter_dir_of(path, checkpoint)
     from fine_tune.run import build_tokenizer, quiet_libraries
 
     quiet_libraries()
     tokenizer = build_tokenizer(cfg)
-    loaded = load_base(cfg, tokenizer, quant=quant, dtype=dtype)
-    from peft import PeftModel
+    base = load_base(cfg, tokenizer, quant=quant, dtype=dtype).model
+    from fine_tune.models.moe import dequantize_model, load_adapter
 
-    model = PeftModel.from_pretrained(loaded.model, str(adapter), is_trainable=False)
-    if has_expert_adapter(adapter):
-        from fine_tune.models.moe import load_expert_adapter
-
-        load_expert_adapter(model, adapter)
+    if dequantize:
+        base = dequantize_model(base, None if dtype in (None, "auto") else dtype)
+    model = load_adapter(base, adapter)  # PEFT's files, expert adapters included
     model.eval()
     return LoadedRun(path, cfg, model, tokenizer, template_of(path, cfg, tokenizer), adapter)
-
-
-def has_expert_adapter(adapter: Path) -> bool:
-    """Mixtral expert adapters live next to PEFT's files (PEFT cannot hold 4-bit expert LoRA)."""
-    return (Path(adapter) / "expert_adapter.safetensors").is_file()

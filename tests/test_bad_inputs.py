@@ -102,6 +102,7 @@ def test_bad_configuration_fails_cleanly(overrides, needle, data_dir: Path, tmp_
         ("fine_tune.export", ["run=.", "shape=round"], "shape"),
         ("fine_tune.generate", ["run=.", "max_new_tokens=many"], "max_new_tokens"),
         ("fine_tune.export", ["run=.", "merge=perhaps"], "merge"),
+        ("fine_tune.export", ["run=.", "merge=true", "base=halfway"], "base"),
     ],
     ids=[
         "generate_missing_run",
@@ -109,6 +110,7 @@ def test_bad_configuration_fails_cleanly(overrides, needle, data_dir: Path, tmp_
         "export_unknown_argument",
         "generate_bad_int",
         "export_bad_bool",
+        "export_unknown_merge_base",
     ],
 )
 def test_bad_tool_arguments_fail_cleanly(module, args, needle):

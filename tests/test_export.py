@@ -1,5 +1,6 @@
 """Export: the merged model loads with plain transformers and matches base + adapter; the adapter
-alone loads with plain PEFT; both carry a model card; nothing half-written is left behind."""
+alone loads with plain PEFT; both carry a model card; nothing half-written is left behind. Mixtral's
+expert adapters too: the exports are loaded in a process that never imports fine_tune."""
 
 from __future__ import annotations
 
@@ -10,7 +11,18 @@ import pytest
 import torch
 from lifecycle_helpers import cli, tiny_run
 
+from fine_tune.export import UNQUANTIZED
+
 PROMPTS = ["<s> [INST] Convert 35000 grams to kilograms. [/INST]", "The capital of France is"]
+
+
+def train_briefly(run: Path, *overrides: str) -> Path:
+    """A 2-step run: enough for an adapter that differs from its initialisation."""
+    brief = ["logger=none", "trainer.max_steps=2", "trainer.eval_steps=2"]
+    data = ["dataset.max_samples=8", "dataset.max_eval_samples=2"]
+    result = cli([*brief, *data, *overrides, f"hydra.run.dir={run}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run
 
 
 def logits(model, tokenizer) -> torch.Tensor:
@@ -97,26 +109,118 @@ def test_qlora_run_merges_into_the_unquantized_base(tmp_path: Path):
 
     from fine_tune.inference import load_run
 
-    run = tmp_path / "run"
-    args = [
-        "logger=none",
-        "trainer=cpu",
-        "quant=nf4",
-        "trainer.max_steps=2",
-        "trainer.eval_steps=2",
-        "trainer.per_device_train_batch_size=2",
-        "dataset.max_samples=8",
-        "dataset.max_eval_samples=2",
-    ]
-    result = cli([*args, f"hydra.run.dir={run}"])
-    assert result.returncode == 0, result.stderr[-3000:]
+    run = train_briefly(tmp_path / "run", "trainer=cpu", "quant=nf4", "trainer.per_device_train_batch_size=2")
     out = tmp_path / "merged"
     result = cli([f"run={run}", "merge=true", "dtype=float32", f"out={out}"], module="fine_tune.export")
     assert result.returncode == 0, result.stderr[-3000:]
     config = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in config
     merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
-    plain = OmegaConf.create({"_target_": "fine_tune.models.quant.build_quant_config", "kind": "none"})
-    reference = load_run(run, quant=plain, dtype="float32")
+    reference = load_run(run, quant=OmegaConf.create(UNQUANTIZED), dtype="float32")
     expected = logits(reference.model, reference.tokenizer)
     torch.testing.assert_close(logits(merged, reference.tokenizer), expected, atol=1e-4, rtol=1e-4)
+
+
+# ---- Mixtral with LoRA on attention and experts: everything loads without fine_tune ------------------
+PLAIN_LOAD = Path(__file__).with_name("plain_load.py")
+
+
+@pytest.fixture(scope="module")
+def mixtral(tmp_path_factory):
+    """A tiny Mixtral QLoRA run (4-bit attention and experts, LoRA on both), fine_tune's model of it
+    as trained, and its logits on PROMPTS: what every export below must reproduce."""
+    from fine_tune.inference import load_run
+
+    root = tmp_path_factory.mktemp("mixtral")
+    run = train_briefly(root / "run", "experiment=tiny_mixtral_qlora", "trainer.save_steps=2")
+    loaded = load_run(run)
+    inputs = loaded.tokenizer(PROMPTS, return_tensors="pt", padding=True, add_special_tokens=False)
+    torch.save(dict(inputs), root / "inputs.pt")
+    return run, loaded, root / "inputs.pt", logits(loaded.model, loaded.tokenizer)
+
+
+def plain_load(model_dir: Path, adapter_dir: Path | None, inputs: Path) -> tuple[dict, torch.Tensor]:
+    """Logits and load report of `model_dir` (+ adapter) in a process that never imports fine_tune."""
+    import subprocess
+    import sys
+
+    out = inputs.with_name(f"logits-{model_dir.name}-{adapter_dir.name if adapter_dir else 'none'}.pt")
+    args = [str(model_dir), str(adapter_dir or "-"), str(inputs), str(out)]
+    result = subprocess.run(
+        [sys.executable, str(PLAIN_LOAD), *args], capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["fine_tune_imported"] is False
+    return report, torch.load(out)
+
+
+@pytest.mark.slow
+def test_mixtral_adapter_loads_whole_in_plain_peft(mixtral, tmp_path: Path):
+    """Plain PEFT on the unquantized base loads every trained number, experts included, and computes
+    fine_tune's model: the base is the run's 4-bit weights dequantized, so both sides share it."""
+    from fine_tune.inference import load_base
+    from fine_tune.models.moe import dequantize_model
+
+    run, loaded, inputs, expected = mixtral
+    out = tmp_path / "adapter"
+    result = cli([f"run={run}", f"out={out}"], module="fine_tune.export")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in out.glob("*adapter*")) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+    from safetensors.torch import load_file
+
+    exported, own = (load_file(str(d / "adapter_model.safetensors")) for d in (out, run / "adapter"))
+    assert exported.keys() == own.keys() and all(torch.equal(exported[k], own[k]) for k in own)
+    same_config = json.loads((out / "adapter_config.json").read_text())
+    assert same_config == json.loads((run / "adapter" / "adapter_config.json").read_text())  # adapter/ too
+    base = tmp_path / "base"
+    dequantize_model(load_base(loaded.cfg, loaded.tokenizer).model, torch.float32).save_pretrained(base)
+
+    report, got = plain_load(base, out, inputs)
+    trained = json.loads((run / "metrics.json").read_text())["trainable_params"]
+    assert report["adapter_numbers"] == report["file_numbers"] == trained  # 79,872: none dropped
+    assert report["same_keys"] and report["same_values"]
+    assert not [w for w in report["warnings"] if "missing" in w.lower() or "unexpected" in w.lower()]
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    card = (out / "README.md").read_text()
+    for needle in ("PeftModel.from_pretrained(base,", "mlp.experts.gate_up_proj", f"{trained:,}"):
+        assert needle in card, needle
+
+
+@pytest.mark.slow
+def test_mixtral_merges_into_its_dequantized_weights(mixtral, tmp_path: Path):
+    """merge=true base=dequantized: a plain transformers model that *is* the trained model."""
+    run, _, inputs, expected = mixtral
+    out = tmp_path / "merged"
+    args = [f"run={run}", "merge=true", "base=dequantized", "dtype=float32", f"out={out}"]
+    result = cli(args, module="fine_tune.export")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    report, got = plain_load(out, None, inputs)
+    assert report["lora_names"] == 0
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_mixtral_merges_into_its_original_weights(mixtral, tmp_path: Path):
+    """merge=true (base=original): the unquantized checkpoint + attention and expert adapters."""
+    from omegaconf import OmegaConf
+
+    from fine_tune.inference import load_run
+
+    run, loaded, inputs, trained = mixtral
+    out = tmp_path / "merged"
+    result = cli([f"run={run}", "merge=true", "dtype=float32", f"out={out}"], module="fine_tune.export")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report, got = plain_load(out, None, inputs)
+    assert report["lora_names"] == 0
+    reference = load_run(run, quant=OmegaConf.create(UNQUANTIZED), dtype="float32")
+    assert not any(type(m).__name__ == "Experts4bit" for m in reference.model.modules())
+    expected = logits(reference.model, reference.tokenizer)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    with reference.model.disable_adapter():  # the adapters (experts among them) changed the model
+        assert (logits(reference.model, reference.tokenizer) - expected).abs().max() > 1e-3
+    assert (got - trained).abs().max() > 0  # a different base than the 4-bit one: not the same model

@@ -1,5 +1,7 @@
 """LoRA on 4-bit experts: the requested rank, only adapters train, the loss falls, and the adapter
-round-trips through save/load; its PEFT layout equals PEFT's own `target_parameters` adapter."""
+round-trips through save/load; it is saved as PEFT's own `target_parameters` adapter (same keys,
+shapes and meaning), so plain PEFT on the dequantized base computes the same model; old runs' files
+still load."""
 
 from __future__ import annotations
 
@@ -12,9 +14,13 @@ from conftest import tiny_mixtral_config
 from fine_tune.models.moe import (
     attach_expert_lora,
     build_random_model,
+    dequantize_model,
+    expert_lora_state_dict,
+    load_adapter,
     load_expert_adapter,
     save_expert_adapter,
 )
+from fine_tune.models.moe.adapter_files import expert_peft_tensors
 from fine_tune.models.moe.lora import ExpertLoRA
 
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -92,36 +98,126 @@ def test_training_updates_only_adapters_and_loss_falls():
             assert torch.equal(v, frozen[k]), f"{k} changed"
 
 
-def test_adapter_round_trip(tmp_path):
-    model = qlora_model(r=4, seed=3)
-    with torch.no_grad():  # non-trivial adapter weights, as after training
+def trained_like(r: int = 4, seed: int = 3, layers: int = 1):
+    """A QLoRA model whose adapters hold non-trivial values, as after training, in eval mode."""
+    model = qlora_model(r=r, seed=seed, layers=layers)
+    with torch.no_grad():
         for n, p in model.named_parameters():
             if p.requires_grad:
                 p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(n)))
-    model.eval()
-    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    return model.eval()
+
+
+def fresh_base(seed: int = 3, layers: int = 1):
+    return build_random_model(
+        tiny_config(layers), "nf4", True, torch.float32, device="cpu", dtype=torch.float32, seed=seed
+    )
+
+
+IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+
+
+def logits(model) -> torch.Tensor:
     with torch.no_grad():
-        expected = model(ids).logits
+        return model(IDS).logits
+
+
+def test_adapter_round_trip(tmp_path):
+    model = trained_like()
+    expected = logits(model)
     model.save_pretrained(tmp_path)
     save_expert_adapter(model, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+    loaded = load_adapter(fresh_base(), tmp_path).eval()
+    torch.testing.assert_close(logits(loaded), expected)
+    assert load_expert_adapter(loaded, tmp_path) == 4  # 1 layer x (gate_up, down) x (lora_A, lora_B)
 
-    base = build_random_model(
-        tiny_config(), "nf4", True, torch.float32, device="cpu", dtype=torch.float32, seed=3
+
+def test_saved_like_peft_saves_fused_experts(tmp_path):
+    """Same keys, shapes and config as PEFT's own `target_parameters` adapter on unquantized experts."""
+    import json
+
+    from peft.utils import get_peft_model_state_dict
+
+    model = trained_like(layers=2)
+    model.save_pretrained(tmp_path)
+    save_expert_adapter(model, tmp_path)
+    twin = transformers.AutoModelForCausalLM.from_config(tiny_config(2))
+    targets = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    twin = peft.get_peft_model(
+        twin, peft.LoraConfig(r=4, lora_alpha=8, target_modules=ATTN, target_parameters=targets)
     )
-    loaded = peft.PeftModel.from_pretrained(base, tmp_path)
-    assert load_expert_adapter(loaded, tmp_path) == 4  # 1 layer x (gate_up, down) x (A, B)
-    loaded.eval()
-    with torch.no_grad():
-        got = loaded(ids).logits
-    torch.testing.assert_close(got, expected)
-    # PEFT's own file must not have swallowed the expert adapters
+    peft_shapes = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(twin).items()}
+    ours = {k: tuple(v.shape) for k, v in expert_peft_tensors(model).items()}
+    assert ours == {k: v for k, v in peft_shapes.items() if ".mlp.experts." in k}
     from safetensors.torch import load_file
 
-    assert not any(".adapters." in k for k in load_file(str(tmp_path / "adapter_model.safetensors")))
+    saved = load_file(str(tmp_path / "adapter_model.safetensors"))
+    assert {k: tuple(v.shape) for k, v in saved.items()} == peft_shapes
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert sorted(config["target_parameters"]) == sorted(targets) and config["lora_dropout"] == 0
+
+
+def test_plain_peft_on_the_dequantized_base_is_the_same_model(tmp_path):
+    model = trained_like(layers=2)
+    expected = logits(model)
+    model.save_pretrained(tmp_path)
+    save_expert_adapter(model, tmp_path)
+    plain = dequantize_model(fresh_base(layers=2), torch.float32)
+    assert not any(type(m).__name__ in ("Linear4bit", "Experts4bit") for m in plain.modules())
+    with torch.no_grad():
+        before = plain(IDS).logits
+    loaded = peft.PeftModel.from_pretrained(plain, tmp_path).eval()
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert sum(p.numel() for n, p in loaded.named_parameters() if "lora_" in n) == trained
+    torch.testing.assert_close(logits(loaded), expected, atol=2e-5, rtol=1e-5)
+    assert (before - expected).abs().max() > 1e-2
+    config = peft.PeftConfig.from_pretrained(tmp_path)
+    config.target_parameters = None  # what plain PEFT loaded before: the attention adapters alone
+    attention_only = peft.PeftModel.from_pretrained(
+        dequantize_model(fresh_base(layers=2), torch.float32), tmp_path, config=config
+    )
+    assert (logits(attention_only.eval()) - expected).abs().max() > 1e-3
+    merged = loaded.merge_and_unload()
+    torch.testing.assert_close(logits(merged), expected, atol=2e-5, rtol=1e-5)
+
+
+def test_runs_saved_in_the_old_format_still_load(tmp_path):
+    """Before PEFT's format, expert adapters sat in expert_adapter.safetensors beside PEFT's files."""
+    import json
+
+    from safetensors.torch import save_file
+
+    model = trained_like()
+    expected = logits(model)
+    model.save_pretrained(tmp_path)  # PEFT's files alone: attention only
+    save_file(
+        {k: v.contiguous() for k, v in expert_lora_state_dict(model).items()},
+        tmp_path / "expert_adapter.safetensors",
+    )
+    old_config = {
+        "format": "fine_tune.expert_lora/1",
+        "r": 4,
+        "lora_alpha": 8,
+        "lora_dropout": 0.0,
+        "use_rslora": False,
+        "which": ["down_proj", "gate_up_proj"],
+        "dtype": "float32",
+        "modules": ["model.layers.0.mlp.experts"],
+    }
+    (tmp_path / "expert_adapter_config.json").write_text(json.dumps(old_config))
+    torch.testing.assert_close(logits(load_adapter(fresh_base(), tmp_path).eval()), expected)
+    plain = dequantize_model(fresh_base(), torch.float32)
+    torch.testing.assert_close(logits(load_adapter(plain, tmp_path).eval()), expected, atol=2e-5, rtol=1e-5)
 
 
 def test_load_refuses_mismatched_shapes(tmp_path):
     model = qlora_model(r=4)
+    model.save_pretrained(tmp_path)
     save_expert_adapter(model, tmp_path)
     other = build_random_model(tiny_config(), "nf4", True, torch.float32, device="cpu", dtype=torch.float32)
     attach_expert_lora(other, r=8, lora_alpha=16)

@@ -15,7 +15,7 @@ from fine_tune.training.checkpoints import STAGING, publish, rotate
 
 
 def save_expert_adapters_if_any(model: Any, directory: Path) -> None:
-    """The 4-bit expert adapters live outside PEFT: write them beside PEFT's files."""
+    """The 4-bit expert adapters live outside PEFT: add them to PEFT's files, in PEFT's layout."""
     from fine_tune.models.moe import expert_lora_state_dict, save_expert_adapter
 
     if expert_lora_state_dict(model):
@@ -23,10 +23,10 @@ def save_expert_adapters_if_any(model: Any, directory: Path) -> None:
 
 
 def restore_expert_adapters(model: Any, checkpoint: str | Path) -> None:
-    """Resume: HF restores PEFT's weights; the expert adapters come from the file beside them."""
-    from fine_tune.models.moe import EXPERT_ADAPTER_FILE, load_expert_adapter
+    """Resume: HF restores PEFT's weights (it skips the expert tensors); ours take those."""
+    from fine_tune.models.moe import expert_lora_state_dict, load_expert_adapter
 
-    if (Path(checkpoint) / EXPERT_ADAPTER_FILE).exists():
+    if expert_lora_state_dict(model):
         load_expert_adapter(model, checkpoint, trainable=True)
 
 

@@ -2,8 +2,9 @@
 
 transformers 5 stores MoE experts as fused 3-D parameters that bitsandbytes' loader never converts,
 so a "4-bit" Mixtral keeps ~96% of its weights in bf16. This package quantizes those tensors per
-expert, gives them a LoRA that PEFT's `target_parameters` cannot give a quantized tensor, and builds
-or loads models one layer at a time so the bf16 weights never sit in memory whole.
+expert, gives them a LoRA that PEFT's `target_parameters` cannot give a quantized tensor (saved in
+PEFT's format all the same, so plain PEFT loads it on unquantized experts), builds or loads models
+one layer at a time so the bf16 weights never sit in memory whole, and dequantizes them back.
 
 Names resolve lazily: importing this package must stay cheap for `plan=true` and the CLI.
 """
@@ -21,9 +22,13 @@ _EXPORTS = {
     "ExpertLoRA": "lora",
     "attach_expert_lora": "lora",
     "expert_lora_state_dict": "lora",
-    "save_expert_adapter": "lora",
-    "load_expert_adapter": "lora",
-    "EXPERT_ADAPTER_FILE": "lora",
+    "save_expert_adapter": "adapter_files",
+    "load_expert_adapter": "adapter_files",
+    "has_expert_adapter": "adapter_files",
+    "load_adapter": "adapter_files",
+    "read_peft_adapter": "adapter_files",
+    "write_peft_adapter": "adapter_files",
+    "dequantize_model": "dequantize",
     "build_random_model": "build",
     "load_pretrained_moe_4bit": "build",
     "replace_linear_with_4bit": "build",

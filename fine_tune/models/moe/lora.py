@@ -7,31 +7,22 @@ older `target_modules=["w1","w2","w3"]` remap on fused models doubles the rank s
 expert e gets its own rank-r pair and the update is computed on the tokens routed to it:
 `y_e += scaling * B_e @ A_e @ dropout(x_e)` -- dropout is exact in this form, unlike PEFT's.
 
-Tensor layout per adapted tensor: `A` [E, r, in], `B` [E, out, r] (PEFT's `ParamWrapper` keeps the
-same numbers as lora_A.weight [E*r, in] = A.reshape(E*r, in) and lora_B.weight [out, r*E] =
-B.permute(1, 2, 0).reshape(out, r*E)); `peft_layout()` converts.
-
-Save format (`save_expert_adapter`): `expert_adapter.safetensors` with keys
-`<module path>.<tensor name>.A|B`, and `expert_adapter_config.json` {r, lora_alpha, lora_dropout,
-which, use_rslora, modules}. It sits beside PEFT's own adapter files in the same directory, and the
-parameter names avoid the substring "lora_" so that PEFT's own save/load never picks them up.
+Tensor layout per adapted tensor: `A` [E, r, in], `B` [E, out, r]. PEFT's `ParamWrapper` holds the
+same numbers as lora_A.weight [E*r, in] and lora_B.weight [out, r*E] (`to_peft` / `from_peft`), and
+that is how they are saved (adapter_files.py), so plain PEFT loads them onto unquantized experts.
+The parameter names avoid the substring "lora_" so that PEFT's own save/load never picks them up.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .experts4bit import Experts4bit
-
-EXPERT_ADAPTER_FILE = "expert_adapter.safetensors"
-EXPERT_ADAPTER_CONFIG = "expert_adapter_config.json"
 
 
 class ExpertLoRA(nn.Module):
@@ -69,15 +60,27 @@ class ExpertLoRA(nn.Module):
 
     def peft_layout(self) -> dict[str, torch.Tensor]:
         """The same adapter as PEFT `ParamWrapper` stores it (lora_A.weight, lora_B.weight)."""
-        e, r, i = self.A.shape
-        o = self.B.shape[1]
-        return {
-            "lora_A.weight": self.A.detach().reshape(e * r, i),
-            "lora_B.weight": self.B.detach().permute(1, 2, 0).reshape(o, r * e),
-        }
+        lora_a, lora_b = to_peft(self.A.detach(), self.B.detach())
+        return {"lora_A.weight": lora_a, "lora_B.weight": lora_b}
 
 
-def _experts_modules(model: nn.Module) -> list[tuple[str, Experts4bit]]:
+def to_peft(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A [E, r, in], B [E, out, r]) -> PEFT's (lora_A.weight [E*r, in], lora_B.weight [out, r*E]):
+    row e*r + k of lora_A and column k*E + e of lora_B belong to expert e."""
+    e, r, i = a.shape
+    return a.reshape(e * r, i), b.permute(1, 2, 0).reshape(b.shape[1], r * e)
+
+
+def from_peft(
+    lora_a: torch.Tensor, lora_b: torch.Tensor, num_experts: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of `to_peft`."""
+    rows, i = lora_a.shape
+    r = rows // num_experts
+    return lora_a.reshape(num_experts, r, i), lora_b.reshape(lora_b.shape[0], r, num_experts).permute(2, 0, 1)
+
+
+def experts_modules(model: nn.Module) -> list[tuple[str, Experts4bit]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, Experts4bit)]
 
 
@@ -99,7 +102,7 @@ def attach_expert_lora(
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     which = tuple(which)
-    modules = _experts_modules(model)
+    modules = experts_modules(model)
     if not modules:
         raise ValueError("no 4-bit experts in this model: quantize them first (quantize_fused_experts)")
     added = 0
@@ -120,100 +123,14 @@ def attach_expert_lora(
 def expert_lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Adapter tensors keyed `<experts module path>.<tensor>.A|B`, path as in the unwrapped model."""
     out: dict[str, torch.Tensor] = {}
-    for path, mod in _experts_modules(model):
-        path = _canonical(path)
+    for path, mod in experts_modules(model):
+        path = canonical_path(path)
         for name, adapter in mod.adapters.items():
             out[f"{path}.{name}.A"] = adapter.A.detach()
             out[f"{path}.{name}.B"] = adapter.B.detach()
     return out
 
 
-def _canonical(path: str) -> str:
-    """Strip PEFT's wrapper prefixes so the file does not depend on whether PEFT wrapped the model."""
-    for prefix in ("base_model.model.",):
-        if path.startswith(prefix):
-            path = path[len(prefix) :]
-    return path
-
-
-def _adapter_config(model: nn.Module) -> dict:
-    modules = _experts_modules(model)
-    adapters = [a for _, m in modules for a in m.adapters.values()]
-    if not adapters:
-        raise ValueError("the model has no expert adapters to save")
-    first = adapters[0]
-    dropout = first.dropout.p if isinstance(first.dropout, nn.Dropout) else 0.0
-    return {
-        "format": "fine_tune.expert_lora/1",
-        "r": first.r,
-        "lora_alpha": first.lora_alpha,
-        "lora_dropout": dropout,
-        "use_rslora": not math.isclose(first.scaling, first.lora_alpha / first.r),
-        "which": sorted({n for _, m in modules for n in m.adapters}),
-        "dtype": str(first.A.dtype).removeprefix("torch."),
-        "modules": [_canonical(p) for p, m in modules if len(m.adapters)],
-    }
-
-
-def save_expert_adapter(model: nn.Module, directory: str | Path) -> Path:
-    """Write the expert adapters (and their config) into `directory`, e.g. the PEFT adapter dir."""
-    from safetensors.torch import save_file
-
-    from fine_tune.utils.io import atomic_write_json
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.contiguous().cpu() for k, v in expert_lora_state_dict(model).items()}
-    path = directory / EXPERT_ADAPTER_FILE
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "fine_tune.expert_lora/1"})
-    tmp.replace(path)
-    atomic_write_json(directory / EXPERT_ADAPTER_CONFIG, _adapter_config(model))
-    return path
-
-
-def load_expert_adapter(model: nn.Module, directory: str | Path, trainable: bool = False) -> int:
-    """Attach (if needed) and fill expert adapters from `save_expert_adapter`'s files.
-
-    Shapes and module paths must match exactly: a silent partial load would train or serve a
-    different adapter than the one saved. Returns the number of tensors loaded.
-    """
-    from safetensors.torch import load_file
-
-    directory = Path(directory)
-    config = json.loads((directory / EXPERT_ADAPTER_CONFIG).read_text())
-    tensors = load_file(str(directory / EXPERT_ADAPTER_FILE))
-    modules = dict(_experts_modules(model))
-    by_path = {_canonical(p): m for p, m in modules.items()}
-    if not all(len(m.adapters) for m in by_path.values()):
-        attach_expert_lora(
-            model,
-            r=config["r"],
-            lora_alpha=config["lora_alpha"],
-            lora_dropout=config["lora_dropout"],
-            which=config["which"],
-            use_rslora=config.get("use_rslora", False),
-            dtype=config.get("dtype", "float32"),
-        )
-    loaded = 0
-    expected = set()
-    for path, mod in by_path.items():
-        for name, adapter in mod.adapters.items():
-            for part in ("A", "B"):
-                key = f"{path}.{name}.{part}"
-                expected.add(key)
-                if key not in tensors:
-                    raise ValueError(f"expert adapter file lacks {key}")
-                param = getattr(adapter, part)
-                if tuple(param.shape) != tuple(tensors[key].shape):
-                    raise ValueError(
-                        f"{key}: shape {tuple(tensors[key].shape)} != model {tuple(param.shape)}"
-                    )
-                with torch.no_grad():
-                    param.copy_(tensors[key])
-                param.requires_grad_(trainable)
-                loaded += 1
-    extra = set(tensors) - expected
-    if extra:
-        raise ValueError(f"expert adapter file has tensors this model lacks: {sorted(extra)[:4]}")
-    return loaded
+def canonical_path(path: str) -> str:
+    """Strip PEFT's wrapper prefix so names do not depend on whether PEFT wrapped the model."""
+    return path.removeprefix("base_model.model.")

@@ -1,0 +1,55 @@
+"""Load an export the way its users do, with transformers (+ PEFT) alone, never `fine_tune`.
+
+    python tests/plain_load.py <model dir> <adapter dir or "-"> <inputs.pt> <logits.pt>
+
+Loads the model in float32 (plus the PEFT adapter, if any), writes its logits on the saved inputs,
+and prints one JSON line: how many adapter numbers PEFT holds, how many the file has, whether they
+are the file's, the warnings raised while loading, and whether `fine_tune` was imported.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+
+import torch
+from transformers import AutoModelForCausalLM
+
+
+def load(model_dir: str, adapter_dir: str | None) -> tuple[torch.nn.Module, dict]:
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    report = {"lora_names": sum("lora" in name for name, _ in model.named_parameters())}
+    if adapter_dir is None:
+        return model, report
+    from peft import PeftModel
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    model = PeftModel.from_pretrained(model, adapter_dir)
+    held = get_peft_model_state_dict(model)
+    saved = load_file(f"{adapter_dir}/adapter_model.safetensors")
+    report.update(
+        adapter_numbers=sum(p.numel() for name, p in model.named_parameters() if "lora_" in name),
+        file_numbers=sum(t.numel() for t in saved.values()),
+        same_keys=sorted(held) == sorted(saved),
+        same_values=all(torch.equal(held[k], saved[k]) for k in saved if k in held),
+    )
+    return model, report
+
+
+def main(model_dir: str, adapter_dir: str, inputs_path: str, logits_path: str) -> None:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model, report = load(model_dir, None if adapter_dir == "-" else adapter_dir)
+    inputs = torch.load(inputs_path)
+    with torch.no_grad():
+        torch.save(model.eval()(**inputs).logits.float(), logits_path)
+    report["warnings"] = [str(w.message) for w in caught]
+    report["fine_tune_imported"] = any(name.split(".")[0] == "fine_tune" for name in sys.modules)
+    assert not report["fine_tune_imported"]
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
