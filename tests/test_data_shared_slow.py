@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest_data import SHARED_DATA, mistral_v1_tokenizer
+from conftest_data import SHARED_DATA, mistral_common, mistral_v1_tokenizer, reference
 
 from fine_tune.data import build_data
 
@@ -27,11 +27,6 @@ def shared():
 
 
 def test_all_shared_rows_tokenize_exactly_like_mistral_common(shared):
-    from mistral_common.protocol.instruct.messages import AssistantMessage, UserMessage
-    from mistral_common.protocol.instruct.request import ChatCompletionRequest
-    from mistral_common.protocol.instruct.validator import ValidationMode
-    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
-
     tok = mistral_v1_tokenizer()
     bundle = build_data(
         format="alpaca", path=[str(p) for p in shared], template="mistral", tokenizer=tok, max_length=512
@@ -43,19 +38,13 @@ def test_all_shared_rows_tokenize_exactly_like_mistral_common(shared):
     assert len(bundle.train) == 10_619 and bundle.eval is None
     assert rep.token_lengths["max"] <= 512
 
-    base = MistralTokenizer.v1()
-    ref = MistralTokenizer(
-        base.instruct_tokenizer,
-        validator=type(base._chat_completion_request_validator)(ValidationMode.finetuning),
-        request_normalizer=base._instruct_request_normalizer,
-    )
+    sentencepiece = mistral_common("v1").instruct_tokenizer.tokenizer
     ids_col, labels_col = bundle.train["input_ids"], bundle.train["labels"]
     mismatches = []
     for i, row in enumerate(raw):
         user = row["instruction"] + (f"\n\n{row['input']}" if row["input"].strip() else "")
-        conv = [UserMessage(content=user), AssistantMessage(content=row["output"])]
-        expected = ref.encode_chat_completion(ChatCompletionRequest(messages=conv)).tokens
-        answer = base.instruct_tokenizer.tokenizer.encode(row["output"], bos=False, eos=True)
+        expected = reference("v1", [("user", user), ("assistant", row["output"])])
+        answer = sentencepiece.encode(row["output"], bos=False, eos=True)
         n = len(answer)
         ok = ids_col[i] == expected and labels_col[i] == [IGNORE] * (len(expected) - n) + answer
         if not ok:
