@@ -67,28 +67,37 @@ def test_drop_policy_counts_what_it_drops(tmp_path, tok):
 
 def test_truncate_cuts_the_prompt_first_keeping_bos_and_its_end(tmp_path, tok):
     long_prompt, long_answers = pair(1, prompt_words=200), pair(2, answer_words=200)
-    path = write(tmp_path / "d.jsonl", pair(0), long_prompt, long_answers)
+    both = pair(3, prompt_words=200, answer_words=200)
+    path = write(tmp_path / "d.jsonl", pair(0), long_prompt, long_answers, both)
     full = build(path, tok, max_length=1024)
     cut = build(path, tok, truncation="truncate", max_prompt_length=40)
-    assert cut.report.truncated == 2 and cut.report.max_prompt_length == 40
+    assert cut.report.truncated == 3 and cut.report.max_prompt_length == 40
     assert rows(cut.train)[0] == rows(full.train)[0]  # a pair that fits is untouched
-    for row in cut.train:
-        assert len(row["prompt_ids"]) + max(len(row["chosen_ids"]), len(row["rejected_ids"])) <= 128
-    # the long prompt: BOS + its last 39 tokens (the end of the question and [/INST]); answers whole
+    for row in list(cut.train)[1:]:  # cut ones fill max_length exactly: nothing cut that fitted
+        assert len(row["prompt_ids"]) + max(len(row["chosen_ids"]), len(row["rejected_ids"])) == 128
+    # a long prompt before short answers: cut only as far as they need, BOS and its end kept
     before, after = full.train[1], cut.train[1]
-    assert after["prompt_ids"] == [tok.bos_token_id] + before["prompt_ids"][-39:]
+    keep = 128 - max(len(before["chosen_ids"]), len(before["rejected_ids"]))
+    assert after["prompt_ids"] == [tok.bos_token_id] + before["prompt_ids"][-(keep - 1) :]
     assert after["prompt_ids"][-4:] == END_INST
     assert (after["chosen_ids"], after["rejected_ids"]) == (before["chosen_ids"], before["rejected_ids"])
-    # the long answers under a short prompt: the prompt stays, the answers' ends go
+    # long answers after a short prompt: the prompt stays, the answers' ends go
     before, after = full.train[2], cut.train[2]
     room = 128 - len(before["prompt_ids"])
     assert after["prompt_ids"] == before["prompt_ids"]
+    assert (after["chosen_ids"], after["rejected_ids"]) == (
+        before["chosen_ids"][:room],
+        before["rejected_ids"][:room],
+    )
+    # both long: the prompt down to max_prompt_length, the answers to what is left
+    before, after = full.train[3], cut.train[3]
+    assert after["prompt_ids"] == [tok.bos_token_id] + before["prompt_ids"][-39:]
     assert (
-        after["chosen_ids"] == before["chosen_ids"][:room]
-        and after["rejected_ids"] == before["rejected_ids"][:room]
+        after["chosen_ids"] == before["chosen_ids"][:88]
+        and after["rejected_ids"] == before["rejected_ids"][:88]
     )
     # lengths in the report describe the pairs as read, before truncation
-    assert cut.report.prompt_lengths["max"] == len(full.train[1]["prompt_ids"])
+    assert cut.report.prompt_lengths["max"] == len(full.train[3]["prompt_ids"])
 
 
 def test_truncate_with_default_prompt_budget_of_half_max_length(tmp_path, tok):

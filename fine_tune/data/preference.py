@@ -18,8 +18,9 @@ must pass these rows to TRL (its own dataset preparation would re-tokenize text)
 
 Length policy (`max_length` = the limit for prompt + each answer, as the model sees them):
 `truncation=error` stops at a pair that does not fit, `drop` skips it (counted), and `truncate`
-cuts the prompt first, to `max_prompt_length` tokens (default half of max_length), keeping its BOS
-and its end (the question and the marker the answer follows), then cuts the ends of the answers.
+cuts the prompt first, only as far as the longer answer needs but never below `max_prompt_length`
+tokens (default half of max_length), keeping its BOS and its end (the question and the marker the
+answer follows); answers still too long then lose their ends.
 Pairs whose chosen and rejected ids are identical carry no preference: dropped and counted.
 """
 
@@ -46,7 +47,7 @@ if TYPE_CHECKING:
 PREFERENCE_OPTIONS: dict[str, Any] = {
     **pipeline.COMMON_OPTIONS,
     "format": "preference",
-    "max_prompt_length": None,  # truncation=truncate: prompt tokens kept; null: max_length // 2
+    "max_prompt_length": None,  # truncation=truncate: prompt tokens always kept; null: max_length // 2
 }
 COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 KIND = "preference"
@@ -94,11 +95,13 @@ def encode_pairs(
 
 
 def truncate_pair(pair: EncodedPair, max_length: int, max_prompt_length: int, bos: int | None) -> EncodedPair:
-    """Prompt first (keep BOS and the last tokens, at most `max_prompt_length`), then answer ends."""
+    """Prompt first, as far as the longer answer needs but not below `max_prompt_length` (keeping
+    BOS and the prompt's last tokens), then the answers' ends."""
     prompt = pair.prompt
-    if len(prompt) > max_prompt_length:
+    keep = max(max_prompt_length, max_length - max(len(pair.chosen), len(pair.rejected)))
+    if len(prompt) > keep:
         head = prompt[:1] if bos is not None and prompt[:1] == [bos] else []
-        prompt = head + prompt[len(prompt) - (max_prompt_length - len(head)) :]
+        prompt = head + prompt[len(prompt) - (keep - len(head)) :]
     room = max_length - len(prompt)
     return EncodedPair(pair.where, prompt, pair.chosen[:room], pair.rejected[:room])
 
