@@ -1,12 +1,15 @@
 """`python -m fine_tune.data_preview [hydra overrides] [--n 3] [--split train|eval] [--tokens]`
 
 Shows examples exactly as the model will see them, with the trained tokens marked (green on a
-terminal, «between guillemets» otherwise), after the data report. The point is to catch a wrong
-template, a mask on the wrong tokens or a truncation problem before paying for a run, as axolotl's
-`preprocess --debug` does. Takes the same overrides as `python -m fine_tune`; loads no weights.
+terminal, «between guillemets» otherwise), after the data report; a preference pair shows as its
+two sequences, prompt + chosen and prompt + rejected, with the answer tokens marked. The point is
+to catch a wrong template, a mask on the wrong tokens or a truncation problem before paying for a
+run, as axolotl's `preprocess --debug` does. Takes the same overrides as `python -m fine_tune`;
+loads no weights.
 
     python -m fine_tune.data_preview dataset=alpaca dataset.path=train.jsonl --n 5
     python -m fine_tune.data_preview dataset=chat dataset.path=c.jsonl dataset.template=chatml --tokens
+    python -m fine_tune.data_preview dataset=orca_dpo trainer.max_length=1024 --n 1
     python -m fine_tune preview=true            # the same, from the main entry point
 """
 
@@ -76,6 +79,26 @@ def render_example(
     return "".join(parts)
 
 
+def render_pair(
+    row: dict[str, Any], tokenizer: PreTrainedTokenizerBase, color: bool = False, tokens: bool = False
+) -> str:
+    """A preference row as its two sequences (prompt + chosen, prompt + rejected), answers marked."""
+    prompt = list(row["prompt_ids"])
+    parts = []
+    for name in ("chosen", "rejected"):
+        answer = list(row[f"{name}_ids"])
+        seq = {"input_ids": prompt + answer, "labels": [IGNORE_INDEX] * len(prompt) + answer}
+        parts.append(f"[{name}]\n" + render_example(seq, tokenizer, color=color, tokens=tokens))
+    return "\n".join(parts)
+
+
+def _describe(row: dict[str, Any], kind: str) -> str:
+    if kind == "preference":
+        return " / ".join(f"{len(row[f'{c}_ids'])} {c}" for c in ("prompt", "chosen", "rejected")) + " tokens"
+    n_trained = sum(1 for t in row["labels"] if t != IGNORE_INDEX)
+    return f"{len(row['input_ids'])} tokens, {n_trained} trained"
+
+
 def preview(
     bundle: DataBundle,
     tokenizer: PreTrainedTokenizerBase,
@@ -94,15 +117,13 @@ def preview(
         print(f"(no {split} set)", file=stream)
         return
     legend = f"{GREEN}green{RESET}" if color else "«marked»"
-    print(
-        f"\n{min(n, len(data))} {split} example(s); trained tokens are {legend}, the rest is -100:",
-        file=stream,
-    )
+    marked = "answer tokens are" if bundle.kind == "preference" else "trained tokens are"
+    print(f"\n{min(n, len(data))} {split} example(s); {marked} {legend}, the rest is -100:", file=stream)
+    render = render_pair if bundle.kind == "preference" else render_example
     for i in range(min(n, len(data))):
         row = data[i]
-        n_trained = sum(1 for t in row["labels"] if t != IGNORE_INDEX)
-        print(f"\n--- {split}[{i}]: {len(row['input_ids'])} tokens, {n_trained} trained ---", file=stream)
-        print(render_example(row, tokenizer, color=color, tokens=tokens), file=stream)
+        print(f"\n--- {split}[{i}]: {_describe(row, bundle.kind)} ---", file=stream)
+        print(render(row, tokenizer, color=color, tokens=tokens), file=stream)
     if bundle.prompts:
         print("\ngeneration prompt (what the model gets at eval time):", file=stream)
         print(repr(bundle.prompts[0]["prompt_text"]), file=stream)

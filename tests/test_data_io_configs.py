@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest_data import FIXTURES, mistral_v1_tokenizer
+from conftest_data import FIXTURES, SHARED_DATA, mistral_v1_tokenizer
 
 from fine_tune.data import build_data, render_prompt
 
@@ -112,14 +112,16 @@ def test_every_dataset_option_composes_and_builds(option, tok, tmp_path):
         "law_title": "law_title.jsonl",
         "text": "text.jsonl",
         "chat": "chat.jsonl",
+        "preference": "preference_chat.jsonl",
     }
+    shared_files = {"shared_alpaca": "gsm8k_train.alpaca.json", "orca_dpo": "orca_dpo_pairs.jsonl"}
     overrides = [f"dataset={option}"]
     if option in fixture:
         overrides.append(f"dataset.path={FIXTURES / fixture[option]}")
     if option == "qa":
         overrides += ["dataset.fields.question=question", "dataset.fields.answer=answer"]
-    if option == "shared_alpaca":
-        shared = REPO / ".." / "shared" / "data" / "gsm8k_train.alpaca.json"
+    if option in shared_files:
+        shared = SHARED_DATA / shared_files[option]
         if not shared.is_file():
             pytest.skip("shared data not present")
         overrides += [f"dataset.path=[{shared}]", "dataset.max_samples=50", "dataset.max_eval_samples=5"]
@@ -131,7 +133,10 @@ def test_every_dataset_option_composes_and_builds(option, tok, tmp_path):
         cfg.dataset, tokenizer=tok, max_length=512, packing=False, seed=1, cache_dir=None, _convert_="all"
     )
     assert len(bundle.train) > 0
-    assert all(any(t != IGNORE for t in r["labels"]) for r in bundle.train)
+    if bundle.kind == "preference":
+        assert all(r["chosen_ids"] != r["rejected_ids"] for r in bundle.train)
+    else:
+        assert all(any(t != IGNORE for t in r["labels"]) for r in bundle.train)
 
 
 def test_preview_marks_exactly_the_trained_tokens(tok):

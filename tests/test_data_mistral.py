@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest_data import mistral_v1_tokenizer, saved_copy
+from conftest_data import mistral_v1_tokenizer, reference, saved_copy, tokenizer_for
 
 from fine_tune.data import build_data, render_prompt
 
@@ -43,37 +43,6 @@ CONVERSATIONS = [
         ("assistant", "6"),
     ],
 ]
-
-
-def reference(version: str, conversation, final_user: str | None = None) -> list[int]:
-    """Ids from mistral-common, in fine-tuning mode (conversations may end with the assistant)."""
-    from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
-    from mistral_common.protocol.instruct.request import ChatCompletionRequest
-    from mistral_common.protocol.instruct.validator import ValidationMode
-    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
-
-    base = getattr(MistralTokenizer, version)()
-    # the default validator wants a final user turn (a prompt); fine-tuning mode accepts the answer
-    tokenizer = (
-        base
-        if final_user is not None
-        else MistralTokenizer(
-            base.instruct_tokenizer,
-            validator=type(base._chat_completion_request_validator)(ValidationMode.finetuning),
-            request_normalizer=base._instruct_request_normalizer,
-        )
-    )
-    kinds = {"system": SystemMessage, "user": UserMessage, "assistant": AssistantMessage}
-    messages = [kinds[role](content=content) for role, content in conversation]
-    if final_user is not None:
-        messages.append(UserMessage(content=final_user))
-    return tokenizer.encode_chat_completion(ChatCompletionRequest(messages=messages)).tokens
-
-
-def tokenizer_for(version: str):
-    from fine_tune.models.tokenizer import mistral_common_tokenizer
-
-    return mistral_common_tokenizer(f"mistral_{version}")
 
 
 def write_chat(path, conversations) -> None:

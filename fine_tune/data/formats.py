@@ -2,7 +2,9 @@
 
 Everything downstream (templates, masking, packing) works on `Example`, so a new shape only has to
 say which fields it needs and how they become messages. Field names are remappable because public
-datasets disagree on them (`output` vs `response` vs `answer`).
+datasets disagree on them (`output` vs `response` vs `answer`). Preference-pair shapes are declared
+here too (kind "preference", one registry for every format name); `pairs.py` turns their rows into
+pairs.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class Format:
     required: tuple[str, ...]
     optional: tuple[str, ...] = ()
     default_template: str = "auto"
+    kind: str = "sft"  # sft: a conversation per row (build_data); preference: a pair (BUILDERS)
 
 
 FORMATS: dict[str, Format] = {
@@ -46,7 +49,12 @@ FORMATS: dict[str, Format] = {
     "law_title": Format("law_title", ("body", "title"), ("system",)),
     "text": Format("text", ("text",), (), default_template="none"),
     "chat": Format("chat", ("messages",), ("system",)),
+    "preference": Format("preference", ("prompt", "chosen", "rejected"), ("system",), kind="preference"),
+    "preference_openai": Format(
+        "preference_openai", ("input", "preferred_output", "non_preferred_output"), (), kind="preference"
+    ),
 }
+BUILDERS = {"sft": "fine_tune.data.build_data", "preference": "fine_tune.data.build_preference_data"}
 # Column names as they appear in the public datasets each format is named after.
 DEFAULT_FIELDS: dict[str, dict[str, str]] = {
     "alpaca": {"instruction": "instruction", "input": "input", "output": "output", "system": "system"},
@@ -55,6 +63,12 @@ DEFAULT_FIELDS: dict[str, dict[str, str]] = {
     "law_title": {"body": "question_body", "title": "question_title", "system": "system"},
     "text": {"text": "text"},
     "chat": {"messages": "messages", "system": "system"},
+    "preference": {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected", "system": "system"},
+    "preference_openai": {
+        "input": "input",  # {"messages": [...]} or the message list itself
+        "preferred_output": "preferred_output",
+        "non_preferred_output": "non_preferred_output",
+    },
 }
 LAW_TITLE_INSTRUCTION = "Write a short, specific title for this legal question."
 ROLE_ALIASES = {
@@ -68,16 +82,25 @@ ROLE_ALIASES = {
 }
 
 
-def get_format(name: str) -> Format:
-    if name == "sample":
+def get_format(name: str, kind: str = "sft") -> Format:
+    """The format `name`, which must be of `kind` (the builder reading it)."""
+    if name == "sample" and kind == "sft":
         name = "alpaca"
+    names = sorted(n for n, f in FORMATS.items() if f.kind == kind) + (["sample"] if kind == "sft" else [])
     if name not in FORMATS:
         raise UserError(
-            f"unknown dataset format {name!r}",
-            where="dataset.format",
-            hint=f"use one of {sorted([*FORMATS, 'sample'])}",
+            f"unknown dataset format {name!r}", where="dataset.format", hint=f"use one of {names}"
         )
-    return FORMATS[name]
+    fmt = FORMATS[name]
+    if fmt.kind != kind:
+        raise UserError(
+            f"format {name!r} is {fmt.kind} data, which {BUILDERS[kind]} does not read",
+            where="dataset.format",
+            hint=f"use a dataset option whose _target_ is {BUILDERS[fmt.kind]} "
+            f"({'dataset=preference' if fmt.kind == 'preference' else 'dataset=local'}), "
+            f"or one of {names}",
+        )
+    return fmt
 
 
 def resolve_fields(fmt: Format, fields: dict[str, str] | None) -> dict[str, str]:
@@ -108,7 +131,7 @@ def check_columns(fmt: Format, fields: dict[str, str], columns: set[str], where:
         )
 
 
-def _text(data: dict[str, Any], column: str, required: bool) -> str | None:
+def text_field(data: dict[str, Any], column: str, required: bool) -> str | None:
     value = data.get(column)
     if value is None:
         if required:
@@ -139,8 +162,8 @@ def to_example(
 ) -> Example:
     """Turn one raw row into an Example; raises BadRow for rows that cannot be trained on."""
     if fmt.name == "text":
-        return Example(where, text=_text(data, fields["text"], True))
-    system = _text(data, fields["system"], False) if "system" in fields else None
+        return Example(where, text=text_field(data, fields["text"], True))
+    system = text_field(data, fields["system"], False) if "system" in fields else None
     system = system or system_prompt
     if fmt.name == "chat":
         messages = _chat_messages(data.get(fields["messages"]), fields["messages"])
@@ -148,16 +171,18 @@ def to_example(
             messages.insert(0, {"role": "system", "content": system})
         return Example(where, messages=messages)
     if fmt.name == "alpaca":
-        user = _join(_text(data, fields["instruction"], True), _text(data, fields["input"], False))
-        answer = _text(data, fields["output"], True)
+        user = _join(text_field(data, fields["instruction"], True), text_field(data, fields["input"], False))
+        answer = text_field(data, fields["output"], True)
     elif fmt.name == "dolly":
-        user = _join(_text(data, fields["instruction"], True), _text(data, fields["context"], False))
-        answer = _text(data, fields["response"], True)
+        user = _join(
+            text_field(data, fields["instruction"], True), text_field(data, fields["context"], False)
+        )
+        answer = text_field(data, fields["response"], True)
     elif fmt.name == "qa":
-        user, answer = _text(data, fields["question"], True), _text(data, fields["answer"], True)
+        user, answer = text_field(data, fields["question"], True), text_field(data, fields["answer"], True)
     elif fmt.name == "law_title":
-        user = _join(instruction or LAW_TITLE_INSTRUCTION, _text(data, fields["body"], True))
-        answer = _text(data, fields["title"], True)
+        user = _join(instruction or LAW_TITLE_INSTRUCTION, text_field(data, fields["body"], True))
+        answer = text_field(data, fields["title"], True)
     else:  # pragma: no cover - guarded by get_format
         raise AssertionError(fmt.name)
     messages = [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
@@ -166,7 +191,9 @@ def to_example(
     return Example(where, messages=messages)
 
 
-def _chat_messages(value: Any, column: str) -> list[dict[str, str]]:
+def parse_messages(value: Any, column: str) -> list[dict[str, str]]:
+    """A list of {role, content} (or ShareGPT's {from, value}), or a JSON string of one, checked and
+    normalised: known roles only, non-empty text, system first, same-role runs merged."""
     if isinstance(value, str):
         import json
 
@@ -200,9 +227,23 @@ def _chat_messages(value: Any, column: str) -> list[dict[str, str]]:
             messages[-1]["content"] += "\n\n" + content
             continue
         messages.append({"role": role, "content": content})
+    return messages
+
+
+def check_turns(messages: list[dict[str, str]], column: str, last: str) -> list[dict[str, str]]:
+    """After any system message the user speaks first; the last turn is `last`'s (the assistant
+    for a training conversation, the user for a prompt)."""
     turns = [m for m in messages if m["role"] != "system"]
     if not turns or turns[0]["role"] != "user":
         raise BadRow("bad_order", f"{column}: the first non-system message must be from the user")
-    if turns[-1]["role"] != "assistant":
-        raise BadRow("no_assistant_turn", f"{column}: the conversation must end with an assistant message")
+    if turns[-1]["role"] != last:
+        if last == "assistant":
+            raise BadRow(
+                "no_assistant_turn", f"{column}: the conversation must end with an assistant message"
+            )
+        raise BadRow("bad_order", f"{column}: the prompt must end with a {last} message")
     return messages
+
+
+def _chat_messages(value: Any, column: str) -> list[dict[str, str]]:
+    return check_turns(parse_messages(value, column), column, "assistant")

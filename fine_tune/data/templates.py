@@ -440,16 +440,27 @@ def render_prompt(
     messages = _as_messages(messages_or_text)
     if messages and messages[-1]["role"] == "assistant":
         messages = messages[:-1]
-    template = resolve_template(template, tokenizer)
+    return encode_prompts([messages], resolve_template(template, tokenizer), tokenizer, encoder)[0]
+
+
+def encode_prompts(
+    prompts: list[list[dict[str, str]]],
+    template: str,
+    tokenizer: PreTrainedTokenizerBase,
+    encoder: SegmentEncoder | None = None,
+) -> list[list[int]]:
+    """Many prompts (conversations ending with the user) at once, each rendered up to where the
+    assistant's answer starts; `template` is a resolved name (see `resolve_template`)."""
+    encoder = encoder or SegmentEncoder(tokenizer)
     if template == "none":
-        text = "\n\n".join(m["content"] for m in messages)
-        ids = (encoder or SegmentEncoder(tokenizer)).encode_many([text])[0]
-        return [tokenizer.bos_token_id, *ids] if tokenizer.bos_token_id is not None else ids
+        ids = encoder.encode_many(["\n\n".join(m["content"] for m in msgs) for msgs in prompts])
+        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        return [[*bos, *x] for x in ids]
     if template.startswith("mistral"):
-        plan = _mistral_plan(messages, template, tokenizer)
-        return _encode_plans([plan], encoder or SegmentEncoder(tokenizer))[0].input_ids
-    text, spans = _string_render(messages, template, tokenizer, add_generation_prompt=True)
-    return _encode_strings([(text, spans)], tokenizer, add_bos=template != "chat_template")[0].input_ids
+        plans = [_mistral_plan(msgs, template, tokenizer) for msgs in prompts]
+        return [e.input_ids for e in _encode_plans(plans, encoder)]
+    items = [_string_render(msgs, template, tokenizer, add_generation_prompt=True) for msgs in prompts]
+    return [e.input_ids for e in _encode_strings(items, tokenizer, add_bos=template != "chat_template")]
 
 
 def template_fingerprint(

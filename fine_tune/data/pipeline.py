@@ -1,0 +1,337 @@
+"""The steps every data builder shares: options, sources, reading with bad-row accounting, the
+row-to-item conversion loop, held-out splits and caps, and the encoder.
+
+SFT data (`build.py`) and preference pairs (`preference.py`) differ only in what a row becomes and
+how it is tokenized; everything a user sees before that (which files, `file:line` of a bad row, the
+seeded split, the caps) behaves the same for both because it is this code.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from fine_tune.data.formats import BadRow, Format, check_columns, get_format, resolve_fields
+from fine_tune.data.readers import Row, read_file, read_hub, resolve_paths
+from fine_tune.errors import UserError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from fine_tune.data.templates import SegmentEncoder
+
+T = TypeVar("T")
+
+# Options every data builder takes; each builder adds its own (and its default `format`).
+COMMON_OPTIONS: dict[str, Any] = {
+    "name": None,  # a label for logs only
+    "path": None,
+    "hub_name": None,
+    "subset": None,
+    "split": "train",
+    "revision": None,
+    "file_type": None,
+    "fields": None,
+    "template": "auto",
+    "system_prompt": None,
+    "validation_path": None,
+    "test_path": None,  # held-out test file(s): tokenized apart into bundle.test
+    "validation_split": None,  # hub only: e.g. "test"
+    "val_ratio": 0.0,
+    "max_samples": None,
+    "max_eval_samples": None,
+    "on_bad_row": "error",
+    "truncation": "error",
+    "num_prompts": 4,
+    "encoder": "auto",
+}
+TRUNCATION = ("error", "truncate", "drop")
+ENCODERS = ("auto", "sentencepiece", "hf")
+# Options that must be a positive integer (num_prompts may be 0) when set.
+COUNTS = ("max_samples", "max_eval_samples", "num_prompts", "max_prompt_length")
+
+
+def read_options(
+    dataset_cfg: Mapping | None, kwargs: dict[str, Any], defaults: dict[str, Any]
+) -> dict[str, Any]:
+    """The dataset node (a DictConfig or a dict) and keyword options, checked against `defaults`."""
+    raw: dict[str, Any] = {}
+    if dataset_cfg is not None:
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(dataset_cfg, DictConfig):
+            dataset_cfg = OmegaConf.to_container(dataset_cfg, resolve=True)
+        raw.update(dict(dataset_cfg))
+    raw.update(kwargs)
+    raw.pop("_target_", None)
+    raw.pop("_convert_", None)
+    unknown = sorted(set(raw) - set(defaults))
+    if unknown:
+        raise UserError(
+            f"unknown dataset option(s) {unknown}",
+            where=f"dataset.{unknown[0]}",
+            hint=f"known options: {sorted(defaults)}",
+        )
+    opts = {**defaults, **raw}
+    if opts["on_bad_row"] not in ("error", "skip"):
+        raise UserError(
+            f"on_bad_row must be error or skip, got {opts['on_bad_row']!r}", where="dataset.on_bad_row"
+        )
+    if opts["truncation"] not in TRUNCATION:
+        raise UserError(
+            f"truncation must be one of {TRUNCATION}, got {opts['truncation']!r}", where="dataset.truncation"
+        )
+    if opts["encoder"] not in ENCODERS:
+        raise UserError(
+            f"encoder must be one of {ENCODERS}, got {opts['encoder']!r}", where="dataset.encoder"
+        )
+    try:
+        ratio = float(opts["val_ratio"] or 0.0)
+    except (TypeError, ValueError):
+        ratio = -1.0
+    if not 0.0 <= ratio < 1.0:
+        raise UserError(
+            f"val_ratio must be a number in [0, 1), got {opts['val_ratio']!r}", where="dataset.val_ratio"
+        )
+    for key in COUNTS:
+        value = opts.get(key)
+        if value is None:
+            continue
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int)
+            or value < (0 if key == "num_prompts" else 1)
+        ):
+            raise UserError(
+                f"{key} must be a positive integer or null, got {value!r}", where=f"dataset.{key}"
+            )
+    return opts
+
+
+def check_max_length(max_length: int) -> int:
+    max_length = int(max_length)
+    if max_length < 8:
+        raise UserError(f"max_length={max_length} is too small", where="max_length", hint="use at least 64")
+    return max_length
+
+
+def make_encoder(opts: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> SegmentEncoder:
+    from fine_tune.data.templates import SegmentEncoder
+
+    encoder = SegmentEncoder(tokenizer, prefer_sentencepiece=opts["encoder"] != "hf")
+    if opts["encoder"] == "sentencepiece" and encoder.sp is None:
+        raise UserError(
+            "no sentencepiece model matches this tokenizer's vocabulary",
+            where="dataset.encoder",
+            hint="use dataset.encoder=auto",
+        )
+    return encoder
+
+
+# ----------------------------------------------------------------------------------------------------
+# Bad rows
+
+
+class Skips:
+    """Counts dropped rows by reason, or turns a bad row into a UserError (on_bad_row=error)."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.counts: Counter[str] = Counter()
+        self.examples: list[str] = []
+
+    def add(self, reason: str, where: str, detail: str, hint: str | None = None) -> None:
+        """A bad row: an error, or (on_bad_row=skip) a counted drop."""
+        if self.mode == "error":
+            raise UserError(
+                detail,
+                where=where,
+                hint=hint or "fix the row, or set dataset.on_bad_row=skip to skip bad rows",
+            )
+        self.drop(reason, where, detail)
+
+    def drop(self, reason: str, where: str, detail: str) -> None:
+        """A row left out by policy (too long with truncation=drop, identical answers): always counted."""
+        self.counts[reason] += 1
+        if len(self.examples) < 5:
+            self.examples.append(f"{where}: {detail}")
+
+    def require(self, kept: int, label: str, noun: str) -> tuple[dict[str, int], list[str]]:
+        """Stop when no training rows are left; else (counts by reason, first examples) for the report."""
+        if not kept:
+            raise UserError(
+                f"no training {noun} left after filtering (dropped: {dict(self.counts) or 'none'})",
+                where=label,
+                hint="check dataset.fields, max_length and dataset.truncation",
+            )
+        return dict(self.counts), self.examples
+
+    def too_long(self, opts: dict[str, Any], where: str, detail: str, hint: str) -> None:
+        """A row over max_length that `truncation=truncate` did not handle: dropped or an error."""
+        if opts["truncation"] == "drop" or opts["on_bad_row"] == "skip":
+            self.drop("too_long", where, detail)
+            return
+        raise UserError(detail, where=where, hint=hint)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sources and reading
+
+
+@dataclass
+class Sources:
+    """The files (or the hub) each split comes from; `train is None` means the hub."""
+
+    label: str
+    train: list[Path] | None
+    validation: list[Path] | None = None
+    test: list[Path] | None = None
+
+    @property
+    def files(self) -> list[Path] | None:
+        """Every local file, for the cache key; None when data comes from the hub (not cached)."""
+        if self.train is None:
+            return None
+        return self.train + (self.validation or []) + (self.test or [])
+
+
+def resolve_sources(opts: dict[str, Any], sample: tuple[Path, Path] | None = None) -> Sources:
+    """Explicit path > hub name > the shipped sample (train, validation), if the builder has one."""
+    if opts["path"]:
+        train = resolve_paths(opts["path"], "dataset.path")
+        sources = Sources(", ".join(str(p) for p in train), train)
+    elif opts["hub_name"]:
+        sources = Sources(f"hub:{opts['hub_name']}", None)
+    elif sample is not None:
+        sources = Sources("sample", [sample[0]])
+        if opts["validation_path"] is None and not opts["val_ratio"]:
+            sources.validation = [sample[1]]
+    else:
+        raise UserError(
+            f"format {opts['format']!r} needs data: set dataset.path (local file) or dataset.hub_name",
+            where="dataset.path",
+            hint="e.g. dataset.path=/data/train.jsonl",
+        )
+    if opts["validation_path"]:
+        sources.validation = resolve_paths(opts["validation_path"], "dataset.validation_path")
+    if opts["test_path"]:
+        sources.test = resolve_paths(opts["test_path"], "dataset.test_path")
+    return sources
+
+
+def _read(opts: dict[str, Any], paths: list[Path] | None, hub_split: str | None, skips: Skips) -> list[Row]:
+    if paths is None:
+        return read_hub(opts["hub_name"], hub_split or "train", opts["subset"], opts["revision"])
+    bad: list[tuple[str, str, str]] | None = [] if opts["on_bad_row"] == "skip" else None
+    rows: list[Row] = []
+    for p in paths:
+        rows.extend(read_file(p, opts["file_type"], bad))
+    for reason, where, detail in bad or []:
+        skips.add(reason, where, detail)
+    return rows
+
+
+@dataclass
+class RawSplits:
+    train: list[Row]
+    validation: list[Row] | None  # None: no validation source (val_ratio may split train)
+    test: list[Row]
+    rows_read: int  # every row seen, the unreadable ones included
+
+
+def read_sources(opts: dict[str, Any], sources: Sources, skips: Skips) -> RawSplits:
+    """Every row of every split, read before anything is converted, so bad files fail first."""
+    rows = _read(opts, sources.train, opts["split"], skips)
+    validation = None
+    if sources.validation is not None:
+        validation = _read(opts, sources.validation, None, skips)
+    elif opts["hub_name"] and opts["validation_split"]:
+        validation = _read(opts, None, opts["validation_split"], skips)
+    test = _read(opts, sources.test, None, skips) if sources.test else []
+    read = len(rows) + len(validation or []) + len(test) + sum(skips.counts.values())
+    if not rows:
+        raise UserError(
+            "the data set has no rows", where=sources.label, hint="check the file (and dataset.split)"
+        )
+    return RawSplits(rows, validation, test, read)
+
+
+def convert_rows(
+    rows: list[Row], fmt: Format, fields: dict[str, str], convert: Callable[[Row], T], skips: Skips
+) -> list[T]:
+    """Check each file's columns once, then convert row by row; a BadRow is counted or raised."""
+    by_file: dict[str, set[str]] = {}
+    for row in rows:
+        by_file.setdefault(row.source or row.where, set()).update(row.data)
+    for name, columns in by_file.items():
+        check_columns(fmt, fields, columns, name)
+    out = []
+    for row in rows:
+        try:
+            out.append(convert(row))
+        except BadRow as bad:
+            skips.add(bad.reason, row.where, f"{bad.detail} (row has fields {sorted(row.data)})")
+    return out
+
+
+def load_items(
+    opts: dict[str, Any],
+    sources: Sources,
+    fmt: Format,
+    fields: dict[str, str],
+    convert: Callable[[Row], T],
+    skips: Skips,
+    seed: int,
+) -> tuple[int, list[T], list[T], list[T]]:
+    """(rows read, train, eval, test): every split read, its rows converted by `convert`, then the
+    held-out split and the caps applied."""
+    raw = read_sources(opts, sources, skips)
+
+    def each(rows: list[Row]) -> list[T]:
+        return convert_rows(rows, fmt, fields, convert, skips)
+
+    held = each(raw.validation) if raw.validation is not None else None
+    return raw.rows_read, *split_and_cap(each(raw.train), held, each(raw.test), opts, seed)
+
+
+def format_and_fields(opts: dict[str, Any], kind: str) -> tuple[Format, dict[str, str]]:
+    fmt = get_format(opts["format"], kind)
+    return fmt, resolve_fields(fmt, opts["fields"])
+
+
+def split_and_cap(
+    train: list[T], held: list[T] | None, test: list[T], opts: dict[str, Any], seed: int
+) -> tuple[list[T], list[T], list[T]]:
+    """(train, eval, test): a seeded `val_ratio` share held out when there is no validation source,
+    then `max_samples` / `max_eval_samples` caps that keep file order."""
+    evaluation = held if held is not None else []
+    if held is None and opts["val_ratio"]:
+        order = list(range(len(train)))
+        random.Random(seed).shuffle(order)
+        chosen = set(order[: max(1, round(len(order) * float(opts["val_ratio"])))])
+        evaluation = [train[i] for i in sorted(chosen)]
+        train = [item for i, item in enumerate(train) if i not in chosen]
+    if opts["max_samples"]:
+        train = train[: int(opts["max_samples"])]
+    if opts["max_eval_samples"]:
+        evaluation = evaluation[: int(opts["max_eval_samples"])]
+        test = test[: int(opts["max_eval_samples"])]
+    return train, evaluation, test
+
+
+def held_out_prompts(
+    items: list[dict[str, Any]], template: str, tokenizer: PreTrainedTokenizerBase, encoder: SegmentEncoder
+) -> list[dict[str, Any]]:
+    """Generation prompts for eval-time samples: each item ({messages, reference, where, ...}) with
+    its `prompt_ids` and `prompt_text`, rendered exactly as in training."""
+    from fine_tune.data.templates import encode_prompts
+
+    ids = encode_prompts([item["messages"] for item in items], template, tokenizer, encoder)
+    return [
+        {"prompt_ids": x, "prompt_text": tokenizer.decode(x), **item}
+        for x, item in zip(ids, items, strict=True)
+    ]
