@@ -159,15 +159,14 @@ def save_expert_adapter(model: nn.Module, directory: str | Path) -> Path:
     """Write the expert adapters (and their config) into `directory`, e.g. the PEFT adapter dir."""
     from safetensors.torch import save_file
 
-    from fine_tune.utils.io import atomic_write_json
+    from fine_tune.utils.io import atomic_file, atomic_write_json
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.contiguous().cpu() for k, v in expert_lora_state_dict(model).items()}
     path = directory / EXPERT_ADAPTER_FILE
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "fine_tune.expert_lora/1"})
-    tmp.replace(path)
+    with atomic_file(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "fine_tune.expert_lora/1"})
     atomic_write_json(directory / EXPERT_ADAPTER_CONFIG, _adapter_config(model))
     return path
 
