@@ -28,6 +28,8 @@ from fine_tune.inference import (
     parse_args,
     run_main,
 )
+from fine_tune.utils.format import format_metric
+from fine_tune.utils.io import publish_dir
 
 ARGS: dict[str, Any] = {
     "run": None,
@@ -79,7 +81,7 @@ def model_card(run_dir: Path, cfg: Any, merged: bool, template: str | None) -> s
         "",
         "| metric | value |",
         "|---|---|",
-        *[f"| {k} | {_fmt(v)} |" for k, v in sorted(metrics.items())],
+        *[f"| {k} | {format_metric(k, v)} |" for k, v in sorted(metrics.items())],
         "",
         "## Usage",
         "",
@@ -112,18 +114,6 @@ def model_card(run_dir: Path, cfg: Any, merged: bool, template: str | None) -> s
     return "\n".join(lines)
 
 
-def _fmt(value: Any) -> str:
-    return f"{value:.6g}" if isinstance(value, float) else str(value)
-
-
-def write_atomically(out: Path, fill: Any) -> Path:
-    """`fill(tmp_dir)`, then rename to `out` (replacing an earlier export)."""
-    from fine_tune.run import save_atomically
-
-    save_atomically(fill, out)
-    return out
-
-
 def export_adapter(run_dir: Path, cfg: Any, adapter: Path, out: Path) -> Path:
     from fine_tune.inference import template_of
     from fine_tune.run import build_tokenizer, quiet_libraries
@@ -139,7 +129,7 @@ def export_adapter(run_dir: Path, cfg: Any, adapter: Path, out: Path) -> Path:
         tokenizer.save_pretrained(tmp)
         (tmp / "README.md").write_text(model_card(run_dir, cfg, merged=False, template=template))
 
-    return write_atomically(out, fill)
+    return publish_dir(out, fill)
 
 
 def export_merged(run_dir: Path, checkpoint: str | None, dtype: str | None, out: Path) -> Path:
@@ -162,7 +152,7 @@ def export_merged(run_dir: Path, checkpoint: str | None, dtype: str | None, out:
         loaded.tokenizer.save_pretrained(tmp)
         (tmp / "README.md").write_text(model_card(path, cfg, merged=True, template=loaded.template))
 
-    return write_atomically(out, fill)
+    return publish_dir(out, fill)
 
 
 def push(out: Path, repo: str, private: bool) -> str:
