@@ -322,12 +322,29 @@ def _panel_curve(job: Job, key: str) -> tuple[list[float], list[float]]:
     return steps, values
 
 
+def _overlap(curve: tuple[list[float], list[float]], drawn: list[tuple[str, tuple]]) -> str:
+    """` (identical to X)` / ` (overlaps X)` when an earlier job drew the same curve, exactly or
+    within 1e-4 relative (indistinguishable on the plot); else ``."""
+    steps, values = curve
+    same = [label for label, other in drawn if other == curve]
+    if same:
+        return f" (identical to {same[0]})"
+    close = [
+        label
+        for label, (other_steps, other_values) in drawn
+        if other_steps == steps
+        and all(math.isclose(a, b, rel_tol=1e-4) for a, b in zip(values, other_values, strict=True))
+    ]
+    return f" (overlaps {close[0]})" if close else ""
+
+
 def plot_curves(jobs: Sequence[Job], path: Path, title: str = "", legend_title: str = "") -> Path:
     """Train and eval loss vs step, one line per job, legend in the order given (the table's).
 
-    A curve identical to one drawn before it says so in the legend (`same curve as <job>`): on CPU, for
-    example, bitsandbytes' paged optimizers fall back to the same math as AdamW and their curves
-    coincide. Failed jobs are drawn faded. Eval points are few, so every one is marked."""
+    A curve equal to one drawn before it says so in the legend (`identical to <job>`, or `overlaps
+    <job>` within 1e-4): on a tiny model, for example, bitsandbytes' paged and 8-bit optimizers run
+    the same 32-bit AdamW math and their curves coincide. Failed jobs are drawn faded. Eval points
+    are few, so every one is marked."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -336,7 +353,7 @@ def plot_curves(jobs: Sequence[Job], path: Path, title: str = "", legend_title: 
     differ, _ = differing_overrides(jobs)
     fig, axes = plt.subplots(1, 2, figsize=(13, 5), squeeze=False)
     panels = [(axes[0][0], "train/loss", "train loss"), (axes[0][1], "eval/loss", "eval loss")]
-    seen: list[dict[tuple, str]] = [{}, {}]  # curve -> label of the first job that drew it
+    drawn: list[list[tuple[str, tuple]]] = [[], []]  # (label, curve) already on each panel
     longest = [0, 0]
     for index, job in enumerate(jobs):
         label = _label(job, differ)
@@ -352,13 +369,13 @@ def plot_curves(jobs: Sequence[Job], path: Path, title: str = "", legend_title: 
             steps, values = _panel_curve(job, key)
             if not steps:
                 continue
-            curve = (tuple(steps), tuple(values))
-            twin = seen[panel].setdefault(curve, label)
+            overlap = _overlap((steps, values), drawn[panel])
+            drawn[panel].append((label, (steps, values)))
             every = 1 if key == "eval/loss" else max(len(steps) // 10, 1)
             axis.plot(
                 steps,
                 values,
-                label=label if twin == label else f"{label} (same curve as {twin})",
+                label=label + overlap,
                 markevery=(index % every, every),  # staggered: markers of coinciding lines do not stack
                 **style,
             )

@@ -74,3 +74,28 @@ def test_readme_sgd_command_trains(tmp_path: Path):
     assert json.loads((tmp_path / "status.json").read_text())["status"] == "finished"
     assert json.loads((tmp_path / "metrics.json").read_text())["steps"] == 4
     assert "SGD takes no betas, eps; not passed" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    ("option", "size", "expected"),
+    [
+        ("paged_adamw_8bit", 1024, ["does not page on CPU", "1 of 1 trainable tensors have fewer than 4096"]),
+        ("paged_adamw_32bit", 8192, ["does not page on CPU"]),
+        ("adamw_8bit", 1024, ["1 of 1 trainable tensors have fewer than 4096"]),
+        ("adamw_8bit", 8192, []),  # really 8-bit states, on CPU too
+        ("adamw_torch", 1024, []),
+    ],
+)
+def test_bitsandbytes_fallbacks_are_noted_when_the_optimizer_is_made(option, size, expected, caplog):
+    with caplog.at_level(logging.WARNING, logger="fine_tune"):
+        param = torch.nn.Parameter(torch.zeros(size))
+        optimizer = build_optimizer_factory(compose([f"optim={option}"]).optim.optimizer)([param])
+    notes = [r.getMessage() for r in caplog.records if r.getMessage().startswith("optim: ")]
+    assert len(notes) == len(expected)
+    for note, text in zip(notes, expected, strict=True):
+        assert text in note
+    param.grad = torch.ones(size)
+    optimizer.step()
+    state = optimizer.state[param]
+    states = [state[k] for k in ("state1", "exp_avg") if k in state]
+    assert states[0].dtype == (torch.uint8 if option == "adamw_8bit" and size >= 4096 else torch.float32)

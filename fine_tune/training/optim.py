@@ -4,7 +4,11 @@ the Trainer gets exactly the optimizer the config names.
 Every shipped `optim` option inherits the reference AdamW's keys (`betas`, `eps`, ...). A class that
 has no such argument (`optim.optimizer._target_=torch.optim.SGD`) is simply not given it, with a
 one-line note; a key the user added that the class cannot take is a mistake and stops the run; a
-key set to null is not passed, so the class's own default applies (`conf/optim/sgd.yaml`)."""
+key set to null is not passed, so the class's own default applies (`conf/optim/sgd.yaml`).
+
+When the optimizer is created (the first training step), a bitsandbytes optimizer that does less
+than its name says on this machine (no paging on CPU, 32-bit states for small tensors) says so in
+one line, so an optimizer comparison is not misread."""
 
 from __future__ import annotations
 
@@ -84,4 +88,34 @@ def build_optimizer_factory(optimizer_node: Any) -> Callable[[list], Any]:
             where="optim.optimizer._partial_",
             hint="set _partial_: true",
         )
-    return factory
+
+    def make(params: list) -> Any:
+        optimizer = factory(params)
+        for note in fallback_notes(optimizer):
+            log.warning("optim: %s", note)
+        return optimizer
+
+    return make
+
+
+def fallback_notes(optimizer: Any) -> list[str]:
+    """Where a bitsandbytes optimizer does less than its name says, on these parameters.
+
+    bitsandbytes 0.50 (optim/optimizer.py) pages states only on CUDA: on CPU `get_state_buffer`
+    returns plain tensors. And it keeps 8-bit states only for tensors of at least `min_8bit_size`
+    (4096) elements, on any device; smaller ones get 32-bit states and the same AdamW math. A sweep
+    over these optimizers on a tiny model then compares one optimizer with itself."""
+    name = type(optimizer).__name__
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    notes = []
+    if getattr(optimizer, "is_paged", False) and any(p.device.type == "cpu" for p in params):
+        notes.append(f"{name} does not page on CPU: bitsandbytes keeps its states in ordinary CPU memory")
+    args = getattr(optimizer, "args", None)
+    if getattr(args, "optim_bits", 32) == 8:
+        small = sum(p.numel() < args.min_8bit_size for p in params)
+        if small:
+            notes.append(
+                f"{name}: {small} of {len(params)} trainable tensors have fewer than "
+                f"{args.min_8bit_size} elements (min_8bit_size), so their states stay 32-bit"
+            )
+    return notes
