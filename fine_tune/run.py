@@ -234,15 +234,6 @@ def final_metrics(
     }
 
 
-def close_process_group() -> None:
-    """Under torchrun the Trainer opens a process group; leaving it open leaks NCCL resources."""
-    import sys
-
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-
-
 def objective(metrics: dict) -> float | None:
     """The number a sweeper minimizes: eval loss, or the last train loss without an eval split."""
     value = metrics.get("eval_loss")
@@ -250,9 +241,11 @@ def objective(metrics: dict) -> float | None:
 
 
 def run(cfg: DictConfig, run_dir: Path, job: dict) -> float | None:
+    from fine_tune.distributed import end_process_group, quiet_other_ranks
     from fine_tune.utils.build import build
     from fine_tune.validate import check_config
 
+    quiet_other_ranks()  # under torchrun: one progress log and one summary, from rank 0
     check_config(cfg)  # types, targets, cross-checks: before any weights or data load
     tracker = build(cfg.logger)
     status = "failed"
@@ -265,7 +258,7 @@ def run(cfg: DictConfig, run_dir: Path, job: dict) -> float | None:
         raise
     finally:
         tracker.finish(status)
-        close_process_group()
+        end_process_group(finished=status == "finished")
 
 
 def job_info() -> tuple[Path, dict]:
