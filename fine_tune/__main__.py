@@ -64,4 +64,9 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:  # under torchrun: a process that does not end soon after its job says where it hangs
+        from fine_tune.distributed import exit_watchdog
+
+        exit_watchdog()

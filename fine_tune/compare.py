@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from fine_tune.errors import EXIT_USER_ERROR, UserError, report
-from fine_tune.utils.io import atomic_write_json, atomic_write_text, read_json
+from fine_tune.utils.format import format_metric
+from fine_tune.utils.io import atomic_file, atomic_write_json, atomic_write_text, read_json
 
 _BROKEN = {"failed", "oom", "preempted", "unknown"}
 _SKIP_DIRS = {
@@ -258,32 +259,18 @@ def build_rows(jobs: Sequence[Job], metric: str, descending: bool = False) -> li
     return rows
 
 
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return str(value)
-
-
-def text_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A plain fixed-width table (no rich dependency, pastes into any issue or log)."""
-    cells = [[str(h) for h in headers]] + [
-        [_fmt(c) if not isinstance(c, str) else c for c in r] for r in rows
-    ]
+def text_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A plain fixed-width table of formatted cells (no rich dependency, pastes into any issue or log)."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
 
-def _exact(value: Any) -> str:
-    """Full precision for files (a report's numbers must equal metrics.json), short for the console."""
-    return repr(value) if isinstance(value, float) else _fmt(value)
-
-
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    esc = lambda c: (_exact(c) if not isinstance(c, str) else c).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Formatted cells as a Markdown table (full precision stays in the .json files)."""
+    esc = lambda c: str(c).replace("|", "\\|").replace("\n", " ")  # noqa: E731
     lines = ["| " + " | ".join(esc(h) for h in headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(esc(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
@@ -291,14 +278,17 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
 
 def _table(
     rows: list[dict[str, Any]], metric: str, with_dir: bool = False
-) -> tuple[list[str], list[list[Any]]]:
+) -> tuple[list[str], list[list[str]]]:
+    """Headers and formatted cells: the rank, the differing overrides, status, metric, extras."""
     differ = list(rows[0]["overrides"]) if rows else []
-    headers = ["#"] + (differ or ["job"]) + ["status", metric] + [h for k, h in _EXTRA if k != metric]
+    extras = [(k, h) for k, h in _EXTRA if k != metric]
+    headers = ["#"] + (differ or ["job"]) + ["status", metric] + [h for _, h in extras]
     body = []
     for row in rows:
-        line: list[Any] = [row["rank"]]
+        line = [str(row["rank"])]
         line += [row["overrides"].get(k) or "-" for k in differ] if differ else [row["job"]]
-        line += [row["status"], row[metric]] + [row[k] for k, _ in _EXTRA if k != metric]
+        line += [row["status"], format_metric(metric, row[metric])]
+        line += [format_metric(k, row[k]) for k, _ in extras]
         body.append(line)
     if with_dir:
         headers.append("dir")
@@ -315,8 +305,46 @@ def _label(job: Job, differ: Sequence[str]) -> str:
     return label if job.state in ("finished", "running") else f"{label} ({job.state})"
 
 
-def plot_curves(jobs: Sequence[Job], path: Path, title: str = "") -> Path:
-    """Train and eval loss vs step for every job, one colour per job (failed jobs dashed)."""
+# One colour, line style and marker per job: where curves coincide (two optimizers doing the same
+# math, say), a thinner dashed line drawn over a thicker solid one keeps both visible.
+_LINESTYLES = ["-", "--", "-.", ":"]
+_MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
+
+
+def _panel_curve(job: Job, key: str) -> tuple[list[float], list[float]]:
+    """The logged curve; a job that logged no eval row still shows its final eval as one point."""
+    steps, values = job.curve(key)
+    if not steps and key == "eval/loss":
+        final = _number((job.metrics or {}).get("eval_loss"))
+        if final is not None:
+            last = _number((job.metrics or {}).get("steps"))
+            steps, values = [last if last is not None else 0.0], [final]
+    return steps, values
+
+
+def _overlap(curve: tuple[list[float], list[float]], drawn: list[tuple[str, tuple]]) -> str:
+    """` (identical to X)` / ` (overlaps X)` when an earlier job drew the same curve, exactly or
+    within 1e-4 relative (indistinguishable on the plot); else ``."""
+    steps, values = curve
+    same = [label for label, other in drawn if other == curve]
+    if same:
+        return f" (identical to {same[0]})"
+    close = [
+        label
+        for label, (other_steps, other_values) in drawn
+        if other_steps == steps
+        and all(math.isclose(a, b, rel_tol=1e-4) for a, b in zip(values, other_values, strict=True))
+    ]
+    return f" (overlaps {close[0]})" if close else ""
+
+
+def plot_curves(jobs: Sequence[Job], path: Path, title: str = "", legend_title: str = "") -> Path:
+    """Train and eval loss vs step, one line per job, legend in the order given (the table's).
+
+    A curve equal to one drawn before it says so in the legend (`identical to <job>`, or `overlaps
+    <job>` within 1e-4): on a tiny model, for example, bitsandbytes' paged and 8-bit optimizers run
+    the same 32-bit AdamW math and their curves coincide. Failed jobs are drawn faded. Eval points
+    are few, so every one is marked."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -325,43 +353,55 @@ def plot_curves(jobs: Sequence[Job], path: Path, title: str = "") -> Path:
     differ, _ = differing_overrides(jobs)
     fig, axes = plt.subplots(1, 2, figsize=(13, 5), squeeze=False)
     panels = [(axes[0][0], "train/loss", "train loss"), (axes[0][1], "eval/loss", "eval loss")]
-    drawn = [0, 0]
+    drawn: list[list[tuple[str, tuple]]] = [[], []]  # (label, curve) already on each panel
+    longest = [0, 0]
     for index, job in enumerate(jobs):
-        style = "-" if job.state in ("finished", "running") else "--"
-        color = f"C{index % 10}"
-        for panel, (axis, key, _title) in enumerate(panels):
-            steps, values = job.curve(key)
-            if not steps and key == "eval/loss":
-                final = _number((job.metrics or {}).get("eval_loss"))
-                last = _number((job.metrics or {}).get("steps"))
-                if final is not None:
-                    steps, values = [last if last is not None else 0.0], [final]
-            if steps:
-                marker = "o" if len(steps) < 20 else None
-                axis.plot(steps, values, style, color=color, marker=marker, label=_label(job, differ))
-                drawn[panel] += 1
+        label = _label(job, differ)
+        style = {
+            "color": f"C{index % 10}",
+            "linestyle": _LINESTYLES[index % len(_LINESTYLES)],
+            "marker": _MARKERS[index % len(_MARKERS)],
+            "linewidth": max(3.0 - 0.5 * index, 1.0),
+            "markersize": max(8.0 - index, 4.0),
+            "alpha": 1.0 if job.state in ("finished", "running") else 0.5,
+        }
+        for panel, (axis, key, _name) in enumerate(panels):
+            steps, values = _panel_curve(job, key)
+            if not steps:
+                continue
+            overlap = _overlap((steps, values), drawn[panel])
+            drawn[panel].append((label, (steps, values)))
+            every = 1 if key == "eval/loss" else max(len(steps) // 10, 1)
+            axis.plot(
+                steps,
+                values,
+                label=label + overlap,
+                markevery=(index % every, every),  # staggered: markers of coinciding lines do not stack
+                **style,
+            )
+            longest[panel] = max(longest[panel], len(steps))
     for panel, (axis, _key, name) in enumerate(panels):
-        axis.set_title(name)
+        axis.set_title(
+            name if longest[panel] != 1 else f"{name} (one point per run; lower trainer.eval_steps)"
+        )
         axis.set_xlabel("step")
         axis.set_ylabel("loss")
         axis.grid(True, alpha=0.3)
-        if drawn[panel]:
-            axis.legend(fontsize=7, loc="best")
+        if longest[panel]:
+            axis.legend(fontsize=7, loc="best", title=legend_title or None, title_fontsize=7)
         else:
             axis.text(0.5, 0.5, "nothing logged yet", ha="center", va="center", transform=axis.transAxes)
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 
 def _html(title: str, common: dict[str, str], headers: list[str], body: list[list[Any]], image: str) -> str:
-    esc = lambda c: html.escape(_exact(c) if not isinstance(c, str) else c)  # noqa: E731
+    esc = lambda c: html.escape(str(c))  # noqa: E731
     head = "".join(f"<th>{esc(h)}</th>" for h in headers)
     rows = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>\n" for row in body)
     shared = ", ".join(f"{k}={v}" for k, v in common.items()) or "none"
@@ -410,10 +450,19 @@ def compare(
         single_sweep = len(roots) == 1 and not _is_job_dir(roots[0])
         out = roots[0] / "compare" if single_sweep else Path("compare")
     out = Path(out)
-    title = f"{len(jobs)} runs of " + ", ".join(str(r) for r in roots) + f", sorted by {metric}"
+    order = "highest" if descending else "lowest"
+    title = (
+        f"{len(jobs)} runs of " + ", ".join(str(r) for r in roots) + f", sorted by {metric} ({order} first)"
+    )
     headers, body = _table(rows, metric)
     text = text_table(headers, body)
-    image = plot_curves(jobs, out / "loss_curves.png", title=title)
+    by_dir = {str(job.path): job for job in jobs}
+    image = plot_curves(
+        [by_dir[row["dir"]] for row in rows],  # the table's order: the legend's first line is its row 1
+        out / "loss_curves.png",
+        title=title,
+        legend_title=f"{order} {metric} first",
+    )
     md_headers, md_body = _table(rows, metric, with_dir=True)
     shared = ", ".join(f"`{k}={v}`" for k, v in common.items()) or "none"
     failures = [r for r in rows if r["status"] not in ("finished", "running")]
@@ -423,6 +472,8 @@ def compare(
         f"Overrides shared by all jobs: {shared}",
         "",
         markdown_table(md_headers, md_body),
+        "",
+        "Numbers are rounded for reading; `compare.json` holds them at full precision.",
     ]
     if failures:
         md += ["", "## Not finished", ""]

@@ -25,6 +25,8 @@ from typing import Any
 
 from fine_tune.errors import UserError
 from fine_tune.inference import adapter_dir_of, load_config, load_run, parse_args, run_main
+from fine_tune.utils.format import format_metric
+from fine_tune.utils.io import publish_dir
 
 UNQUANTIZED = {"_target_": "fine_tune.models.quant.build_quant_config", "kind": "none"}  # quant node
 
@@ -82,7 +84,7 @@ def model_card(
         "",
         "| metric | value |",
         "|---|---|",
-        *[f"| {k} | {_fmt(v)} |" for k, v in sorted(metrics.items())],
+        *[f"| {k} | {format_metric(k, v)} |" for k, v in sorted(metrics.items())],
         "",
         "## Usage",
         "",
@@ -132,18 +134,6 @@ def adapter_usage(base: str | None, adapter: dict) -> list[str]:
     return lines
 
 
-def _fmt(value: Any) -> str:
-    return f"{value:.6g}" if isinstance(value, float) else str(value)
-
-
-def write_atomically(out: Path, fill: Any) -> Path:
-    """`fill(tmp_dir)`, then rename to `out` (replacing an earlier export)."""
-    from fine_tune.run import save_atomically
-
-    save_atomically(fill, out)
-    return out
-
-
 def export_adapter(run_dir: Path, cfg: Any, adapter: Path, out: Path) -> Path:
     """PEFT's two files (runs from before the expert format are converted), tokenizer, card."""
     from fine_tune.inference import template_of
@@ -162,7 +152,7 @@ def export_adapter(run_dir: Path, cfg: Any, adapter: Path, out: Path) -> Path:
         card = model_card(run_dir, cfg, False, template, {"config": config, "numbers": numbers})
         (tmp / "README.md").write_text(card)
 
-    return write_atomically(out, fill)
+    return publish_dir(out, fill)
 
 
 def export_merged(run_dir: Path, checkpoint: str | None, dtype: str | None, base: str, out: Path) -> Path:
@@ -187,7 +177,7 @@ def export_merged(run_dir: Path, checkpoint: str | None, dtype: str | None, base
         loaded.tokenizer.save_pretrained(tmp)
         (tmp / "README.md").write_text(model_card(path, cfg, merged=True, template=loaded.template))
 
-    return write_atomically(out, fill)
+    return publish_dir(out, fill)
 
 
 def push(out: Path, repo: str, private: bool) -> str:

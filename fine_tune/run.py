@@ -11,7 +11,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -19,23 +18,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from fine_tune.errors import Preempted
-from fine_tune.utils.io import atomic_write_json
+from fine_tune.utils.io import atomic_write_json, publish_dir
 
 log = logging.getLogger("fine_tune")
-
-
-def save_atomically(save: Any, target: Path) -> None:
-    """`save(directory)` into a temporary sibling, then rename: no half-written adapter under its name."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        save(work)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(work, target)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
 
 
 def save_adapter(model: Any, directory: Path) -> None:
@@ -198,8 +183,8 @@ def _train(cfg: DictConfig, run_dir: Path, tracker: Any, job: dict, preemption: 
         raise Preempted(preemption.signum, str(saved[-1]) if saved else None, preemption.previous_handler)
     eval_loss = final_eval_loss(trainer, metrics_cb, data)
     if is_main_process():
-        save_atomically(lambda d: save_adapter(model, d), run_dir / "adapter")
-        save_atomically(lambda path: save_tokenizer(tokenizer, path), run_dir / "tokenizer")
+        publish_dir(run_dir / "adapter", lambda d: save_adapter(model, d))
+        publish_dir(run_dir / "tokenizer", lambda d: save_tokenizer(tokenizer, d))
     metrics = final_metrics(
         trainer.state, metrics_cb, eval_loss, trainable, total, time.perf_counter() - started
     )
@@ -249,15 +234,6 @@ def final_metrics(
     }
 
 
-def close_process_group() -> None:
-    """Under torchrun the Trainer opens a process group; leaving it open leaks NCCL resources."""
-    import sys
-
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-
-
 def objective(metrics: dict) -> float | None:
     """The number a sweeper minimizes: eval loss, or the last train loss without an eval split."""
     value = metrics.get("eval_loss")
@@ -265,9 +241,11 @@ def objective(metrics: dict) -> float | None:
 
 
 def run(cfg: DictConfig, run_dir: Path, job: dict) -> float | None:
+    from fine_tune.distributed import end_process_group, quiet_other_ranks
     from fine_tune.utils.build import build
     from fine_tune.validate import check_config
 
+    quiet_other_ranks()  # under torchrun: one progress log and one summary, from rank 0
     check_config(cfg)  # types, targets, cross-checks: before any weights or data load
     tracker = build(cfg.logger)
     status = "failed"
@@ -280,7 +258,7 @@ def run(cfg: DictConfig, run_dir: Path, job: dict) -> float | None:
         raise
     finally:
         tracker.finish(status)
-        close_process_group()
+        end_process_group(finished=status == "finished")
 
 
 def job_info() -> tuple[Path, dict]:

@@ -205,13 +205,16 @@ def summarize(sweep_dir: str | os.PathLike, metric: str = "eval_loss") -> dict[s
 def format_summary(summary: dict[str, Any], markdown: bool = False) -> str:
     """The end-of-sweep table (job, overrides, status, metric) as text or Markdown."""
     from fine_tune.compare import markdown_table, text_table
+    from fine_tune.utils.format import format_metric
 
     metric = summary["metric"]
     headers = ["job", "status", metric, "error"]  # job = the overrides that differ between jobs
     body = []
     for row in summary["jobs"]:
         error = (row.get("error") or "").splitlines()[0][:80] if row.get("error") else ""
-        body.append([row.get("label") or row["job"], row["status"], row[metric], error])
+        body.append(
+            [row.get("label") or row["job"], row["status"], format_metric(metric, row[metric]), error]
+        )
     counts = ", ".join(f"{n} {s}" for s, n in sorted(summary["counts"].items())) or "no jobs"
     title = f"Sweep {summary['sweep_dir']}: {counts}"
     table = markdown_table(headers, body) if markdown else text_table(headers, body)

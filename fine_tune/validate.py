@@ -105,6 +105,10 @@ def check_targets(data: dict, checked: Checked) -> None:
         group = path.split(".")[0]
         if path == group:
             kwargs = {**RUNTIME_KWARGS.get(group, {}), **kwargs}
+        if path == "optim.optimizer":  # inherited AdamW keys a class cannot take are not passed
+            from fine_tune.training.optim import passed_arguments
+
+            kwargs = passed_arguments(obj, kwargs, note=False)
         try:
             signature = inspect.signature(obj)
         except (TypeError, ValueError):  # builtins without a signature: nothing to check

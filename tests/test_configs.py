@@ -52,6 +52,10 @@ def test_option_composes_and_target_binds(group: str, option: str):
     assert target, f"conf/{group}/{option}.yaml has no _target_"
     builder = locate(target)
     keys = {k: v for k, v in node.items() if not str(k).startswith("_")}
+    if group == "optim":  # what the factory passes: inherited AdamW keys the class lacks are not
+        from fine_tune.training.optim import passed_arguments
+
+        keys = passed_arguments(builder, keys, note=False)
     runtime = {
         "model": {"quant": None, "seed": 0},
         "dataset": {"tokenizer": None, "max_length": 1, "packing": False, "seed": 0, "cache_dir": None},

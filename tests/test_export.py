@@ -5,6 +5,7 @@ expert adapters too: the exports are loaded in a process that never imports fine
 from __future__ import annotations
 
 import json
+import stat
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import torch
 from lifecycle_helpers import cli, tiny_run
 
 from fine_tune.export import UNQUANTIZED
+from fine_tune.utils.io import umask
 
 PROMPTS = ["<s> [INST] Convert 35000 grams to kilograms. [/INST]", "The capital of France is"]
 
@@ -62,7 +64,8 @@ def test_merged_model_loads_with_plain_transformers(trained, tmp_path: Path):
     assert (plain - expected).abs().max() > 1e-3
     card = (out / "README.md").read_text()
     metrics = json.loads((run / "metrics.json").read_text())
-    assert "library_name: transformers" in card and f"{metrics['eval_loss']:.6g}" in card
+    assert "library_name: transformers" in card and f"| eval_loss | {metrics['eval_loss']:.4f} |" in card
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask()  # not mkdtemp's 0700
 
 
 def test_adapter_export_loads_with_plain_peft(trained, tmp_path: Path):

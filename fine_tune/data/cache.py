@@ -76,26 +76,25 @@ def save_cache(entry: Path, splits: dict[str, Any], meta: dict[str, Any]) -> Non
     """Write into a private temp dir, then rename: readers see a whole entry or none."""
     from datasets.utils import logging as ds_logging
 
-    from fine_tune.utils.io import atomic_write_json
+    from fine_tune.utils.io import atomic_write_json, publish_dir
 
     entry.parent.mkdir(parents=True, exist_ok=True)
     for stale in entry.parent.glob(".data-*.tmp"):  # left by jobs killed mid-write
         with contextlib.suppress(OSError):
             if time.time() - stale.stat().st_mtime > 6 * 3600:
                 shutil.rmtree(stale, ignore_errors=True)
-    tmp = entry.parent / f".{entry.name}.{os.getpid()}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    bars = ds_logging.is_progress_bar_enabled()
-    ds_logging.disable_progress_bar()  # one bar per split per job is noise in a sweep's logs
-    try:
+
+    def fill(tmp: Path) -> None:
         for name, ds in splits.items():
             if ds is not None:
                 ds.save_to_disk(str(tmp / name))
         atomic_write_json(tmp / "meta.json", meta)
-        # another job of the sweep may have won the race; its entry is as good as ours
-        with contextlib.suppress(OSError):
-            os.replace(tmp, entry)
+
+    bars = ds_logging.is_progress_bar_enabled()
+    ds_logging.disable_progress_bar()  # one bar per split per job is noise in a sweep's logs
+    try:
+        # replace=False: another job of the sweep may have won the race; its entry is as good as ours
+        publish_dir(entry, fill, replace=False)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
         if bars:
             ds_logging.enable_progress_bar()

@@ -8,9 +8,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +17,7 @@ from fine_tune.hardware import local_device
 from fine_tune.models.architecture import check_local_path, has_fused_experts
 from fine_tune.models.quant import QuantSpec
 from fine_tune.models.tokenizer import cache_root
+from fine_tune.utils.io import publish_dir
 
 # Above this many parameters a random model is built layer by layer on the GPU, never on disk.
 MATERIALISE_LIMIT = 500_000_000
@@ -42,20 +40,10 @@ def materialise_random(architecture: Any, seed: int) -> Path:
     target = cache_root() / "random_models" / hashlib.sha256(key.encode()).hexdigest()[:16]
     if (target / "config.json").exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(dir=target.parent))
-    try:
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(architecture, dtype=torch.float32)
-        model.save_pretrained(work, safe_serialization=True)
-        try:
-            os.replace(work, target)
-        except OSError:  # a concurrent job wrote the same weights first
-            shutil.rmtree(work, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-    return target
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(architecture, dtype=torch.float32)
+    # replace=False: a concurrent job may write the same weights first
+    return publish_dir(target, lambda d: model.save_pretrained(d, safe_serialization=True), replace=False)
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from fine_tune.errors import UserError
+from fine_tune.utils.io import publish_dir
 
 # Tokenizer files that mistral-common ships, by the name used in `model.tokenizer`.
 MISTRAL_COMMON_TOKENIZERS = {
@@ -49,8 +50,8 @@ def mistral_common_tokenizer(name: str) -> Any:
     target = cache_root() / "tokenizers" / f"{name}-{digest}"
     if not (target / "tokenizer.json").exists():
         target.parent.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(dir=target.parent))
-        try:
+        with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+            work = Path(scratch)
             shutil.copy(source, work / "tokenizer.model")
             config = {
                 "tokenizer_class": "LlamaTokenizer",
@@ -64,14 +65,8 @@ def mistral_common_tokenizer(name: str) -> Any:
             }
             (work / "tokenizer_config.json").write_text(json.dumps(config))
             converted = AutoTokenizer.from_pretrained(work)
-            out = Path(tempfile.mkdtemp(dir=target.parent))
-            converted.save_pretrained(out)
-            try:
-                os.replace(out, target)
-            except OSError:  # another process won the race: its copy is identical
-                shutil.rmtree(out, ignore_errors=True)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+        # replace=False: another process may win the race; its copy is identical
+        publish_dir(target, converted.save_pretrained, replace=False)
     return AutoTokenizer.from_pretrained(target)
 
 

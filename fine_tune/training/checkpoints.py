@@ -10,13 +10,13 @@ checkpoint away before deleting it, so a directory named `checkpoint-<step>` is 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 from fine_tune.errors import UserError
+from fine_tune.utils.io import remove_dir
 
 PREFIX = "checkpoint-"
 STAGING = ".staging"
@@ -44,22 +44,6 @@ def list_checkpoints(root: Path) -> list[Path]:
         return []
     found = [p for p in root.iterdir() if checkpoint_step(p) is not None and is_complete(p)]
     return sorted(found, key=lambda p: checkpoint_step(p) or 0)
-
-
-def remove_dir(path: Path) -> None:
-    """Rename first, delete second: a kill during deletion leaves a hidden leftover, not a fake checkpoint."""
-    if not path.exists():
-        return
-    trash = path.with_name(f".deleting-{path.name}-{os.getpid()}")
-    os.replace(path, trash)
-    shutil.rmtree(trash, ignore_errors=True)
-
-
-def publish(staged: Path, target: Path) -> None:
-    """Move a fully written checkpoint to its final name in one rename (same file system)."""
-    if target.exists():
-        remove_dir(target)
-    os.replace(staged, target)
 
 
 def rotate(root: Path, keep: int | None) -> None:

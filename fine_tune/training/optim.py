@@ -1,22 +1,121 @@
 """The `optim.optimizer` node is a factory (`_partial_: true`): any optimizer class path works, and
-the Trainer gets exactly the optimizer the config names."""
+the Trainer gets exactly the optimizer the config names.
+
+Every shipped `optim` option inherits the reference AdamW's keys (`betas`, `eps`, ...). A class that
+has no such argument (`optim.optimizer._target_=torch.optim.SGD`) is simply not given it, with a
+one-line note; a key the user added that the class cannot take is a mistake and stops the run; a
+key set to null is not passed, so the class's own default applies (`conf/optim/sgd.yaml`).
+
+When the optimizer is created (the first training step), a bitsandbytes optimizer that does less
+than its name says on this machine (no paging on CPU, 32-bit states for small tensors) says so in
+one line, so an optimizer comparison is not misread."""
 
 from __future__ import annotations
 
+import inspect
+import logging
 from collections.abc import Callable
+from functools import cache
+from pathlib import Path
 from typing import Any
 
 from fine_tune.errors import UserError
 
+log = logging.getLogger("fine_tune")
+REFERENCE = Path(__file__).resolve().parents[1] / "conf" / "optim" / "adamw_torch.yaml"
+
+
+@cache
+def inherited_keys() -> frozenset[str]:
+    """The optimizer keys of the reference option, which every other option starts from."""
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.load(REFERENCE).optimizer
+    return frozenset(str(key) for key in node if not str(key).startswith("_"))
+
+
+def passed_arguments(target: Any, kwargs: dict[str, Any], note: bool = True) -> dict[str, Any]:
+    """The keyword arguments of `kwargs` that the optimizer class `target` is given (see above)."""
+    kwargs = {key: value for key, value in kwargs.items() if value is not None}
+    try:
+        parameters = inspect.signature(target).parameters
+    except (TypeError, ValueError):  # no signature to read: pass everything, the class decides
+        return kwargs
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return kwargs
+    name = f"{getattr(target, '__module__', '')}.{getattr(target, '__qualname__', target)}"
+    unknown = [key for key in kwargs if key not in parameters]
+    mistakes = [key for key in unknown if key not in inherited_keys()]
+    if mistakes:
+        known = [p for p in parameters if p != "params"]
+        raise UserError(
+            f"{name} takes no argument '{mistakes[0]}'",
+            where=f"optim.optimizer.{mistakes[0]}",
+            hint=f"its arguments are {known}",
+        )
+    if unknown and note:
+        log.warning(
+            "optim.optimizer: %s takes no %s; not passed (they come from optim=adamw_torch)",
+            name,
+            ", ".join(unknown),
+        )
+    return {key: value for key, value in kwargs.items() if key not in unknown}
+
 
 def build_optimizer_factory(optimizer_node: Any) -> Callable[[list], Any]:
+    from hydra.utils import get_object
+    from omegaconf import DictConfig, OmegaConf
+
     from fine_tune.utils.build import build
 
-    factory = build(optimizer_node, _convert_="all")
+    node = dict(
+        OmegaConf.to_container(optimizer_node, resolve=True)
+        if isinstance(optimizer_node, DictConfig)
+        else optimizer_node
+    )
+    try:
+        target = get_object(str(node["_target_"]))
+    except Exception:  # noqa: BLE001 - build() reports an unimportable target as the user's to fix
+        target = None
+    if target is not None:
+        hydra_keys = {key: value for key, value in node.items() if key.startswith("_")}
+        arguments = {key: value for key, value in node.items() if not key.startswith("_")}
+        node = {**hydra_keys, **passed_arguments(target, arguments)}
+    factory = build(node, _convert_="all")
     if not callable(factory):
         raise UserError(
             "the optimizer node must be a factory",
             where="optim.optimizer._partial_",
             hint="set _partial_: true",
         )
-    return factory
+
+    def make(params: list) -> Any:
+        optimizer = factory(params)
+        for note in fallback_notes(optimizer):
+            log.warning("optim: %s", note)
+        return optimizer
+
+    return make
+
+
+def fallback_notes(optimizer: Any) -> list[str]:
+    """Where a bitsandbytes optimizer does less than its name says, on these parameters.
+
+    bitsandbytes 0.50 (optim/optimizer.py) pages states only on CUDA: on CPU `get_state_buffer`
+    returns plain tensors. And it keeps 8-bit states only for tensors of at least `min_8bit_size`
+    (4096) elements, on any device; smaller ones get 32-bit states and the same AdamW math. A sweep
+    over these optimizers on a tiny model then compares one optimizer with itself."""
+    name = type(optimizer).__name__
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    notes = []
+    if getattr(optimizer, "is_paged", False) and any(p.device.type == "cpu" for p in params):
+        notes.append(f"{name} does not page on CPU: bitsandbytes keeps its states in ordinary CPU memory")
+    args = getattr(optimizer, "args", None)
+    if getattr(args, "optim_bits", 32) == 8:
+        small = sum(p.numel() < args.min_8bit_size for p in params)
+        if small:
+            notes.append(
+                f"{name}: {small} of {len(params)} trainable tensors have fewer than "
+                f"{args.min_8bit_size} elements (min_8bit_size), so their states stay 32-bit"
+            )
+    return notes

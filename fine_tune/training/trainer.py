@@ -11,7 +11,8 @@ from typing import Any
 
 from transformers import Trainer
 
-from fine_tune.training.checkpoints import STAGING, publish, rotate
+from fine_tune.training.checkpoints import STAGING, rotate
+from fine_tune.utils.io import replace_dir
 
 
 def save_expert_adapters_if_any(model: Any, directory: Path) -> None:
@@ -68,6 +69,6 @@ class FineTuneTrainer(Trainer):
             self._staging = False
         self.accelerator.wait_for_everyone()  # every rank's shards are written before the rename
         if self.args.should_save:
-            publish(staging / folder, root / folder)
+            replace_dir(staging / folder, root / folder)
             shutil.rmtree(staging, ignore_errors=True)
             rotate(root, self.args.save_total_limit)

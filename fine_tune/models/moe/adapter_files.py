@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import tempfile
 from collections.abc import Iterable
@@ -116,19 +115,12 @@ def write_peft_adapter(directory: str | Path, config: dict, tensors: dict[str, t
     """adapter_config.json + adapter_model.safetensors, each replaced in one rename."""
     from safetensors.torch import save_file
 
-    from fine_tune.utils.io import atomic_write_json
+    from fine_tune.utils.io import atomic_file, atomic_write_json
 
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{PEFT_WEIGHTS}.", dir=directory)
-    os.close(fd)
-    try:
-        plain = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-        save_file(plain, tmp, metadata={"format": "pt"})
-        os.replace(tmp, directory / PEFT_WEIGHTS)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    plain = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    with atomic_file(directory / PEFT_WEIGHTS) as tmp:
+        save_file(plain, str(tmp), metadata={"format": "pt"})
     atomic_write_json(directory / PEFT_CONFIG, config)
 
 
