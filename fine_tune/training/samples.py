@@ -15,6 +15,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from fine_tune.hardware import is_main_process
+from fine_tune.training.throughput import PhaseTimer
 from fine_tune.utils.io import append_jsonl
 
 log = logging.getLogger("fine_tune")
@@ -51,6 +52,7 @@ class SampleCallback(TrainerCallback):
         num_prompts: int,
         max_new_tokens: int,
         eval_steps: int,
+        timer: PhaseTimer | None = None,
     ) -> None:
         self.path = Path(run_dir) / "samples.jsonl"
         self.tracker = tracker
@@ -59,6 +61,7 @@ class SampleCallback(TrainerCallback):
         self.max_new_tokens = int(max_new_tokens)
         self.eval_steps = int(eval_steps)
         self.last_step: int | None = None
+        self.timer = timer or PhaseTimer()
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         step = state.global_step
@@ -78,7 +81,7 @@ class SampleCallback(TrainerCallback):
         model.eval()
         rows = []
         try:
-            with torch.random.fork_rng(devices=devices), torch.no_grad():
+            with self.timer.measure("samples"), torch.random.fork_rng(devices=devices), torch.no_grad():
                 for index, prompt in enumerate(self.prompts):
                     completion = generate_completion(
                         model, self.tokenizer, prompt["prompt_ids"], self.max_new_tokens
