@@ -49,6 +49,35 @@ def resolve_precision(name: str) -> str:
     return "fp16" if has_cuda() else "fp32"
 
 
+# Dense (no sparsity) bf16/fp16 tensor-core peak of each GPU, TFLOP/s, from the vendors' datasheets:
+# the denominator of MFU. Matched as a substring of torch's device name, first match wins, so the
+# more specific names come first ("H100 PCIe" before "H100", "L40S" before "L4").
+PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
+    ("GH200", 989.0),
+    ("H200 NVL", 835.0),
+    ("H200", 989.0),
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.0),  # SXM: "NVIDIA H100 80GB HBM3"
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("L4", 121.0),
+    ("A10G", 125.0),
+)
+
+
+def peak_flops(precision: str) -> float | None:
+    """This GPU's dense peak FLOP/s for bf16/fp16 training; None on CPU, in fp32 (TF32 peaks are
+    another story) or for a GPU missing from PEAK_TFLOPS: no MFU is better than a made-up one."""
+    if precision not in ("bf16", "fp16") or not has_cuda():
+        return None
+    import torch
+
+    name = torch.cuda.get_device_name().lower()
+    return next((tflops * 1e12 for key, tflops in PEAK_TFLOPS if key.lower() in name), None)
+
+
 def local_device() -> str:
     """This process's device: its own GPU under torchrun/accelerate (LOCAL_RANK), else the CPU."""
     if has_cuda():

@@ -78,9 +78,13 @@ def build_model(cfg: DictConfig, tokenizer: Any) -> Any:
 def build_trainer(
     cfg: DictConfig, model: Any, tokenizer: Any, data: Any, run_dir: Path, tracker: Any, preemption: Any
 ) -> Any:
+    from transformers.trainer_callback import PrinterCallback
+
+    from fine_tune.hardware import peak_flops
     from fine_tune.training.callbacks import MetricsLogCallback
     from fine_tune.training.optim import build_optimizer_factory
     from fine_tune.training.samples import SampleCallback
+    from fine_tune.training.throughput import PhaseTimer, model_flops_per_token
     from fine_tune.training.trainer import FineTuneTrainer
     from fine_tune.utils.build import build
 
@@ -92,7 +96,12 @@ def build_trainer(
         optim=OmegaConf.to_container(cfg.optim, resolve=True),
         _convert_="all",
     )
-    metrics = MetricsLogCallback(run_dir, tracker)
+    timer = PhaseTimer()  # eval, samples and checkpoints: kept out of the training throughput
+    precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+    flops = model_flops_per_token(model)
+    metrics = MetricsLogCallback(
+        run_dir, tracker, timer, flops_per_token=flops, peak_flops=peak_flops(precision)
+    )
     generation = cfg.trainer.generation
     samples = SampleCallback(
         run_dir,
@@ -102,9 +111,8 @@ def build_trainer(
         generation.num_prompts,
         generation.max_new_tokens,
         cfg.trainer.eval_steps,
+        timer=timer,
     )
-    from transformers.trainer_callback import PrinterCallback
-
     trainer = FineTuneTrainer(
         model=model,
         args=args,
@@ -114,6 +122,7 @@ def build_trainer(
         processing_class=tokenizer,
         callbacks=[metrics, samples, preemption],
         optimizer_factory=build_optimizer_factory(cfg.optim.optimizer),
+        timer=timer,
     )
     trainer.remove_callback(PrinterCallback)  # our callback prints one concise line per step
     return trainer, metrics
@@ -214,19 +223,20 @@ def final_eval_loss(trainer: Any, metrics_cb: Any, data: Any) -> float | None:
 def final_metrics(
     state: Any, metrics_cb: Any, eval_loss: float | None, trainable: int, total: int, runtime: float
 ) -> dict:
-    """metrics.json: what compare, sweeps and the model card read (keys in docs/contracts.md)."""
+    """metrics.json: what compare, sweeps and the model card read (keys in docs/contracts.md).
+
+    Speed figures cover training time only (eval, samples and checkpoint saves are timed apart);
+    `runtime_s` is the whole job, model loading included."""
     from fine_tune.hardware import peak_memory_gib
 
-    tokens = int(state.num_input_tokens_seen or 0)
-    train_time = metrics_cb.train_time or runtime
     return {
         "first_train_loss": metrics_cb.first_loss,
         "train_loss": metrics_cb.last_loss,
         "eval_loss": eval_loss,
         "eval_perplexity": math.exp(min(eval_loss, 50.0)) if eval_loss is not None else None,
         "steps": state.global_step,
-        "tokens_seen": tokens,
-        "tokens_per_second": tokens / train_time if train_time else None,
+        "tokens_seen": int(state.num_input_tokens_seen or 0),
+        **metrics_cb.summary(),
         "peak_memory_gib": peak_memory_gib(),
         "trainable_params": trainable,
         "total_params": total,

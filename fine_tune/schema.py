@@ -63,6 +63,13 @@ class GenerationSchema:
 
 
 @dataclass
+class CheckpointingSchema:
+    mode: str = "full"
+    every_n_layers: int = 1
+    offload: bool = False
+
+
+@dataclass
 class TrainerSchema:
     _target_: str = "fine_tune.training.build_training_arguments"
     max_steps: int = -1
@@ -73,7 +80,9 @@ class TrainerSchema:
     max_length: int = 512
     packing: bool = False
     gradient_checkpointing: bool = False
+    checkpointing: CheckpointingSchema = field(default_factory=CheckpointingSchema)
     precision: str = "auto"
+    use_liger_kernel: Any = "auto"  # auto | true | false (OmegaConf has no bool | str union)
     logging_steps: int = 10
     eval_steps: int = 100
     save_steps: int = 100

@@ -1,12 +1,19 @@
-"""`trainer` + `optim` nodes -> `transformers.TrainingArguments`.
+"""`trainer` + `optim` nodes -> TRL's `SFTConfig` (a `transformers.TrainingArguments`).
 
-We keep our own option names (stable across transformers/TRL renames) and translate them here."""
+We keep our own option names (stable across transformers/TRL renames) and translate them here. The
+data reaches TRL tokenized, masked, packed and collated by `fine_tune.data`, so every data option of
+TRL is set to "leave it alone", and every SFTConfig default that differs from TrainingArguments
+(checkpointing and bf16 on, its own learning rate) is set from our config instead (docs/speed.md)."""
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 from fine_tune.errors import UserError
+
+CHECKPOINTING = {"mode": "full", "every_n_layers": 1, "offload": False}
+CHECKPOINT_MODES = ("full", "selective")
 
 
 def build_training_arguments(
@@ -18,7 +25,9 @@ def build_training_arguments(
     per_device_eval_batch_size: int = 8,
     gradient_accumulation_steps: int = 1,
     gradient_checkpointing: bool = False,
+    checkpointing: Any = None,
     precision: str = "auto",
+    use_liger_kernel: bool | str = "auto",
     logging_steps: int = 10,
     eval_steps: int = 100,
     save_steps: int = 100,
@@ -32,7 +41,7 @@ def build_training_arguments(
     packing: bool = False,
     generation: Any = None,
 ) -> Any:
-    from transformers import TrainingArguments
+    from trl import SFTConfig
 
     from fine_tune.hardware import has_cuda, resolve_precision
 
@@ -59,7 +68,8 @@ def build_training_arguments(
     if precision in ("bf16", "fp16") and not has_cuda():
         precision = "fp32"  # mixed precision on CPU is slower and not exact; the log says which was used
     optim = optim or {}
-    return TrainingArguments(
+    checkpoint_kwargs = checkpointing_kwargs(checkpointing)  # checked even while checkpointing is off
+    return SFTConfig(
         output_dir=output_dir,
         seed=seed,
         data_seed=seed,
@@ -85,6 +95,16 @@ def build_training_arguments(
         save_total_limit=save_total_limit,
         dataloader_num_workers=dataloader_num_workers,
         torch_compile=torch_compile,
+        activation_checkpointing=bool(gradient_checkpointing),
+        activation_checkpointing_kwargs=checkpoint_kwargs if gradient_checkpointing else None,
+        use_liger_kernel=resolve_liger(use_liger_kernel),
+        # Our data pipeline tokenized, masked, truncated (dataset.truncation) and packed the examples
+        # and our collators batch them: TRL prepares nothing, truncates nothing, packs nothing.
+        dataset_kwargs={"skip_prepare_dataset": True},
+        max_length=None,
+        packing=False,
+        padding_free=False,
+        pad_to_multiple_of=None,
         include_num_input_tokens_seen="non_padding",
         remove_unused_columns=False,
         report_to="none",  # our own trackers log; HF's WandbCallback would open a second run
@@ -92,3 +112,62 @@ def build_training_arguments(
         use_cpu=not has_cuda(),
         ddp_find_unused_parameters=False,
     )
+
+
+def resolve_liger(value: bool | str) -> bool:
+    """`auto`: Liger's Triton kernels where they run (a CUDA GPU with liger-kernel installed), else off."""
+    from fine_tune.hardware import has_cuda
+
+    installed = importlib.util.find_spec("liger_kernel") is not None
+    if value == "auto":
+        return installed and has_cuda()
+    if value is False or value == "false":
+        return False
+    if value is not True and value != "true":
+        raise UserError(f"must be auto, true or false, got {value!r}", where="trainer.use_liger_kernel")
+    if not has_cuda():
+        raise UserError(
+            "Liger kernels are Triton GPU kernels and this machine has no CUDA GPU",
+            where="trainer.use_liger_kernel",
+            hint="use trainer.use_liger_kernel=auto (on with a GPU, off on CPU) or false",
+        )
+    if not installed:
+        raise UserError(
+            "trainer.use_liger_kernel=true needs the liger-kernel package",
+            where="trainer.use_liger_kernel",
+            hint="pip install 'fine_tune[gpu]', or trainer.use_liger_kernel=auto",
+        )
+    return True
+
+
+def checkpointing_kwargs(checkpointing: Any) -> dict[str, Any]:
+    """`trainer.checkpointing` -> transformers' `activation_checkpointing_kwargs`.
+
+    Always non-reentrant (the only kind that works with packed rows' keyword inputs and with
+    selective checkpointing). `every_n_layers` and `offload` are transformers' own keys; `selective`
+    is TRL's, turned into a selective-checkpointing policy by `FineTuneTrainer`.
+    """
+    from fine_tune.hardware import has_cuda
+
+    options = {**CHECKPOINTING, **dict(checkpointing or {})}  # unknown keys: schema.CheckpointingSchema
+    if options["mode"] not in CHECKPOINT_MODES:
+        raise UserError(
+            f"unknown mode {options['mode']!r}",
+            where="trainer.checkpointing.mode",
+            hint=f"use one of {CHECKPOINT_MODES} (trainer.gradient_checkpointing=false for none)",
+        )
+    every = options["every_n_layers"]
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise UserError(
+            f"must be an integer >= 1, got {every!r}", where="trainer.checkpointing.every_n_layers"
+        )
+    kwargs: dict[str, Any] = {"use_reentrant": False}
+    if every > 1:
+        kwargs["every_n_layers"] = every
+    # On CPU the saved activations already live in host memory (and transformers' offload asks for
+    # pinned memory, which needs a GPU): nothing to offload.
+    if options["offload"] and has_cuda():
+        kwargs["offload"] = True
+    if options["mode"] == "selective":
+        kwargs["selective"] = True
+    return kwargs

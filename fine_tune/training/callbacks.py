@@ -1,17 +1,18 @@
 """Callbacks that give every run its own record, independent of any tracking server: the per-step
-metrics log (metrics.jsonl), throughput and memory, forwarded to the configured tracker."""
+metrics log (metrics.jsonl), throughput over training time only, MFU and memory, forwarded to the
+configured tracker."""
 
 from __future__ import annotations
 
 import logging
 import math
-import time
 from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
 
 from fine_tune.hardware import is_main_process, peak_memory_gib
+from fine_tune.training.throughput import PhaseTimer, TrainingClock, mfu
 from fine_tune.utils.io import append_jsonl
 
 log = logging.getLogger("fine_tune")
@@ -23,6 +24,7 @@ SHOWN = {
     "train/learning_rate": "lr",
     "train/grad_norm": "grad",
     "perf/tokens_per_second": "tok/s",
+    "perf/mfu": "mfu",
 }
 
 
@@ -45,27 +47,43 @@ def format_row(row: dict[str, float]) -> str:
     return "  ".join(parts)
 
 
-# HF log keys -> our stable metric names (the same in metrics.jsonl, W&B and TensorBoard).
+# HF / TRL log keys -> our stable metric names (the same in metrics.jsonl, W&B and TensorBoard).
 RENAMES = {
     "loss": "train/loss",
     "learning_rate": "train/learning_rate",
     "grad_norm": "train/grad_norm",
+    "mean_token_accuracy": "train/token_accuracy",  # TRL: share of trained tokens predicted top-1
     "eval_loss": "eval/loss",
+    "eval_mean_token_accuracy": "eval/token_accuracy",
+    "eval_runtime": "perf/eval_seconds",
 }
 
 
 class MetricsLogCallback(TrainerCallback):
-    """Writes one JSON line per logging step and forwards the same numbers to the tracker."""
+    """Writes one JSON line per logging step and forwards the same numbers to the tracker.
 
-    def __init__(self, run_dir: Path, tracker: Any) -> None:
+    Tokens/s and MFU of a row cover the training time since the previous row, with evaluation,
+    samples and checkpoint saves taken out (`timer`); `summary()` gives the run's totals.
+    """
+
+    def __init__(
+        self,
+        run_dir: Path,
+        tracker: Any,
+        timer: PhaseTimer | None = None,
+        flops_per_token: float | None = None,
+        peak_flops: float | None = None,
+    ) -> None:
         self.path = Path(run_dir) / "metrics.jsonl"
         self.tracker = tracker
+        self.timer = timer or PhaseTimer()
+        self.clock = TrainingClock(self.timer)
+        self.flops_per_token = flops_per_token
+        self.peak_flops = peak_flops
         self.first_loss: float | None = None
         self.last_loss: float | None = None
         self.last_eval: dict[str, float] = {}
-        self._clock = time.perf_counter()
-        self.train_time = 0.0
-        self._tokens_at_clock = 0
+        self._sample_seconds_logged = 0.0
 
     def resume_from(self, rows: list[dict]) -> None:
         """Continue the loss record of the interrupted run, so metrics.json describes the whole run."""
@@ -78,22 +96,26 @@ class MetricsLogCallback(TrainerCallback):
                 self.last_eval = {"eval_loss": float(row["eval/loss"]), "step": int(row["step"])}
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self._clock = time.perf_counter()
-        self._tokens_at_clock = state.num_input_tokens_seen or 0
+        self.clock.start(state.num_input_tokens_seen or 0)
 
-    def on_evaluate(self, args, state, control, **kwargs):
-        # Evaluation time is not training throughput: restart the clock after it.
-        self._clock = time.perf_counter()
+    def on_train_end(self, args, state, control, **kwargs):
+        self.clock.lap(state.num_input_tokens_seen or 0)  # the steps after the last logged one
 
     def tokens_per_second(self, state) -> float | None:
-        now = time.perf_counter()
-        tokens = (state.num_input_tokens_seen or 0) - self._tokens_at_clock
-        elapsed = now - self._clock
-        self._clock, self._tokens_at_clock = now, state.num_input_tokens_seen or 0
-        if elapsed <= 0 or tokens <= 0:
-            return None
-        self.train_time += elapsed
-        return tokens / elapsed
+        seconds, tokens = self.clock.lap(state.num_input_tokens_seen or 0)
+        return tokens / seconds if seconds > 0 and tokens > 0 else None
+
+    def summary(self) -> dict[str, float | None]:
+        """The run's speed for metrics.json: this process's training tokens over its training time."""
+        speed = self.clock.tokens / self.clock.seconds if self.clock.seconds > 0 else None
+        return {
+            "tokens_per_second": speed,
+            "mfu": mfu(speed, self.flops_per_token, self.peak_flops),
+            "train_time_s": self.clock.seconds,
+            "eval_time_s": self.timer.seconds["eval"],
+            "sample_time_s": self.timer.seconds["samples"],
+            "checkpoint_time_s": self.timer.seconds["checkpoint"],
+        }
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = dict(logs or {})
@@ -118,8 +140,15 @@ class MetricsLogCallback(TrainerCallback):
             speed = self.tokens_per_second(state)
             if speed is not None:
                 row["perf/tokens_per_second"] = speed
+                share = mfu(speed, self.flops_per_token, self.peak_flops)
+                if share is not None:
+                    row["perf/mfu"] = share
         if not row:
             return
+        sampled = self.timer.seconds["samples"] - self._sample_seconds_logged
+        if sampled > 0:  # samples generated since the previous row (eval rows carry their own time)
+            row["perf/sample_seconds"] = sampled
+            self._sample_seconds_logged = self.timer.seconds["samples"]
         row["perf/tokens_seen"] = float(state.num_input_tokens_seen or 0)
         row["perf/peak_memory_gib"] = peak_memory_gib()
         if is_main_process():

@@ -3,7 +3,8 @@
 Loss curves say little about what a fine-tune learned; a fixed set of prompts answered at every eval
 shows it (and shows a broken template or EOS handling long before the run ends). Greedy decoding and
 fixed prompts make samples comparable across steps and runs; the RNG is forked around generation so
-that sampling never changes the training that follows (exact resume depends on it).
+that sampling never changes the training that follows (exact resume depends on it). All prompts go
+in one batch (fine_tune.generation) and the time is kept out of the training throughput.
 """
 
 from __future__ import annotations
@@ -14,29 +15,12 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from fine_tune.generation import generate_batch
 from fine_tune.hardware import is_main_process
+from fine_tune.training.throughput import PhaseTimer
 from fine_tune.utils.io import append_jsonl
 
 log = logging.getLogger("fine_tune")
-
-
-def generate_completion(model: Any, tokenizer: Any, prompt_ids: list[int], max_new_tokens: int) -> str:
-    """Greedy completion of one prompt (one at a time: no padding side effects, prompts are few)."""
-    import torch
-
-    device = next(model.parameters()).device
-    input_ids = torch.tensor([prompt_ids], device=device)
-    output = model.generate(
-        input_ids=input_ids,
-        attention_mask=torch.ones_like(input_ids),
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        num_beams=1,
-        use_cache=True,  # training runs without a KV cache (packing); decoding wants one
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    return tokenizer.decode(output[0, len(prompt_ids) :], skip_special_tokens=True)
 
 
 class SampleCallback(TrainerCallback):
@@ -51,6 +35,7 @@ class SampleCallback(TrainerCallback):
         num_prompts: int,
         max_new_tokens: int,
         eval_steps: int,
+        timer: PhaseTimer | None = None,
     ) -> None:
         self.path = Path(run_dir) / "samples.jsonl"
         self.tracker = tracker
@@ -59,6 +44,7 @@ class SampleCallback(TrainerCallback):
         self.max_new_tokens = int(max_new_tokens)
         self.eval_steps = int(eval_steps)
         self.last_step: int | None = None
+        self.timer = timer or PhaseTimer()
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         step = state.global_step
@@ -76,26 +62,24 @@ class SampleCallback(TrainerCallback):
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         was_training = model.training
         model.eval()
-        rows = []
         try:
-            with torch.random.fork_rng(devices=devices), torch.no_grad():
-                for index, prompt in enumerate(self.prompts):
-                    completion = generate_completion(
-                        model, self.tokenizer, prompt["prompt_ids"], self.max_new_tokens
-                    )
-                    rows.append(
-                        {
-                            "step": step,
-                            "index": index,
-                            "prompt": prompt.get("prompt_text")
-                            or self.tokenizer.decode(prompt["prompt_ids"]),
-                            "completion": completion,
-                            "reference": prompt.get("reference"),
-                            "where": prompt.get("where"),
-                        }
-                    )
+            with self.timer.measure("samples"), torch.random.fork_rng(devices=devices):
+                completions = generate_batch(
+                    model, self.tokenizer, [p["prompt_ids"] for p in self.prompts], self.max_new_tokens
+                )
         finally:
             model.train(was_training)
+        rows = [
+            {
+                "step": step,
+                "index": index,
+                "prompt": prompt.get("prompt_text") or self.tokenizer.decode(prompt["prompt_ids"]),
+                "completion": completion,
+                "reference": prompt.get("reference"),
+                "where": prompt.get("where"),
+            }
+            for index, (prompt, completion) in enumerate(zip(self.prompts, completions, strict=True))
+        ]
         if is_main_process():
             for row in rows:
                 append_jsonl(self.path, row)

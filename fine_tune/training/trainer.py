@@ -1,17 +1,28 @@
-"""The Trainer: transformers' loop with our optimizer factory. We feed it already tokenized,
-already masked data, so no TRL option renames can change what is trained."""
+"""The engine: TRL's `SFTTrainer`, fed with our token-exact, pre-tokenized, already-masked batches.
+
+What TRL brings: its fused LM head (the loss from chunked log-probabilities of the labelled
+positions, never a full logits tensor), Liger kernels, selective checkpointing. What we keep: our
+optimizer factory, checkpoints written whole or not at all, timing of everything that is not
+training. What we turn off, because it would change what a run trains or writes (docs/speed.md):
+TRL's dataset preparation (SFTConfig in arguments.py), its cast of QLoRA adapters to bf16, its
+MoE load-balancing loss switched on from the model config, its model card in checkpoints/ and its
+telemetry ping.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from transformers import Trainer
+from trl import SFTTrainer
 
 from fine_tune.training.checkpoints import STAGING, rotate
+from fine_tune.training.throughput import PhaseTimer
 from fine_tune.utils.io import replace_dir
 
 
@@ -31,11 +42,77 @@ def restore_expert_adapters(model: Any, checkpoint: str | Path) -> None:
         load_expert_adapter(model, checkpoint, trainable=True)
 
 
-class FineTuneTrainer(Trainer):
-    def __init__(self, *args: Any, optimizer_factory: Callable[[list], Any], **kwargs: Any) -> None:
+def router_aux_loss_coef(config: Any) -> float | None:
+    """The MoE load-balancing loss as the model config asks for it (`output_router_logits`).
+
+    TRL would add it whenever the config names a coefficient (Mixtral's config.json says 0.02 with
+    `output_router_logits: false`), so a Mixtral run would train another loss than the one its
+    config describes. None for dense models, where TRL refuses any coefficient.
+    """
+    text = config.get_text_config()
+    if not hasattr(text, "output_router_logits"):
+        return None
+    return float(getattr(text, "router_aux_loss_coef", 0.0) or 0.0) if text.output_router_logits else 0.0
+
+
+def liger_kernel_config(config: Any) -> dict[str, bool]:
+    """Liger's SwiGLU replaces the forward of `mlp.experts` on MoE models, which would bypass the
+    4-bit experts and PEFT's expert adapters: MoE models get Liger's RMSNorm and RoPE only."""
+    from fine_tune.models.architecture import has_fused_experts
+
+    return {"swiglu": False} if has_fused_experts(config.get_text_config()) else {}
+
+
+@contextlib.contextmanager
+def adapter_dtypes_kept(model: Any) -> Iterator[None]:
+    """Undo TRL's cast of trainable weights to bf16 on quantized models: adapters stay in the dtype
+    they were created in (fp32 under autocast, as before TRL), bit for bit."""
+    saved = {param: param.data for param in model.parameters() if param.requires_grad}
+    yield
+    for param, data in saved.items():
+        if param.data.dtype != data.dtype:
+            param.data = data
+
+
+def enable_selective_checkpointing(model: Any) -> None:
+    """TRL's selective checkpointing (keep attention outputs, recompute the rest) wraps the method of
+    the object it is given; transformers' Trainer reaches the inner model's method through PEFT, so
+    the wrapper must sit on the inner model or it is silently skipped."""
+    from trl.models import enable_selective_activation_checkpointing
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    enable_selective_activation_checkpointing(inner)
+
+
+class FineTuneTrainer(SFTTrainer):
+    def __init__(
+        self,
+        model: Any,
+        args: Any,
+        *,
+        optimizer_factory: Callable[[list], Any],
+        timer: PhaseTimer | None = None,
+        **kwargs: Any,
+    ) -> None:
         self.optimizer_factory = optimizer_factory
+        self.timer = timer or PhaseTimer()
         self._staging = False
-        super().__init__(*args, **kwargs)
+        args.router_aux_loss_coef = router_aux_loss_coef(model.config)
+        if args.use_liger_kernel:
+            liger = {**(args.liger_kernel_config or {}), **liger_kernel_config(model.config)}
+            args.liger_kernel_config = liger
+        if args.activation_checkpointing and (args.activation_checkpointing_kwargs or {}).get("selective"):
+            enable_selective_checkpointing(model)
+        with adapter_dtypes_kept(model), warnings.catch_warnings():
+            # Liger through TRL is deprecated in favour of hub kernels, which we cannot download at run time.
+            warnings.filterwarnings("ignore", message=".*use_liger_kernel.*", category=FutureWarning)
+            super().__init__(model=model, args=args, **kwargs)
+
+    def _send_telemetry(self) -> None:
+        """TRL pings the Hugging Face hub when a trainer is built; a run talks to no server unasked."""
+
+    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
+        """TRL writes a README.md into checkpoints/ at every save; `fine_tune.export` writes the card."""
 
     def create_optimizer(self, model=None):
         """The configured optimizer over the trainable (adapter) parameters, nothing else."""
@@ -44,6 +121,10 @@ class FineTuneTrainer(Trainer):
             params = [p for p in opt_model.parameters() if p.requires_grad]
             self.optimizer = self.optimizer_factory(params)
         return self.optimizer
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        with self.timer.measure("eval"):
+            return super().evaluate(*args, **kwargs)
 
     def _get_output_dir(self, trial: Any) -> str:
         root = super()._get_output_dir(trial)
@@ -55,20 +136,22 @@ class FineTuneTrainer(Trainer):
         A kill during the save then leaves only the staging dir (cleaned on the next save or resume),
         never a `checkpoint-<step>` that resume would trust. Rotation is ours, by step number.
         """
-        root = Path(super()._get_output_dir(trial))
-        folder = f"checkpoint-{self.state.global_step}"
-        staging = root / STAGING
-        if self.args.should_save:
-            shutil.rmtree(staging, ignore_errors=True)
-        self._staging = True
-        try:
-            super()._save_checkpoint(model, trial)
-            if self.args.should_save:  # PEFT's files hold no expert adapters: put ours beside them
-                save_expert_adapters_if_any(self.model, staging / folder)
-        finally:
-            self._staging = False
-        self.accelerator.wait_for_everyone()  # every rank's shards are written before the rename
-        if self.args.should_save:
-            replace_dir(staging / folder, root / folder)
-            shutil.rmtree(staging, ignore_errors=True)
-            rotate(root, self.args.save_total_limit)
+        with self.timer.measure("checkpoint"):
+            root = Path(super()._get_output_dir(trial))
+            folder = f"checkpoint-{self.state.global_step}"
+            staging = root / STAGING
+            if self.args.should_save:
+                shutil.rmtree(staging, ignore_errors=True)
+            self.accelerator.wait_for_everyone()  # no rank writes its RNG state into a dir being removed
+            self._staging = True
+            try:
+                super()._save_checkpoint(model, trial)
+                if self.args.should_save:  # PEFT's files hold no expert adapters: put ours beside them
+                    save_expert_adapters_if_any(self.model, staging / folder)
+            finally:
+                self._staging = False
+            self.accelerator.wait_for_everyone()  # every rank's shards are written before the rename
+            if self.args.should_save:
+                replace_dir(staging / folder, root / folder)
+                shutil.rmtree(staging, ignore_errors=True)
+                rotate(root, self.args.save_total_limit)

@@ -1,0 +1,73 @@
+"""Samples and `fine_tune.generate` answer several prompts in one left-padded batch with a KV cache;
+greedy, the text is the same as one prompt at a time (fp32, CPU)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from conftest import compose
+from lifecycle_helpers import cli, tiny_run
+
+QUESTIONS = [
+    "Hi",
+    "What is the capital of France, and why is it famous?",
+    "Name three prime numbers larger than twenty and explain how you checked them.",
+    "Why?",
+]
+
+
+def one_at_a_time(model, tokenizer, ids: list[int], max_new_tokens: int) -> str:
+    """The reference: an unpadded prompt, plain `generate`, decoded up to EOS."""
+    input_ids = torch.tensor([ids])
+    output = model.generate(
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return tokenizer.decode(output[0, len(ids) :], skip_special_tokens=True)
+
+
+def test_batched_greedy_equals_one_prompt_at_a_time():
+    from peft import LoraConfig, get_peft_model
+
+    from fine_tune.data import render_prompt
+    from fine_tune.generation import generate_batch
+    from fine_tune.run import build_tokenizer
+    from fine_tune.utils.build import build
+
+    cfg = compose(["trainer=cpu"])
+    tokenizer = build_tokenizer(cfg)
+    base = build(cfg.model, quant=cfg.quant, seed=cfg.seed, tokenizer=tokenizer).model
+    torch.manual_seed(0)  # an adapter that changes the answers, as a trained one does
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    model = get_peft_model(base, lora)
+    model.eval()
+    assert next(model.parameters()).dtype == torch.float32
+    prompts = [render_prompt([{"role": "user", "content": q}], tokenizer, "mistral_v1") for q in QUESTIONS]
+    assert len({len(ids) for ids in prompts}) == len(prompts)  # left padding differs row by row
+    with torch.no_grad():
+        expected = [one_at_a_time(model, tokenizer, ids, 12) for ids in prompts]
+    batched = generate_batch(model, tokenizer, prompts, max_new_tokens=12)
+    assert batched == expected
+    assert len(set(batched)) > 1 and all(batched)
+
+
+def test_generate_answers_a_file_of_prompts_in_batches(tmp_path: Path):
+    run = tiny_run()
+    questions = tmp_path / "questions.txt"
+    questions.write_text("\n".join(QUESTIONS[1:]) + "\n\n")  # blank lines are skipped
+    args = [f"run={run}", f"prompts={questions}", "batch_size=2", "max_new_tokens=8"]
+    result = cli(args, "fine_tune.generate")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [row["prompt"] for row in rows] == QUESTIONS[1:]
+    single = cli(
+        [f"run={run}", f"prompt={QUESTIONS[2]}", "max_new_tokens=8", "stream=false"], "fine_tune.generate"
+    )
+    assert single.returncode == 0, single.stderr[-3000:]
+    assert single.stdout.strip() == rows[1]["completion"].strip()  # batched next to another prompt
