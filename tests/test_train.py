@@ -130,3 +130,14 @@ def test_expert_lora_on_bf16_experts_uses_requested_rank(tmp_path: Path):
     expected = logits_of(trainer.model, trainer.processing_class)
     reloaded = PeftModel.from_pretrained(fresh_base(cfg), run_dir / "adapter")
     torch.testing.assert_close(logits_of(reloaded, trainer.processing_class), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_an_eval_does_not_change_the_training_that_follows(tmp_path: Path):
+    """Same seed, evals every 3 steps or none: every per-step training loss is identical."""
+    steps = ["trainer.max_steps=8", "trainer.logging_steps=1", "trainer.generation.num_prompts=0"]
+    runs = [
+        losses(train_in_process(tmp_path / name, [*steps, f"trainer.eval_steps={every}"])[1])
+        for name, every in (("with_eval", 3), ("without_eval", 1000))
+    ]
+    assert len(runs[0]) == 8
+    assert runs[0] == runs[1]

@@ -123,7 +123,13 @@ class FineTuneTrainer(SFTTrainer):
         return self.optimizer
 
     def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
-        with self.timer.measure("eval"):
+        """Evaluation must not change the training that follows it: iterating a DataLoader draws its
+        base seed from torch's global RNG, which would shift every later dropout mask, so the losses
+        of a run would depend on `trainer.eval_steps`. The RNG is forked around it, as for samples."""
+        import torch
+
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with self.timer.measure("eval"), torch.random.fork_rng(devices=devices):
             return super().evaluate(*args, **kwargs)
 
     def _get_output_dir(self, trial: Any) -> str:
