@@ -78,10 +78,10 @@ def cfg_for(args: argparse.Namespace, batch: int, ckpt: bool, optim: str) -> dic
         },
         "trainer": {
             "per_device_train_batch_size": batch,
-            "max_length": args.seq,
             "gradient_checkpointing": ckpt,
             "precision": "bf16",
         },
+        "dataset": {"max_length": args.seq},
         "optim": {"optimizer": {"_target_": OPTIMS[optim]}},
     }
 

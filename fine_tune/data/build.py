@@ -24,6 +24,7 @@ from fine_tune.data.formats import BadRow, Example, check_columns, get_format, r
 from fine_tune.data.readers import Row, read_file, read_hub, resolve_paths
 from fine_tune.data.report import DataReport, percentiles
 from fine_tune.errors import UserError
+from fine_tune.schema import RunSchema, check_group, default
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -33,35 +34,6 @@ RESOURCES = Path(__file__).resolve().parents[1] / "resources" / "data"
 SAMPLE_TRAIN = RESOURCES / "sample_instructions.jsonl"
 SAMPLE_VALIDATION = RESOURCES / "sample_instructions.validation.jsonl"
 IGNORE_INDEX = -100
-
-OPTIONS: dict[str, Any] = {
-    "name": None,  # a label for logs only
-    "format": "sample",
-    "path": None,
-    "hub_name": None,
-    "subset": None,
-    "split": "train",
-    "revision": None,
-    "file_type": None,
-    "fields": None,
-    "template": "auto",
-    "system_prompt": None,
-    "instruction": None,  # law_title: the instruction put before each question body
-    "train_on_inputs": False,
-    "validation_path": None,
-    "test_path": None,  # held-out test file(s): tokenized (never packed) into bundle.test
-    "validation_split": None,  # hub only: e.g. "test"
-    "val_ratio": 0.0,
-    "max_samples": None,
-    "max_eval_samples": None,
-    "on_bad_row": "error",
-    "truncation": "error",
-    "num_prompts": 4,
-    "encoder": "auto",
-    "pad_to_multiple_of": None,
-}
-TRUNCATION = ("error", "truncate", "drop")
-ENCODERS = ("auto", "sentencepiece", "hf")
 
 
 @dataclass
@@ -78,59 +50,18 @@ class DataBundle:
 
 
 def _options(dataset_cfg: Mapping | None, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The dataset node and keyword options, checked and completed by the dataset schema."""
     raw: dict[str, Any] = {}
     if dataset_cfg is not None:
-        try:
-            from omegaconf import DictConfig, OmegaConf
+        from omegaconf import DictConfig, OmegaConf
 
-            if isinstance(dataset_cfg, DictConfig):
-                dataset_cfg = OmegaConf.to_container(dataset_cfg, resolve=True)
-        except ImportError:  # pragma: no cover
-            pass
+        if isinstance(dataset_cfg, DictConfig):
+            dataset_cfg = OmegaConf.to_container(dataset_cfg, resolve=True)
         raw.update(dict(dataset_cfg))
     raw.update(kwargs)
-    raw.pop("_target_", None)
     raw.pop("_convert_", None)
-    unknown = sorted(set(raw) - set(OPTIONS))
-    if unknown:
-        raise UserError(
-            f"unknown dataset option(s) {unknown}",
-            where=f"dataset.{unknown[0]}",
-            hint=f"known options: {sorted(OPTIONS)}",
-        )
-    opts = {**OPTIONS, **{k: v for k, v in raw.items()}}
-    if opts["on_bad_row"] not in ("error", "skip"):
-        raise UserError(
-            f"on_bad_row must be error or skip, got {opts['on_bad_row']!r}", where="dataset.on_bad_row"
-        )
-    if opts["truncation"] not in TRUNCATION:
-        raise UserError(
-            f"truncation must be one of {TRUNCATION}, got {opts['truncation']!r}", where="dataset.truncation"
-        )
-    if opts["encoder"] not in ENCODERS:
-        raise UserError(
-            f"encoder must be one of {ENCODERS}, got {opts['encoder']!r}", where="dataset.encoder"
-        )
-    try:
-        ratio = float(opts["val_ratio"] or 0.0)
-    except (TypeError, ValueError):
-        ratio = -1.0
-    if not 0.0 <= ratio < 1.0:
-        raise UserError(
-            f"val_ratio must be a number in [0, 1), got {opts['val_ratio']!r}", where="dataset.val_ratio"
-        )
-    for key in ("max_samples", "max_eval_samples", "num_prompts"):
-        value = opts[key]
-        if value is None:
-            continue
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int)
-            or value < (0 if key == "num_prompts" else 1)
-        ):
-            raise UserError(
-                f"{key} must be a positive integer or null, got {value!r}", where=f"dataset.{key}"
-            )
+    opts = check_group("dataset", raw)
+    opts.pop("_target_")
     return opts
 
 
@@ -371,23 +302,20 @@ def build_data(
     dataset_cfg: Mapping | None = None,
     *,
     tokenizer: PreTrainedTokenizerBase,
-    max_length: int = 512,
-    packing: bool = False,
-    seed: int = 42,
+    seed: int = default(RunSchema, "seed"),
     cache_dir: str | os.PathLike | None = None,
     **options: Any,
 ) -> DataBundle:
     """Read, validate, split, tokenize (cached), pack: everything the trainer needs from the data side.
 
-    Takes the dataset node either as `dataset_cfg` or as keyword arguments (Hydra's instantiate).
+    Takes the dataset node either as `dataset_cfg` or as keyword arguments (Hydra's instantiate);
+    its keys and their defaults are `fine_tune.schema.DatasetSchema`'s (max_length and packing too).
     """
     from fine_tune.data.templates import SegmentEncoder, resolve_template, template_fingerprint
 
     started = time.perf_counter()
     opts = _options(dataset_cfg, options)
-    max_length = int(max_length)
-    if max_length < 8:
-        raise UserError(f"max_length={max_length} is too small", where="max_length", hint="use at least 64")
+    max_length, packing = opts["max_length"], opts["packing"]
     fmt = get_format(opts["format"])
     template = (
         "none" if fmt.name == "text" else resolve_template(opts["template"], tokenizer, fmt.default_template)

@@ -78,7 +78,7 @@ class DataReport:
         elif self.padding_efficiency is not None:
             lines.append(
                 f"  no packing: padding to the longest row can waste up to {1 - self.padding_efficiency:.0%} "
-                "of a batch (trainer.packing=true wastes none)"
+                "of a batch (dataset.packing=true wastes none)"
             )
         if self.dropped_examples:
             lines.append("  first dropped rows: " + "; ".join(self.dropped_examples[:3]))

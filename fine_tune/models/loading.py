@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from fine_tune.errors import UserError
+from fine_tune.families import is_moe
 from fine_tune.hardware import local_device
-from fine_tune.models.architecture import check_local_path, has_fused_experts
+from fine_tune.models.architecture import check_local_path
 from fine_tune.models.quant import QuantSpec
 from fine_tune.models.tokenizer import cache_root
 
@@ -113,17 +114,10 @@ def load_weights(
     trust_remote_code: bool,
     seed: int,
 ) -> Any:
-    from fine_tune.models.architecture import parameter_count
+    """The weights of a validated `model` node (fine_tune.validate checked init and the path)."""
+    from fine_tune.families.shapes import config_shapes, parameter_counts
 
-    if init not in ("random", "pretrained"):
-        raise UserError(f"unknown init '{init}'", where="model.init", hint="use random or pretrained")
-    if init == "pretrained" and not name_or_path:
-        raise UserError(
-            "init=pretrained needs a checkpoint",
-            where="model.name_or_path",
-            hint="set model.name_or_path, or model.init=random for a random model",
-        )
-    if init == "random" and parameter_count(architecture) > MATERIALISE_LIMIT:
+    if init == "random" and parameter_counts(config_shapes(architecture)).total > MATERIALISE_LIMIT:
         # Real shapes: built and quantized layer by layer on the device, never written to disk.
         from fine_tune.models.moe import build_random_model
 
@@ -137,6 +131,6 @@ def load_weights(
             device=local_device(),
         )
     path = name_or_path if init == "pretrained" else materialise_random(architecture, seed)
-    if quant.is_4bit and quant.quant_experts and has_fused_experts(architecture):
+    if quant.is_4bit and quant.quant_experts and is_moe(architecture):
         return load_moe_4bit(path, quant, dtype, attn_implementation)
     return from_pretrained(path, quant, dtype, attn_implementation, trust_remote_code)
