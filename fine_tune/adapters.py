@@ -19,9 +19,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class AdapterSpec:
     lora: Any  # peft.LoraConfig for the dense (nn.Linear) targets
-    experts: bool  # also adapt fused MoE expert weights
-    r: int
-    lora_alpha: float
+    experts: bool  # also adapt fused MoE expert weights (same rank and alpha)
     expert_dropout: float = 0.0
 
 
@@ -49,9 +47,7 @@ def build_lora_config(
         modules_to_save=modules_to_save,
         task_type="CAUSAL_LM",
     )
-    return AdapterSpec(
-        lora=config, experts=experts, r=r, lora_alpha=lora_alpha, expert_dropout=expert_dropout
-    )
+    return AdapterSpec(lora=config, experts=experts, expert_dropout=expert_dropout)
 
 
 def attach_adapter(model: Any, spec: AdapterSpec, gradient_checkpointing: bool, quantized: bool) -> Any:
@@ -87,8 +83,8 @@ def attach_adapter(model: Any, spec: AdapterSpec, gradient_checkpointing: bool, 
 
         attach_expert_lora(
             peft_model,
-            r=spec.r,
-            lora_alpha=spec.lora_alpha,
+            r=spec.lora.r,
+            lora_alpha=spec.lora.lora_alpha,
             lora_dropout=spec.expert_dropout,
             use_rslora=spec.lora.use_rslora,
         )

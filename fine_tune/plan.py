@@ -14,7 +14,7 @@ Neither torch nor transformers is imported: `plan=true` must answer fast.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from fine_tune.errors import UserError
@@ -66,15 +66,19 @@ ALLOCATOR_SLACK = 0.08
 CUDA_CONTEXT = 0.5 * GIB  # CUDA context + kernels: device memory the allocator never sees
 
 
-def _quant_bytes(n: int, kind: str, double_quant: bool, rows: int, blocksize: int = 64) -> int:
-    """Bytes bitsandbytes holds for an n-element matrix: packed values + quantization constants."""
-    if kind in ("nf4", "fp4"):
+def _quant_bytes(
+    matrices: dict[str, tuple[int, int]], kind: str, double_quant: bool, blocksize: int = 64
+) -> int:
+    """Bytes bitsandbytes holds for these (in, out) matrices: packed values + quantization constants."""
+    total = 0
+    for i, rows in matrices.values():
+        n = i * rows
+        if kind == "int8":
+            total += n + 4 * rows
+            continue
         blocks = math.ceil(n / blocksize)
-        consts = blocks + 4 * math.ceil(blocks / 256) + 4 if double_quant else 4 * blocks
-        return (n + 1) // 2 + consts
-    if kind == "int8":
-        return n + 4 * rows
-    raise ValueError(kind)
+        total += (n + 1) // 2 + (blocks + 4 * math.ceil(blocks / 256) + 4 if double_quant else 4 * blocks)
+    return total
 
 
 def _optimizer_kind(optim: dict) -> tuple[str, int, bool]:
@@ -180,181 +184,131 @@ class MemoryPlan:
 
     def to_dict(self) -> dict:
         return {
-            "description": self.description,
-            "batch_size": self.batch_size,
-            "seq_len": self.seq_len,
-            "gradient_checkpointing": self.gradient_checkpointing,
-            "items": [{"what": w, "bytes": b, "how": h} for w, b, h in self.items],
+            **asdict(self),
+            "items": [dict(zip(("what", "bytes", "how"), item, strict=True)) for item in self.items],
             "total_bytes": self.total_bytes,
             "device_bytes": self.device_bytes(),
             "per_sample_bytes": self.per_sample_bytes,
             "activation_bytes": self.activation_bytes(self.batch_size),
-            "params_4bit": self.params_4bit,
-            "params_other": self.params_other,
-            "trainable_params": self.trainable_params,
         }
 
 
 def plan_memory(cfg: Any) -> MemoryPlan:
     """The memory plan of the composed config `cfg` (DictConfig or plain dict, groups may be partial:
     the schema's defaults fill them); loads no weights."""
-    from fine_tune.families.shapes import (
-        FOUR_BIT,
-        expert_matrices,
-        experts_in_4bit,
-        layer_kinds,
-        layer_linears,
-        lora_targets,
-        model_shapes,
-        parameter_counts,
-    )
+    from fine_tune.families import shapes as fs
     from fine_tune.schema import complete
 
     cfg = complete(cfg)
     quant, lora, trainer = cfg["quant"], cfg["lora"], cfg["trainer"]
-    shapes = model_shapes(cfg["model"])
+    s = fs.model_shapes(cfg["model"])
     kind, double_quant = quant["kind"], quant["double_quant"]
-    batch, seq = trainer["per_device_train_batch_size"], cfg["dataset"]["max_length"]
-    ckpt = trainer["gradient_checkpointing"]
+    batch, ckpt = trainer["per_device_train_batch_size"], trainer["gradient_checkpointing"]
+    seq = cfg["dataset"]["max_length"]
     base_bytes = 4 if cfg["model"]["dtype"] in ("float32", "fp32") else 2
-    h, v, n_layers = shapes.hidden_size, shapes.vocab_size, shapes.num_hidden_layers
-
-    quantized = kind in ("nf4", "fp4", "int8")
-    experts_4bit = experts_in_4bit(shapes, quant)
-    counts = parameter_counts(shapes, lora, experts_4bit)
-    # PEFT's prepare_model_for_kbit_training (the core's quantized path) upcasts every weight it did
-    # not quantize to fp32; that also makes the residual stream fp32 under autocast.
-    other_bytes = 4 if quantized else base_bytes
-    q_bytes = 0
-    for sparse, layers in layer_kinds(shapes):
-        if quantized:
-            q_bytes += layers * sum(
-                _quant_bytes(i * o, kind, double_quant, o) for i, o in layer_linears(shapes, sparse).values()
-            )
-        if sparse and experts_4bit:
-            per_expert = sum(
-                _quant_bytes(i * o, kind, double_quant, o) for i, o in expert_matrices(shapes).values()
-            )
-            q_bytes += layers * shapes.num_experts * per_expert
-    params_4bit = (counts.linear if kind in FOUR_BIT else 0) + (counts.experts if experts_4bit else 0)
-    params_other = counts.total - params_4bit
-
+    h, v, n_layers = s.hidden_size, s.vocab_size, s.num_hidden_layers
+    quantized, experts_4bit = kind in ("nf4", "fp4", "int8"), fs.experts_in_4bit(s, quant)
+    counts = fs.parameter_counts(s, lora, experts_4bit)
     items: list[tuple[str, int, str]] = []
+
+    def add(what: str, size: float, how: str) -> None:
+        items.append((what, int(size), how))
+
     if quantized:
-        items.append(
-            (
-                f"quantized weights ({kind}) + constants",
-                q_bytes,
-                f"{n_layers} layers; double quant {'on' if double_quant else 'off'}",
+        q_bytes = sum(
+            layers * _quant_bytes(fs.layer_linears(s, sparse), kind, double_quant)
+            + (
+                layers * s.num_experts * _quant_bytes(fs.expert_matrices(s), kind, double_quant)
+                if sparse and experts_4bit
+                else 0
             )
+            for sparse, layers in fs.layer_kinds(s)
         )
-    # bf16 (the model dtype): the linears when not quantized, the experts when not 4-bit (int8 included)
+        add(
+            f"quantized weights ({kind}) + constants",
+            q_bytes,
+            f"{n_layers} layers; double quant {'on' if double_quant else 'off'}",
+        )
+    # The linears when not quantized and the experts when not 4-bit (int8 too) stay in the model dtype;
+    # PEFT's prepare_model_for_kbit_training (the core's quantized path) upcasts every other weight to
+    # fp32, which also makes the residual stream fp32 under autocast.
     large = (0 if quantized else counts.linear) + (0 if experts_4bit else counts.experts)
     small = counts.total - counts.linear - counts.experts  # embeddings, lm_head, norms, routers, biases
-    items.append(
-        (
-            "non-quantized weights",
-            large * base_bytes + small * other_bytes,
-            f"embeddings, lm_head, norms{', router' if shapes.moe else ''} in "
-            f"{'fp32 (kbit prep)' if quantized else ('fp32' if base_bytes == 4 else 'bf16')}"
-            + (", experts in bf16 (not 4-bit)" if shapes.moe and not experts_4bit else ""),
-        )
-    )
+    small_in = "fp32 (kbit prep)" if quantized else ("fp32" if base_bytes == 4 else "bf16")
+    bf16_experts = ", experts in bf16 (not 4-bit)" if s.moe and not experts_4bit else ""
+    how = f"embeddings, lm_head, norms{', router' if s.moe else ''} in {small_in}{bf16_experts}"
+    add("non-quantized weights", large * base_bytes + small * (4 if quantized else base_bytes), how)
 
-    r, lora_n = lora["r"], counts.trainable
-    lora_experts = lora["experts"] and shapes.moe
+    lora_n, lora_experts = counts.trainable, lora["experts"] and s.moe
     target, state_per_param, paged = _optimizer_kind(cfg["optim"])
-    items.append(("LoRA parameters (fp32)", 4 * lora_n, f"{lora_n / 1e6:.1f}M, rank {r}"))
+    add("LoRA parameters (fp32)", 4 * lora_n, f"{lora_n / 1e6:.1f}M, rank {lora['r']}")
     optim_bytes = state_per_param * lora_n
-    outside = CUDA_CONTEXT
     if paged:
-        outside += optim_bytes
-        items.append(
-            ("optimizer state", 0, f"{target}: {optim_bytes / GIB:.2f} GiB paged (outside allocator)")
-        )
+        add("optimizer state", 0, f"{target}: {optim_bytes / GIB:.2f} GiB paged (outside allocator)")
     else:
-        items.append(("optimizer state", optim_bytes, f"{target}: {state_per_param} B/param"))
+        add("optimizer state", optim_bytes, f"{target}: {state_per_param} B/param")
 
     # activations, per token, of one typical layer (an MoE layer in an MoE model)
-    sparse = shapes.moe
-    k = shapes.num_experts_per_tok if sparse else 1
-    mlp = (
-        k * shapes.expert_intermediate_size + shapes.shared_expert_intermediate_size
-        if sparse
-        else shapes.intermediate_size
+    k = s.num_experts_per_tok if s.moe else 1
+    width = h + (
+        k * s.expert_intermediate_size + s.shared_expert_intermediate_size if s.moe else s.intermediate_size
     )
-    width = h + mlp
-    fam = shapes.family.calibration
     residual = 4 if quantized else base_bytes
-    stream = "fp32" if residual == 4 else "bf16"
-    dropout = lora["lora_dropout"] > 0
-    adapted = lora_targets(shapes, lora, sparse)
-    layer = CALIBRATION["layer_base"][(fam, stream)] * width
-    per_in = CALIBRATION["lora_dense"] + (CALIBRATION["lora_dropout"] if dropout else 0.0)
-    layer += sum(per_in * i for i, _ in adapted.values())
+    key = (s.family.calibration, "fp32" if residual == 4 else "bf16")
+    adapted = fs.lora_targets(s, lora, s.moe)
+    per_in = CALIBRATION["lora_dense"] + (CALIBRATION["lora_dropout"] if lora["lora_dropout"] > 0 else 0.0)
+    layer = CALIBRATION["layer_base"][key] * width + sum(per_in * i for i, _ in adapted.values())
     if lora_experts:
         # the core attaches expert adapters without dropout unless `lora.expert_dropout` says otherwise
-        per_routed = CALIBRATION["lora_experts"] + (
-            CALIBRATION["lora_experts_dropout"] if lora["expert_dropout"] > 0 else 0.0
-        )
-        layer += k * per_routed * (h + shapes.expert_intermediate_size)
+        dropout = CALIBRATION["lora_experts_dropout"] if lora["expert_dropout"] > 0 else 0.0
+        layer += k * (CALIBRATION["lora_experts"] + dropout) * (h + s.expert_intermediate_size)
     if ckpt:
         saved = n_layers * residual * h  # each layer's input, kept for the recompute
-        recompute = layer + CALIBRATION["recompute_extra"][(fam, stream)] * width
+        recompute = layer + CALIBRATION["recompute_extra"][key] * width
         how = f"{n_layers} layer inputs ({residual} B x hidden per token), kept for the recompute"
     else:
-        saved = n_layers * layer
-        recompute = 0.0
+        saved, recompute = n_layers * layer, 0.0
         how = f"{n_layers} layers x {layer / 1024:.0f} KiB per token"
-    loss_per_token = CALIBRATION["loss_per_vocab"] * v
     lm_head_cast = 2 * v * h if quantized else 0  # autocast's bf16 copy of the fp32 lm_head (forward only)
-    loss_fixed = CALIBRATION["loss_workspace"] + lm_head_cast
     plan_args = {
         "saved_per_sample": int(seq * saved),
-        "loss_per_sample": int(seq * loss_per_token),
-        "loss_fixed": int(loss_fixed),
+        "loss_per_sample": int(seq * CALIBRATION["loss_per_vocab"] * v),
+        "loss_fixed": int(CALIBRATION["loss_workspace"] + lm_head_cast),
         "recompute_per_sample": int(seq * recompute),
     }
     probe = MemoryPlan("", batch, seq, ckpt, **plan_args)
     act = probe.activation_bytes(batch)
-    loss_phase = probe.loss_per_sample * batch + probe.loss_fixed
     transient = act - probe.saved_per_sample * batch
     # gradients of the adapters exist in full only after the backward, when the activations are gone:
     # they add to the peak only where they outweigh the activation peak (tiny batches)
     grads = 4 * lora_n
-    items.append(("cuBLAS workspace", CALIBRATION["fixed_workspace"], "kept by the allocator after step 1"))
-    items.append(
-        (
-            "LoRA gradients (fp32), beyond activations",
-            max(grads - act, 0),
-            f"{grads / GIB:.2f} GiB at the optimizer step, after activations are freed",
-        )
+    add("cuBLAS workspace", CALIBRATION["fixed_workspace"], "kept by the allocator after step 1")
+    add(
+        "LoRA gradients (fp32), beyond activations",
+        max(grads - act, 0),
+        f"{grads / GIB:.2f} GiB at the optimizer step, after activations are freed",
     )
-    items.append((f"activations (batch {batch} x {seq})", probe.saved_per_sample * batch, how))
-    items.append(
-        (
-            "logits/loss or layer recompute peak",
-            transient,
-            "loss (logits bf16 + fp32 + log-softmax + grad)"
-            if transient == loss_phase
-            else "one layer recomputed + its backward",
-        )
+    add(f"activations (batch {batch} x {seq})", probe.saved_per_sample * batch, how)
+    loss_phase = transient == probe.loss_per_sample * batch + probe.loss_fixed
+    peak = (
+        "loss (logits bf16 + fp32 + log-softmax + grad)"
+        if loss_phase
+        else "one layer recomputed + its backward"
     )
+    add("logits/loss or layer recompute peak", transient, peak)
 
-    desc = (
-        f"{shapes.family.name} {counts.total / 1e9:.1f}B, {n_layers} layers, quant {kind}, LoRA r={r} on "
-        f"{'+'.join(sorted(adapted)) or 'nothing'}{' + experts' if lora_experts else ''}"
-    )
+    on = f"r={lora['r']} on {'+'.join(sorted(adapted)) or 'nothing'}{' + experts' if lora_experts else ''}"
+    params_4bit = (counts.linear if kind in fs.FOUR_BIT else 0) + (counts.experts if experts_4bit else 0)
     return MemoryPlan(
-        description=desc,
+        description=f"{s.family.name} {counts.total / 1e9:.1f}B, {n_layers} layers, quant {kind}, LoRA {on}",
         batch_size=batch,
         seq_len=seq,
         gradient_checkpointing=ckpt,
         items=items,
         **plan_args,
-        outside_allocator_bytes=int(outside),
+        outside_allocator_bytes=int(CUDA_CONTEXT + (optim_bytes if paged else 0)),
         params_4bit=params_4bit,
-        params_other=params_other,
+        params_other=counts.total - params_4bit,
         trainable_params=lora_n,
     )
 

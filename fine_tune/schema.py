@@ -33,7 +33,7 @@ SKIP_MODULES = ("lm_head",)  # kept in full precision, as bitsandbytes' from_pre
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 # Keys that moved to the group that uses them; the old spelling still works, with a warning, until
 # the release after 0.x (then: delete these and the `null` placeholders in conf/trainer/default.yaml).
-MOVED = {("trainer", "max_length"): ("dataset", "max_length"), ("trainer", "packing"): ("dataset", "packing")}
+MOVED = {"trainer.max_length": "dataset.max_length", "trainer.packing": "dataset.packing"}
 
 
 def _rule(default: Any, check: Callable[[Any], bool], message: str, hint: str | None = None) -> Any:
@@ -222,22 +222,18 @@ def default(schema: type, name: str) -> Any:
     return spec.default_factory() if spec.default is NO_DEFAULT else spec.default
 
 
-def _explain(error: OmegaConfBaseException, group: str) -> UserError:
-    key = getattr(error, "full_key", None) or ""
-    where = f"{group}.{key}" if key and not key.startswith(group) else (key or group)
-    if isinstance(error, ConfigKeyError):  # a key the schema does not have
-        known = sorted(k for k in GROUP_SCHEMAS[group].__dataclass_fields__ if not k.startswith("_"))
-        return UserError("unknown key", where=where, hint=f"the {group} keys are {known}")
-    first = str(error).splitlines()[0]
-    return UserError(first, where=where, hint=f"check the value on the command line or in conf/{group}/")
-
-
-def _typed(group: str, node: Any) -> DictConfig:
-    """`node` merged over the group's schema: typed, closed, complete."""
+def _typed(schema: type, node: Any, where: str) -> DictConfig:
+    """`node` merged over `schema`: typed, closed, complete (a UserError names the key that is not)."""
     try:
-        return OmegaConf.merge(OmegaConf.structured(GROUP_SCHEMAS[group]), node)
+        return OmegaConf.merge(OmegaConf.structured(schema), node)
     except OmegaConfBaseException as error:
-        raise _explain(error, group) from None
+        key = getattr(error, "full_key", None) or ""
+        key = f"{where}.{key}" if where and key and not key.startswith(where) else (key or where)
+        if isinstance(error, ConfigKeyError):  # a key the schema does not have
+            known = sorted(k for k in schema.__dataclass_fields__ if not k.startswith("_"))
+            raise UserError("unknown key", where=key, hint=f"the keys here are {known}") from None
+        hint = f"check the value on the command line or in conf/{where}/" if where else None
+        raise UserError(str(error).splitlines()[0], where=key, hint=hint) from None
 
 
 def _check_values(schema: type, node: Any, where: str) -> None:
@@ -256,26 +252,20 @@ def _check_values(schema: type, node: Any, where: str) -> None:
 
 def check_group(group: str, values: Mapping[str, Any]) -> dict:
     """One group's values, typed, checked and completed, as a plain dict (for builders called directly)."""
-    typed = _typed(group, values)
+    typed = _typed(GROUP_SCHEMAS[group], values, group)
     _check_values(GROUP_SCHEMAS[group], typed, group)
     return OmegaConf.to_container(typed, resolve=True)
 
 
 def _move_deprecated(cfg: DictConfig) -> None:
-    for (old_group, key), (group, new_key) in MOVED.items():
-        if old_group not in cfg or key not in cfg[old_group]:
-            continue
-        with open_dict(cfg):
-            value = cfg[old_group].pop(key)
-            if value is not None:
-                log.warning(
-                    "%s.%s is deprecated and will be removed in the next release: use %s.%s",
-                    old_group,
-                    key,
-                    group,
-                    new_key,
-                )
-                cfg.setdefault(group, {})[new_key] = value
+    for old, new in MOVED.items():
+        (old_group, key), (group, new_key) = old.split("."), new.split(".")
+        if key in cfg.get(old_group, {}):
+            with open_dict(cfg):
+                value = cfg[old_group].pop(key)
+                if value is not None:
+                    log.warning(f"{old} is deprecated (removed in the next release): use {new}")
+                    cfg.setdefault(group, {})[new_key] = value
 
 
 def _complete(cfg: DictConfig, partial: bool) -> list[str]:
@@ -295,7 +285,7 @@ def _complete(cfg: DictConfig, partial: bool) -> list[str]:
         if node.get("_target_", getattr(schema, "_target_", None)) != getattr(schema, "_target_", None):
             continue
         with open_dict(cfg):
-            cfg[group] = OmegaConf.to_container(_typed(group, node))  # interpolations kept, unresolved
+            cfg[group] = OmegaConf.to_container(_typed(schema, node, group))  # interpolations kept
         done.append(group)
     return done
 
@@ -304,21 +294,10 @@ def check_types(cfg: DictConfig) -> None:
     """Type, range-check and complete every group in place; raise UserError on the first problem."""
     for group in _complete(cfg, partial=False):
         _check_values(GROUP_SCHEMAS[group], cfg[group], group)
-    for key, kind in (("seed", int), ("plan", bool), ("validate", bool), ("preview", bool)):
-        value = cfg.get(key)
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise UserError(f"expected {kind.__name__}, got {value!r}", where=key)
-    _check_values(RunSchema, cfg, "")
-    resume = cfg.get("resume", False)
-    if not isinstance(resume, (bool, str)) or resume is None:
-        raise UserError(f"expected true, false or a checkpoint path, got {resume!r}", where="resume")
-    unknown = sorted(set(cfg.keys()) - set(RunSchema.__dataclass_fields__) - {"hydra"})
-    if unknown:
-        raise UserError(
-            "unknown top-level key",
-            where=unknown[0],
-            hint=f"top-level keys are {sorted(RunSchema.__dataclass_fields__)}; others belong in a group",
-        )
+    run = _typed(RunSchema, {k: v for k, v in cfg.items() if k != "hydra"}, "")
+    _check_values(RunSchema, run, "")
+    if not isinstance(run.resume, (bool, str)):
+        raise UserError(f"expected true, false or a checkpoint path, got {run.resume!r}", where="resume")
 
 
 def complete(cfg: Any) -> dict:

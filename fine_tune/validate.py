@@ -11,6 +11,7 @@ the plan of the run as a tree.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import inspect
 import math
@@ -104,13 +105,6 @@ def check_targets(data: dict, checked: Checked) -> None:
         checked.targets.append((path or "<root>", target))
 
 
-def shapes_of(model: dict, hub: bool = True) -> Any:
-    """Model shapes without weights (config.json of a local checkpoint, or the architecture node)."""
-    from fine_tune.families.shapes import model_shapes
-
-    return model_shapes(model, hub=hub)
-
-
 def cross_checks(data: dict, checked: Checked) -> None:
     """Combinations that are each valid alone but not together, or not on this machine."""
     model, quant, lora, trainer, optim, dataset = (
@@ -138,7 +132,9 @@ def cross_checks(data: dict, checked: Checked) -> None:
 
     precision = trainer["precision"]
     if precision == "bf16" or model["dtype"] in ("bfloat16", "bf16"):
-        if cuda and not _bf16_supported():
+        from fine_tune.hardware import bf16_supported
+
+        if cuda and not bf16_supported():
             raise UserError(
                 "this GPU does not support bf16",
                 where="trainer.precision",
@@ -175,7 +171,8 @@ def cross_checks(data: dict, checked: Checked) -> None:
         raise UserError(f"{target} needs bitsandbytes", where="optim.optimizer._target_")
 
     for key in ("path", "validation_path"):
-        for item in _as_list(dataset.get(key)):
+        value = dataset[key]
+        for item in value if isinstance(value, list) else [value] if value else []:
             if not any(ch in str(item) for ch in "*?[") and not Path(str(item)).expanduser().exists():
                 raise UserError(
                     f"data file '{item}' does not exist",
@@ -227,9 +224,9 @@ def _check_model(model: dict, dataset: dict, checked: Checked) -> None:
 
 def _check_experts(model: dict, quant: dict, lora: dict) -> None:
     """LoRA on experts needs experts, in 4 bits; PEFT's all-linear on the router takes no dropout."""
-    from fine_tune.families.shapes import experts_in_4bit
+    from fine_tune.families.shapes import experts_in_4bit, model_shapes
 
-    shapes = shapes_of(model, hub=False)
+    shapes = model_shapes(model, hub=False)
     four_bit = experts_in_4bit(shapes, quant)
     if lora["experts"] and not shapes.moe:
         raise UserError(
@@ -253,35 +250,17 @@ def _check_experts(model: dict, quant: dict, lora: dict) -> None:
         )
 
 
-def _as_list(value: Any) -> list:
-    if value is None:
-        return []
-    return list(value) if isinstance(value, (list, tuple)) else [value]
-
-
 class _LazyCuda:
     """Truthy when a GPU is there; asks torch (seconds to import) only when first evaluated."""
 
-    _value: bool | None = None
+    @functools.cached_property
+    def present(self) -> bool:
+        from fine_tune.hardware import has_cuda
+
+        return importlib.util.find_spec("torch") is not None and has_cuda()
 
     def __bool__(self) -> bool:
-        if self._value is None:
-            self._value = _has_cuda()
-        return self._value
-
-
-def _has_cuda() -> bool:
-    if importlib.util.find_spec("torch") is None:
-        return False
-    from fine_tune.hardware import has_cuda
-
-    return has_cuda()
-
-
-def _bf16_supported() -> bool:
-    from fine_tune.hardware import bf16_supported
-
-    return bf16_supported()
+        return self.present
 
 
 def check_config(cfg: DictConfig) -> Checked:
@@ -331,8 +310,6 @@ def print_validation(cfg: DictConfig) -> None:
     from rich.console import Console
     from rich.tree import Tree
 
-    from fine_tune.families.shapes import experts_in_4bit, parameter_counts
-
     checked = check_config(cfg)
     data = _plain(cfg)
     model, lora, trainer, quant, optim, dataset = (
@@ -348,32 +325,29 @@ def print_validation(cfg: DictConfig) -> None:
     for path, target in checked.targets:
         node.add(f"{path}: {target}")
 
-    try:
-        shapes = shapes_of(model)
-    except UserError:
-        raise
-    except Exception as error:  # noqa: BLE001 - a hub lookup without network: say so, go on
-        shapes = None
-        checked.notes.append(f"model shapes unavailable ({type(error).__name__}); parameter counts skipped")
+    try:  # the plan counts the parameters too: the same count as plan=true
+        from fine_tune.plan import plan_memory
+
+        plan = plan_memory(cfg)
+    except Exception as error:  # noqa: BLE001 - advisory: a hub lookup without network, say
+        plan = None
+        checked.notes.append(f"no plan of this model ({str(error).splitlines()[0][:120]}): counts skipped")
     node = tree.add(
         f"[bold]model[/bold]: {model.get('name_or_path') or model['family']} "
         f"(init {model['init']}, dtype {model['dtype']}, attention {model['attn_implementation']})"
     )
-    counts = None
-    if shapes is not None:
-        counts = parameter_counts(shapes, lora, experts_in_4bit(shapes, quant))
-        node.add(
-            f"{shapes.family.name}: {shapes.num_hidden_layers} layers, hidden {shapes.hidden_size}, "
-            f"vocab {shapes.vocab_size}" + (f", {shapes.num_experts} experts" if shapes.moe else "")
-        )
-        node.add(f"parameters: {counts.total:,}")
+    if plan is not None:
+        total = plan.params_4bit + plan.params_other
+        node.add(f"parameters: {total:,}")
     node.add(f"quantization: {quant['kind']}")
     node = tree.add(
         f"[bold]adapter[/bold]: LoRA r={lora['r']} alpha={lora['lora_alpha']} "
         f"on {lora['target_modules']}" + (" + experts" if lora["experts"] else "")
     )
-    if counts is not None:
-        node.add(f"trainable parameters: {counts.trainable:,} ({100 * counts.trainable / counts.total:.3f}%)")
+    if plan is not None:
+        node.add(
+            f"trainable parameters: {plan.trainable_params:,} ({100 * plan.trainable_params / total:.3f}%)"
+        )
 
     bundle = _build_data(cfg)
     check_prompts(bundle, dataset["max_length"])
@@ -397,15 +371,8 @@ def print_validation(cfg: DictConfig) -> None:
         f"(keep {trainer['save_total_limit']}), resume={data.get('resume')}"
     )
 
-    memory = tree.add("[bold]memory[/bold]")
-    try:
-        from fine_tune.plan import plan_memory
-
-        plan = plan_memory(cfg)
-        memory.add(f"expected GPU memory: {plan.device_bytes() / 2**30:.2f} GiB ({plan.description})")
-    except Exception as error:  # noqa: BLE001 - the planner is advisory here
-        memory.add(f"planner could not estimate this run ({str(error).splitlines()[0][:120]})")
-
+    if plan is not None:
+        tree.add(f"[bold]memory[/bold]: {plan.device_bytes() / 2**30:.2f} GiB expected ({plan.description})")
     if checked.notes:
         node = tree.add("[bold yellow]notes[/bold yellow]")
         for note in checked.notes:

@@ -66,7 +66,7 @@ def test_each_default_has_one_definition(group: str, option: str):
     from fine_tune.schema import check_types
 
     cfg = compose([f"{group}={option}"] + (["model.name_or_path=/m"] if option == "local" else []))
-    composed = {k: v for k, v in OmegaConf.to_container(cfg[group]).items() if (group, k) not in MOVED}
+    composed = {k: v for k, v in OmegaConf.to_container(cfg[group]).items() if f"{group}.{k}" not in MOVED}
     check_types(cfg)
     expected = OmegaConf.merge(OmegaConf.structured(GROUP_SCHEMAS[group]), composed)
     assert OmegaConf.to_container(cfg[group]) == OmegaConf.to_container(expected)

@@ -136,17 +136,14 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def _cache_key(
-    opts: dict[str, Any], files: list[Path], tokenizer_fp: str, max_length: int, packing: bool, seed: int
-) -> str:
+def _cache_key(opts: dict[str, Any], files: list[Path], tokenizer_fp: str, seed: int) -> str:
+    """Everything the cached rows depend on (max_length and packing are among the options)."""
     relevant = {k: v for k, v in opts.items() if k not in ("name", "num_prompts", "pad_to_multiple_of")}
     payload = {
         "v": CACHE_VERSION,
         "opts": relevant,
         "files": [[str(p.resolve()), _file_digest(p)] for p in files],
         "tok": tokenizer_fp,
-        "max_length": max_length,
-        "packing": packing,
         "seed": seed,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
@@ -356,13 +353,13 @@ def build_data(
         template=template,
         encoder=encoder.backend,
         max_length=max_length,
-        packing=bool(packing),
+        packing=packing,
     )
     tok_fp = template_fingerprint(template, tokenizer, encoder)
     entry = None
     if cache_dir is not None and train_paths is not None:
         files = train_paths + (val_paths or []) + (test_paths or [])
-        key = _cache_key(opts, files, tok_fp, max_length, bool(packing), seed)
+        key = _cache_key(opts, files, tok_fp, seed)
         entry = Path(cache_dir) / f"data-{key}"
         if (entry / "meta.json").exists():
             try:
@@ -438,7 +435,7 @@ def build_data(
     report.trained_tokens = sum(
         sum(1 for t in lab[1:] if t != IGNORE_INDEX) for lab in train_labels + eval_labels
     )
-    train, eff = _make_dataset(train_ids, train_labels, bool(packing), max_length)
+    train, eff = _make_dataset(train_ids, train_labels, packing, max_length)
     ev = _make_dataset(eval_ids, eval_labels, bool(packing), max_length)[0] if eval_ids else None
     test = _make_dataset(test_ids, test_labels, False, max_length)[0] if test_ids else None
     if packing:

@@ -87,26 +87,18 @@ def family_of(values: Mapping[str, Any]) -> Family | None:
     return next((f for f in families().values() if model_type in f.model_types), None)
 
 
-def config_values(config: Any) -> Mapping[str, Any]:
-    """A config.json dict, an architecture node or a transformers config, as a mapping."""
-    if isinstance(config, Mapping):
-        return config
-    return config.to_dict() if hasattr(config, "to_dict") else vars(config)
-
-
-def expert_count(config: Any) -> int:
-    values = config_values(config)
+def expert_count(values: Mapping[str, Any]) -> int:
+    """Experts per MoE layer, from config fields (a config.json, an architecture node, `to_dict()`)."""
     return int(next((values[k] for k in EXPERT_COUNT_KEYS if values.get(k)), 0))
 
 
-def is_moe(config: Any) -> bool:
+def is_moe(values: Mapping[str, Any]) -> bool:
     """The one MoE test: more than one expert per MoE layer."""
-    return expert_count(config) > 1
+    return expert_count(values) > 1
 
 
-def checkpoint_experts(config: Any) -> CheckpointExperts:
+def checkpoint_experts(values: Mapping[str, Any]) -> CheckpointExperts:
     """How this checkpoint stores its experts; a UserError for a layout no family describes."""
-    values = config_values(config)
     family = family_of(values)
     if family is None or family.checkpoint_experts is None:
         raise UserError(

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fine_tune.families import Family, config_values, expert_count, family_of, get_family
+from fine_tune.families import Family, expert_count, family_of, get_family
 
 FOUR_BIT = ("nf4", "fp4")
 
@@ -78,7 +78,7 @@ def shapes_from(values: Mapping[str, Any], family: Family) -> Shapes:
 
 def config_shapes(config: Any) -> Shapes:
     """Shapes of a transformers config of a known family (its `model_type` says which)."""
-    values = config_values(config)
+    values = config.to_dict()
     family = family_of(values)
     if family is None:
         raise ValueError(f"no family in fine_tune/families/ reads model_type {values.get('model_type')!r}")

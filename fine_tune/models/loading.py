@@ -90,20 +90,6 @@ def from_pretrained(
         )
 
 
-def load_moe_4bit(path: str | Path, quant: QuantSpec, dtype: Any, attn_implementation: str) -> Any:
-    """Stream a MoE checkpoint tensor by tensor, experts quantized as they arrive.
-
-    `from_pretrained` with bitsandbytes would first place every fused expert on the GPU in bf16
-    (~84 GiB for Mixtral-8x7B) and only then could we quantize them: that never fits 80 GB.
-    """
-    from fine_tune.models.moe import load_pretrained_moe_4bit
-
-    with weights_from(path):
-        return load_pretrained_moe_4bit(
-            path, quant=quant, dtype=dtype, attn_implementation=attn_implementation, device=local_device()
-        )
-
-
 def load_weights(
     architecture: Any,
     name_or_path: str | None,
@@ -131,6 +117,12 @@ def load_weights(
             device=local_device(),
         )
     path = name_or_path if init == "pretrained" else materialise_random(architecture, seed)
-    if quant.is_4bit and quant.quant_experts and is_moe(architecture):
-        return load_moe_4bit(path, quant, dtype, attn_implementation)
+    if quant.is_4bit and quant.quant_experts and is_moe(architecture.to_dict()):
+        # Streamed tensor by tensor, experts quantized as they arrive: from_pretrained with bitsandbytes
+        # would first place every fused expert on the GPU in bf16 (~84 GiB for Mixtral-8x7B).
+        from fine_tune.models.moe import load_pretrained_moe_4bit
+
+        with weights_from(path):
+            kwargs = {"dtype": dtype, "attn_implementation": attn_implementation, "device": local_device()}
+            return load_pretrained_moe_4bit(path, quant=quant, **kwargs)
     return from_pretrained(path, quant, dtype, attn_implementation, trust_remote_code)

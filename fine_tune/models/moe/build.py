@@ -22,11 +22,10 @@ import torch
 from torch import nn
 
 from .experts4bit import (
-    EXPERT_PARAM_NAMES,
-    Experts4bit,
     count_parameters,
     find_fused_experts,
     format_counts,
+    quantize_experts_module,
     set_submodule,
 )
 
@@ -90,7 +89,8 @@ class _CheckpointSource:
                 self.where[k] = h
         self.used: set[str] = set()
         fused = any(k.endswith(".experts.gate_up_proj") for k in self.where)
-        self.experts = checkpoint_experts(config) if is_moe(config) and not fused else None
+        values = config.to_dict()
+        self.experts = checkpoint_experts(values) if is_moe(values) and not fused else None
 
     def _get(self, key: str) -> torch.Tensor:
         if key not in self.where:
@@ -102,13 +102,8 @@ class _CheckpointSource:
         """The per-expert layout's name for `key` (its MoE block may not be called `mlp`)."""
         return key.replace(".mlp.", f".{self.experts.block}.") if self.experts else key
 
-    def has(self, key: str) -> bool:
-        return key in self.where or self._legacy(key) in self.where
-
     def tensor(self, key: str, shape: Sequence[int], dtype: torch.dtype, device: torch.device, kind: str):
         src = key if key in self.where else self._legacy(key)
-        if src not in self.where:
-            raise KeyError(key)
         t = self._get(src)
         if tuple(t.shape) != tuple(shape):
             raise ValueError(
@@ -199,22 +194,12 @@ def _materialize(
             continue
         prefix = f"{mod_name}." if mod_name else ""
         if mod_name in expert_paths:
-            new = Experts4bit.empty_like(
-                module,
-                device=device,
-                quant_type=quant["quant_type"],
-                double_quant=quant["double_quant"],
-                compute_dtype=quant["compute_dtype"],
-            )
-            transposed = bool(getattr(module, "is_transposed", False))
-            for pname in EXPERT_PARAM_NAMES:
-                shape = new.shapes[pname]
-                for e in range(new.num_experts):
-                    src_shape = shape[::-1] if transposed else shape
-                    w = source.expert(mod_name, pname, e, src_shape, dtype, device)
-                    new.set_expert(pname, e, w.t() if transposed else w)
-                    del w
-            set_submodule(model, mod_name, new)
+
+            def read(name: str, e: int, shape: Sequence[int], path: str = mod_name) -> torch.Tensor:
+                return source.expert(path, name, e, shape, dtype, device)
+
+            kinds = {k: quant[k] for k in ("quant_type", "double_quant", "compute_dtype")}
+            set_submodule(model, mod_name, quantize_experts_module(module, device=device, read=read, **kinds))
             continue
         if quant and isinstance(module, nn.Linear) and not is_skipped(mod_name):
             w = source.tensor(prefix + "weight", module.weight.shape, dtype, device, "normal")
