@@ -231,7 +231,8 @@ def _typed(schema: type, node: Any, where: str) -> DictConfig:
         key = f"{where}.{key}" if where and key and not key.startswith(where) else (key or where)
         if isinstance(error, ConfigKeyError):  # a key the schema does not have
             known = sorted(k for k in schema.__dataclass_fields__ if not k.startswith("_"))
-            raise UserError("unknown key", where=key, hint=f"the keys here are {known}") from None
+            hint = f"the {where or 'top-level'} keys are {known}"
+            raise UserError("unknown key", where=key, hint=hint) from None
         hint = f"check the value on the command line or in conf/{where}/" if where else None
         raise UserError(str(error).splitlines()[0], where=key, hint=hint) from None
 
