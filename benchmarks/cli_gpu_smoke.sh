@@ -8,11 +8,11 @@ export FINE_TUNE_CACHE=${FINE_TUNE_CACHE:-/tmp/fine_tune_cache} TOKENIZERS_PARAL
 D=${SHARED_DATA:-../shared/data}
 ARGS="model=mistral_7b model.init=random model.architecture.num_hidden_layers=4 model.tokenizer=mistral_v1
       quant=nf4 logger=none trainer=gpu trainer.max_steps=30 trainer.per_device_train_batch_size=8
-      trainer.gradient_accumulation_steps=1 trainer.max_length=512 trainer.eval_steps=1000 trainer.save_steps=1000
+      trainer.gradient_accumulation_steps=1 dataset.max_length=512 trainer.eval_steps=1000 trainer.save_steps=1000
       trainer.logging_steps=10 dataset=shared_alpaca dataset.path=[$D/gsm8k_train.alpaca.json,$D/gpteacher_roleplay.alpaca.json]"
 for packing in false true; do
   export FINE_TUNE_RUN_DIR=/tmp/cli_run_$packing; rm -rf "$FINE_TUNE_RUN_DIR"
-  torchrun --standalone --nproc_per_node 1 -m fine_tune $ARGS trainer.packing=$packing > "$OUT/cli_packing_$packing.log" 2>&1
+  torchrun --standalone --nproc_per_node 1 -m fine_tune $ARGS dataset.packing=$packing > "$OUT/cli_packing_$packing.log" 2>&1
   echo "packing=$packing exit=$?"
   cp "$FINE_TUNE_RUN_DIR/metrics.json" "$OUT/cli_packing_${packing}_metrics.json" 2>/dev/null
   cp "$FINE_TUNE_RUN_DIR/status.json" "$OUT/cli_packing_${packing}_status.json" 2>/dev/null

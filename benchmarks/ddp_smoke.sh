@@ -11,7 +11,7 @@ export FINE_TUNE_CACHE=${FINE_TUNE_CACHE:-/tmp/fine_tune_cache} TOKENIZERS_PARAL
 # A real Mistral-7B layer shape, 4 layers, random weights built in 4-bit on each GPU.
 MODEL="model=mistral_7b model.init=random model.architecture.num_hidden_layers=4 model.tokenizer=mistral_v1 quant=nf4"
 ARGS="$MODEL logger=none trainer=gpu trainer.max_steps=20 trainer.per_device_train_batch_size=4
-      trainer.gradient_accumulation_steps=1 trainer.max_length=1024 trainer.packing=true trainer.eval_steps=20
+      trainer.gradient_accumulation_steps=1 dataset.max_length=1024 dataset.packing=true trainer.eval_steps=20
       trainer.save_steps=20 trainer.logging_steps=5 dataset=shared_alpaca dataset.max_samples=4000
       dataset.path=[${SHARED_DATA:-../shared/data}/gsm8k_train.alpaca.json,${SHARED_DATA:-../shared/data}/gpteacher_roleplay.alpaca.json]"
 for n in 1 2; do

@@ -13,7 +13,7 @@ python benchmarks/loader_smoke.py 2>&1 | grep -v -i warn | tee "$OUT/loader_smok
 python benchmarks/make_corpus.py /tmp/corpus.jsonl
 O="model=mixtral_8x7b model.init=random model.tokenizer=${TOKENIZER:-mistral_v1} quant=nf4 lora=attn_experts
  trainer=gpu trainer.max_steps=5 trainer.per_device_train_batch_size=4 trainer.gradient_accumulation_steps=1
- trainer.max_length=2048 trainer.packing=true trainer.logging_steps=1 trainer.eval_steps=1000 trainer.save_steps=1000
+ dataset.max_length=2048 dataset.packing=true trainer.logging_steps=1 trainer.eval_steps=1000 trainer.save_steps=1000
  logger=none optim=paged_adamw_8bit dataset=text dataset.path=/tmp/corpus.jsonl dataset.max_eval_samples=4
  dataset.num_prompts=1 trainer.generation.max_new_tokens=4"
 python -m fine_tune $O plan=true 2>&1 | tail -25 | tee "$OUT/e2e_plan.log"

@@ -12,7 +12,7 @@ if [ -d .whl ] && ! python3 -c "import hydra, mistral_common" 2>/dev/null; then
 fi
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 FINE_TUNE_CACHE=${FINE_TUNE_CACHE:-/tmp/ftcache} TOKENIZERS_PARALLELISM=false
 PY=${PY:-python3}
-T="logger=none trainer.max_steps=120 trainer.per_device_train_batch_size=4 trainer.max_length=256 trainer.logging_steps=1
+T="logger=none trainer.max_steps=120 trainer.per_device_train_batch_size=4 dataset.max_length=256 trainer.logging_steps=1
    trainer.eval_steps=40 trainer.save_steps=30 dataset.max_samples=64 dataset.max_eval_samples=8"
 rm -rf /tmp/lc_a /tmp/lc_b /tmp/lc_q
 $PY -m fine_tune $T hydra.run.dir=/tmp/lc_a > "$OUT/uninterrupted.log" 2>&1; echo "uninterrupted rc=$?"

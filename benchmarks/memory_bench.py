@@ -26,9 +26,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 MODELS = {
-    # transformers' defaults of MistralConfig / MixtralConfig are Mistral-7B / Mixtral-8x7B
+    # transformers' config defaults are Mistral-7B / Mixtral-8x7B / Qwen1.5-MoE-A2.7B
     "mistral": {"family": "mistral", "lora": "all"},
     "mixtral": {"family": "mixtral", "lora": "attn_experts"},
+    "qwen2_moe": {"family": "qwen2_moe", "lora": "attn_experts"},  # planned with Mixtral's coefficients
 }
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLP = ["gate_proj", "up_proj", "down_proj"]
@@ -72,16 +73,16 @@ def cfg_for(args: argparse.Namespace, batch: int, ckpt: bool, optim: str) -> dic
             if args.dropout is not None
             else (0.0 if lora == "attn_experts" else 0.05),
             "target_modules": ATTN if lora in ("attn", "attn_experts") else ATTN + MLP,
-            "experts": lora in ("attn_experts", "all") and args.model == "mixtral",
+            "experts": lora in ("attn_experts", "all") and args.model != "mistral",
             # the bench gives expert adapters the same dropout (the core gives them none)
             "expert_dropout": args.dropout or 0.0,
         },
         "trainer": {
             "per_device_train_batch_size": batch,
-            "max_length": args.seq,
             "gradient_checkpointing": ckpt,
             "precision": "bf16",
         },
+        "dataset": {"max_length": args.seq},
         "optim": {"optimizer": {"_target_": OPTIMS[optim]}},
     }
 
@@ -103,13 +104,13 @@ def make_optimizer(name: str, params: list, lr: float = 1e-4):
 def build(args: argparse.Namespace):
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import MistralConfig, MixtralConfig
 
+    from fine_tune.families import get_family
     from fine_tune.models.moe import attach_expert_lora, build_random_model
     from fine_tune.models.moe.experts4bit import format_counts
 
     cfg = cfg_for(args, 1, True, "paged8")
-    config = (MixtralConfig if args.model == "mixtral" else MistralConfig)()
+    config = get_family(MODELS[args.model]["family"]).config()
     if args.layers:
         config.num_hidden_layers = args.layers
     config.use_cache = False

@@ -21,9 +21,12 @@ process (so peak memory is its own):
   fine_tune_bf16 `python -m fine_tune` with quant=none (bf16 LoRA)
 
 Steady tokens/s: non-padding tokens of the timed steps / their wall time (CUDA synchronised), after
-`--warmup` steps. Peak: torch.cuda.max_memory_allocated. MFU = tokens/s x 6 x N / peak FLOP/s with
-N = the model's parameter count and peak = 989 TFLOP/s (H100 SXM dense bf16); 6N is the usual
-convention (a frozen base skips the weight gradients, checkpointing adds a forward: both ~2N).
+`--warmup` steps. Peak: torch.cuda.max_memory_allocated. MFU = tokens/s x FLOPs per token / the GPU's
+dense bf16 peak, both as fine_tune computes them (fine_tune/training/throughput.py: 4 x frozen weights
++ 6 x adapter weights per token; fine_tune/hardware.py: 989 TFLOP/s for an H100 SXM), for every system.
+
+A system name may carry fine_tune overrides after '@', joined by '+':
+  --systems fine_tune_nf4,fine_tune_nf4@trainer.checkpointing.offload=true
 """
 
 from __future__ import annotations
@@ -42,7 +45,6 @@ sys.path.insert(0, str(ROOT))
 
 SYSTEMS = ("plain", "trl", "trl_liger", "unsloth", "fine_tune_nf4", "fine_tune_bf16")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 SHARED = ROOT.parent / "shared" / "data"
 DATA_FILES = ("gsm8k_train.alpaca.json", "gpteacher_roleplay.alpaca.json")
 TINY = dict(
@@ -101,14 +103,25 @@ def prepare(work: Path, args: argparse.Namespace) -> dict:
         model.save_pretrained(model_dir, safe_serialization=True)
         del model
     tokenizer.save_pretrained(model_dir)
-    with torch.device("meta"):
-        params = sum(p.numel() for p in MistralForCausalLM(config).parameters())
     return {
         "examples": str(examples_path),
         "alpaca": str(alpaca),
         "model_dir": str(model_dir),
-        "params": params,
+        "flops_per_token": lora_flops_per_token(config),
     }
+
+
+def lora_flops_per_token(config) -> float:
+    """fine_tune's own formula (fine_tune/training/throughput.py), on the LoRA model every system trains."""
+    import torch
+    from peft import get_peft_model
+    from transformers import MistralForCausalLM
+
+    from fine_tune.training.throughput import model_flops_per_token
+
+    with torch.device("meta"):
+        model = get_peft_model(MistralForCausalLM(config), lora_config())
+    return model_flops_per_token(model)
 
 
 def build_bundle(alpaca: Path, tokenizer, work: Path):
@@ -331,7 +344,7 @@ def run_trl(prep: dict, args: argparse.Namespace, timer: Timer, liger: bool, uns
 
 def run_fine_tune(prep: dict, args: argparse.Namespace, quant: str) -> dict:
     """The real CLI on the same checkpoint and data; steady figure from its own per-step log."""
-    run_dir = Path(args.work) / f"fine_tune_{quant}"
+    run_dir = Path(args.work) / f"fine_tune_{quant}_{abs(hash(tuple(args.fine_tune_overrides)))}"
     overrides = [
         "model=local",
         f"model.name_or_path={prep['model_dir']}",
@@ -412,7 +425,9 @@ def child(args: argparse.Namespace) -> None:
         run_trl(prep, args, timer, liger=args.child == "trl_liger", unsloth=args.child == "unsloth")
         result = timer.result()
     else:
-        result = run_fine_tune(prep, args, "nf4" if args.child == "fine_tune_nf4" else "none")
+        name, _, extra = args.child.partition("@")
+        args.fine_tune_overrides = [*args.fine_tune_overrides, *filter(None, extra.split("+"))]
+        result = run_fine_tune(prep, args, "nf4" if name == "fine_tune_nf4" else "none")
     if torch.cuda.is_available() and "peak_gib" not in result:
         result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     result["wall_s"] = time.perf_counter() - started
@@ -463,7 +478,9 @@ def main() -> None:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     print(f"device: {gpu}; prepared in {time.perf_counter() - t0:.0f} s")
     print(versions())
-    peak = next((v for k, v in PEAK_FLOPS.items() if k in gpu), None)
+    from fine_tune.hardware import peak_flops
+
+    peak = peak_flops("bf16")
     results = {}
     for system in args.systems.split(","):
         env = dict(os.environ)
@@ -489,7 +506,7 @@ def main() -> None:
             results[system] = json.loads(line[len("RESULT ") :])
         speed = results[system].get("steady_tokens_per_s")
         if speed and peak:
-            results[system]["mfu"] = speed * 6 * prep["params"] / peak
+            results[system]["mfu"] = speed * prep["flops_per_token"] / peak
         print(f"{system}: {json.dumps({k: v for k, v in results[system].items() if k != 'log_tail'})[:600]}")
     print_table(results, gpu)
     if args.json:

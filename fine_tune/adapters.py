@@ -6,10 +6,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from fine_tune.errors import UserError
+from fine_tune.schema import LORA_TARGETS, LoraSchema, default
 
 log = logging.getLogger(__name__)
 
@@ -17,60 +19,42 @@ log = logging.getLogger(__name__)
 @dataclass
 class AdapterSpec:
     lora: Any  # peft.LoraConfig for the dense (nn.Linear) targets
-    experts: bool  # also adapt fused MoE expert weights
-    r: int
-    lora_alpha: float
+    experts: bool  # also adapt fused MoE expert weights (same rank and alpha)
     expert_dropout: float = 0.0
 
 
 def build_lora_config(
-    r: int = 16,
-    lora_alpha: float = 32,
-    lora_dropout: float = 0.05,
-    target_modules: list[str] | str = "all-linear",
-    bias: str = "none",
-    use_rslora: bool = False,
-    experts: bool = False,
-    expert_dropout: float = 0.0,
+    r: int = default(LoraSchema, "r"),
+    lora_alpha: float = default(LoraSchema, "lora_alpha"),
+    lora_dropout: float = default(LoraSchema, "lora_dropout"),
+    target_modules: Sequence[str] | str = LORA_TARGETS,
+    bias: str = default(LoraSchema, "bias"),
+    use_rslora: bool = default(LoraSchema, "use_rslora"),
+    experts: bool = default(LoraSchema, "experts"),
+    expert_dropout: float = default(LoraSchema, "expert_dropout"),
     modules_to_save: list[str] | None = None,
 ) -> AdapterSpec:
-    if r <= 0:
-        raise UserError(
-            f"rank must be positive, got {r}", where="lora.r", hint="typical ranks: 8, 16, 32, 64"
-        )
-    if lora_alpha <= 0:
-        raise UserError(f"alpha must be positive, got {lora_alpha}", where="lora.lora_alpha")
-    if not 0 <= lora_dropout < 1:
-        raise UserError(f"dropout must be in [0, 1), got {lora_dropout}", where="lora.lora_dropout")
+    """The `lora` node (validated by fine_tune.schema) as PEFT's config plus the expert adapters'."""
     from peft import LoraConfig
 
     config = LoraConfig(
         r=r,
         lora_alpha=lora_alpha,
         lora_dropout=lora_dropout,
-        target_modules=target_modules,
+        target_modules=target_modules if isinstance(target_modules, str) else list(target_modules),
         bias=bias,
         use_rslora=use_rslora,
         modules_to_save=modules_to_save,
         task_type="CAUSAL_LM",
     )
-    return AdapterSpec(
-        lora=config, experts=experts, r=r, lora_alpha=lora_alpha, expert_dropout=expert_dropout
-    )
+    return AdapterSpec(lora=config, experts=experts, expert_dropout=expert_dropout)
 
 
 def attach_adapter(model: Any, spec: AdapterSpec, gradient_checkpointing: bool, quantized: bool) -> Any:
-    """Wrap the base model with LoRA; only adapter weights remain trainable."""
+    """Wrap the base model with LoRA; only adapter weights remain trainable (fine_tune.validate has
+    checked that expert adapters have experts to go on)."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    from fine_tune.models.architecture import has_fused_experts
-
-    if spec.experts and not has_fused_experts(model.config):
-        raise UserError(
-            "lora.experts=true but this model has no experts",
-            where="lora.experts",
-            hint="use it with model=mixtral / tiny_mixtral, or set lora.experts=false",
-        )
     if quantized:
         model = prepare_model_for_kbit_training(
             model,
@@ -99,8 +83,8 @@ def attach_adapter(model: Any, spec: AdapterSpec, gradient_checkpointing: bool, 
 
         attach_expert_lora(
             peft_model,
-            r=spec.r,
-            lora_alpha=spec.lora_alpha,
+            r=spec.lora.r,
+            lora_alpha=spec.lora.lora_alpha,
             lora_dropout=spec.expert_dropout,
             use_rslora=spec.lora.use_rslora,
         )

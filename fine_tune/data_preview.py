@@ -9,7 +9,7 @@ loads no weights.
 
     python -m fine_tune.data_preview dataset=alpaca dataset.path=train.jsonl --n 5
     python -m fine_tune.data_preview dataset=chat dataset.path=c.jsonl dataset.template=chatml --tokens
-    python -m fine_tune.data_preview dataset=orca_dpo trainer.max_length=1024 --n 1
+    python -m fine_tune.data_preview dataset=orca_dpo dataset.max_length=1024 --n 1
     python -m fine_tune preview=true            # the same, from the main entry point
 """
 
@@ -131,22 +131,12 @@ def preview(
 
 def bundle_from_config(cfg: DictConfig) -> tuple[PreTrainedTokenizerBase, DataBundle]:
     """Tokenizer and data from a composed run config, as `fine_tune.run` builds them (no cache writes)."""
-    from fine_tune.models.tokenizer import build_tokenizer
-    from fine_tune.utils.build import build
+    from fine_tune.run import build_data, build_tokenizer
+    from fine_tune.schema import check_types
 
-    tokenizer = build_tokenizer(
-        cfg.model.tokenizer, cfg.model.name_or_path, cfg.model.get("trust_remote_code", False)
-    )
-    bundle = build(
-        cfg.dataset,
-        tokenizer=tokenizer,
-        max_length=cfg.trainer.max_length,
-        packing=cfg.trainer.packing,
-        seed=cfg.seed,
-        cache_dir=None,
-        _convert_="all",
-    )
-    return tokenizer, bundle
+    check_types(cfg)
+    tokenizer = build_tokenizer(cfg)
+    return tokenizer, build_data(cfg, tokenizer, cache=False)
 
 
 def preview_from_config(cfg: DictConfig, n: int = 3, split: str = "train", tokens: bool = False) -> None:

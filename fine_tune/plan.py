@@ -8,46 +8,18 @@ docs/memory.md and benchmarks/memory_bench.py), for the training path fine_tune 
 `prepare_model_for_kbit_training` (fp32 non-quantized weights, hence an fp32 residual stream),
 bf16 autocast, sdpa attention, non-reentrant checkpointing, transformers' causal-LM loss.
 
-Only the standard library is imported at module level: `plan=true` must answer fast.
+Neither torch nor transformers is imported: `plan=true` must answer fast.
 """
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from fine_tune.errors import UserError
 
 GIB = 2**30
-
-# Shapes of the public checkpoints the families stand for (MistralConfig / MixtralConfig defaults).
-FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
-    "mistral": {
-        "vocab_size": 32000,
-        "hidden_size": 4096,
-        "intermediate_size": 14336,
-        "num_hidden_layers": 32,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 8,
-        "head_dim": None,
-        "tie_word_embeddings": False,
-    },
-    "mixtral": {
-        "vocab_size": 32000,
-        "hidden_size": 4096,
-        "intermediate_size": 14336,
-        "num_hidden_layers": 32,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 8,
-        "head_dim": None,
-        "tie_word_embeddings": False,
-        "num_local_experts": 8,
-        "num_experts_per_tok": 2,
-    },
-}
 
 # ---- activation coefficients (bytes per token), measured on one H100 80GB, torch 2.11, transformers
 # 5.23, peft 0.21.2, bitsandbytes 0.50.2, seq 2048, nf4 + double quant, LoRA r=16, on models cut to
@@ -94,101 +66,25 @@ ALLOCATOR_SLACK = 0.08
 CUDA_CONTEXT = 0.5 * GIB  # CUDA context + kernels: device memory the allocator never sees
 
 
-def _get(node: Any, key: str, default: Any = None) -> Any:
-    if node is None:
-        return default
-    if isinstance(node, dict):
-        value = node.get(key, default)
-    else:
-        try:
-            value = node.get(key, default)
-        except AttributeError:
-            value = getattr(node, key, default)
-    return default if value is None else value
-
-
-def _plain(node: Any) -> dict:
-    if node is None:
-        return {}
-    if isinstance(node, dict):
-        return dict(node)
-    try:
-        from omegaconf import OmegaConf
-
-        return dict(OmegaConf.to_container(node, resolve=True))
-    except Exception:  # noqa: BLE001 - anything mapping-like will do
-        return dict(node)
-
-
-@dataclass
-class Shapes:
-    family: str
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
-    tie_word_embeddings: bool = False
-    num_local_experts: int = 0
-    num_experts_per_tok: int = 0
-
-    @property
-    def moe(self) -> bool:
-        return self.num_local_experts > 1
-
-
-def model_shapes(model_cfg: Any) -> Shapes:
-    """The model's shapes from the `model` node: checkpoint config.json if local, else the
-    `architecture` node (+ `config` overrides) on top of the family's defaults; the hub only
-    when nothing else says what the model is."""
-    family = str(_get(model_cfg, "family", "mistral"))
-    if family not in FAMILY_DEFAULTS:
-        raise UserError(
-            f"cannot plan memory for model family '{family}'",
-            where="model.family",
-            hint=f"planning knows {sorted(FAMILY_DEFAULTS)}",
-        )
-    values = dict(FAMILY_DEFAULTS[family])
-    name = _get(model_cfg, "name_or_path")
-    init = _get(model_cfg, "init", "pretrained")
-    architecture = _plain(_get(model_cfg, "architecture"))
-    overrides = {**_plain(_get(model_cfg, "config")), **_plain(_get(model_cfg, "config_overrides"))}
-    loaded = None
-    if name and init == "pretrained":
-        path = Path(str(name)).expanduser()
-        if (path / "config.json").is_file():
-            loaded = json.loads((path / "config.json").read_text())
-        elif not architecture:
-            from transformers import AutoConfig  # hub lookup: only when the config says nothing
-
-            loaded = AutoConfig.from_pretrained(str(name)).to_dict()
-    values.update({k: v for k, v in (loaded or architecture).items() if k in values or k == "head_dim"})
-    values.update({k: v for k, v in overrides.items() if k in values or k == "head_dim"})
-    head_dim = values.get("head_dim") or values["hidden_size"] // values["num_attention_heads"]
-    values["head_dim"] = head_dim
-    if family == "mistral":
-        values.pop("num_local_experts", None)
-        values.pop("num_experts_per_tok", None)
-    return Shapes(family=family, **{k: v for k, v in values.items() if k in Shapes.__dataclass_fields__})
-
-
-def _quant_bytes(n: int, kind: str, double_quant: bool, rows: int, blocksize: int = 64) -> int:
-    """Bytes bitsandbytes holds for an n-element matrix: packed values + quantization constants."""
-    if kind in ("nf4", "fp4"):
+def _quant_bytes(
+    matrices: dict[str, tuple[int, int]], kind: str, double_quant: bool, blocksize: int = 64
+) -> int:
+    """Bytes bitsandbytes holds for these (in, out) matrices: packed values + quantization constants."""
+    total = 0
+    for i, rows in matrices.values():
+        n = i * rows
+        if kind == "int8":
+            total += n + 4 * rows
+            continue
         blocks = math.ceil(n / blocksize)
-        consts = blocks + 4 * math.ceil(blocks / 256) + 4 if double_quant else 4 * blocks
-        return (n + 1) // 2 + consts
-    if kind == "int8":
-        return n + 4 * rows
-    raise ValueError(kind)
+        total += (n + 1) // 2 + (blocks + 4 * math.ceil(blocks / 256) + 4 if double_quant else 4 * blocks)
+    return total
 
 
-def _optimizer_kind(cfg: Any) -> tuple[str, int, bool]:
+def _optimizer_kind(optim: dict) -> tuple[str, int, bool]:
     """(class path, bytes of state per trainable parameter, paged?) from the optim node."""
-    optim = _get(cfg, "optim")
-    target = _get(_get(optim, "optimizer"), "_target_") or _get(optim, "_target_") or "torch.optim.AdamW"
+    factory = optim.get("optimizer")
+    target = (factory.get("_target_") if isinstance(factory, dict) else None) or "torch.optim.AdamW"
     name = str(target).rsplit(".", 1)[-1].lower()
     paged = "paged" in name
     if "8bit" in name:
@@ -288,207 +184,131 @@ class MemoryPlan:
 
     def to_dict(self) -> dict:
         return {
-            "description": self.description,
-            "batch_size": self.batch_size,
-            "seq_len": self.seq_len,
-            "gradient_checkpointing": self.gradient_checkpointing,
-            "items": [{"what": w, "bytes": b, "how": h} for w, b, h in self.items],
+            **asdict(self),
+            "items": [dict(zip(("what", "bytes", "how"), item, strict=True)) for item in self.items],
             "total_bytes": self.total_bytes,
             "device_bytes": self.device_bytes(),
             "per_sample_bytes": self.per_sample_bytes,
             "activation_bytes": self.activation_bytes(self.batch_size),
-            "params_4bit": self.params_4bit,
-            "params_other": self.params_other,
-            "trainable_params": self.trainable_params,
         }
 
 
-_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
-_MLP = ("gate_proj", "up_proj", "down_proj")
-
-
-def _lora_targets(lora: Any, shapes: Shapes) -> tuple[set[str], bool]:
-    targets = _get(lora, "target_modules", list(_ATTN + _MLP))
-    if isinstance(targets, str):
-        names = set(_ATTN + (() if shapes.moe else _MLP)) if targets == "all-linear" else {targets}
-    else:
-        names = {str(t) for t in targets}
-    experts = bool(_get(lora, "experts", _get(lora, "target_experts", False))) and shapes.moe
-    return names, experts
-
-
 def plan_memory(cfg: Any) -> MemoryPlan:
-    """The memory plan of the composed config `cfg` (DictConfig or plain dict); loads no weights."""
-    shapes = model_shapes(_get(cfg, "model"))
-    quant = _get(cfg, "quant", {})
-    lora = _get(cfg, "lora", {})
-    trainer = _get(cfg, "trainer", {})
-    kind = str(_get(quant, "kind", "none"))
-    double_quant = bool(_get(quant, "double_quant", True))
-    quant_experts = bool(_get(quant, "quant_experts", True))
-    batch = int(_get(trainer, "per_device_train_batch_size", 1))
-    seq = int(_get(trainer, "max_length", 2048))
-    ckpt = bool(_get(trainer, "gradient_checkpointing", False))
-    dtype = str(_get(_get(cfg, "model"), "dtype", "auto"))
-    base_bytes = 4 if dtype == "float32" else 2
+    """The memory plan of the composed config `cfg` (DictConfig or plain dict, groups may be partial:
+    the schema's defaults fill them); loads no weights."""
+    from fine_tune.families import shapes as fs
+    from fine_tune.schema import complete
 
-    h, v, n_layers, inter = (
-        shapes.hidden_size,
-        shapes.vocab_size,
-        shapes.num_hidden_layers,
-        shapes.intermediate_size,
-    )
-    q_out = shapes.num_attention_heads * shapes.head_dim
-    kv_out = shapes.num_key_value_heads * shapes.head_dim
-    linears = {"q_proj": (h, q_out), "k_proj": (h, kv_out), "v_proj": (h, kv_out), "o_proj": (q_out, h)}
-    if not shapes.moe:
-        linears.update(gate_proj=(h, inter), up_proj=(h, inter), down_proj=(inter, h))
-
-    quantized = kind in ("nf4", "fp4", "int8")
-    # PEFT's prepare_model_for_kbit_training (the core's quantized path) upcasts every weight it did
-    # not quantize to fp32; that also makes the residual stream fp32 under autocast.
-    other_bytes = 4 if quantized else base_bytes
-    linear_q = (
-        sum(_quant_bytes(i * o, kind, double_quant, o) for i, o in linears.values()) if quantized else 0
-    )
-    linear_n = sum(i * o for i, o in linears.values())
-    experts_n = 3 * h * inter * shapes.num_local_experts if shapes.moe else 0
-    experts_4bit = shapes.moe and kind in ("nf4", "fp4") and quant_experts
-    if experts_4bit:
-        per_expert = _quant_bytes(2 * inter * h, kind, double_quant, 2 * inter) + _quant_bytes(
-            inter * h, kind, double_quant, h
-        )
-        experts_q = shapes.num_local_experts * per_expert
-    elif shapes.moe and kind == "int8":
-        experts_q = 0  # bitsandbytes int8 leaves fused experts in the model dtype too
-    else:
-        experts_q = 0
-    router_n = h * shapes.num_local_experts if shapes.moe else 0
-    norms_n = 2 * h
-    embed_n = v * h
-    head_n = 0 if shapes.tie_word_embeddings else v * h
-
+    cfg = complete(cfg)
+    quant, lora, trainer = cfg["quant"], cfg["lora"], cfg["trainer"]
+    s = fs.model_shapes(cfg["model"])
+    kind, double_quant = quant["kind"], quant["double_quant"]
+    batch, ckpt = trainer["per_device_train_batch_size"], trainer["gradient_checkpointing"]
+    seq = cfg["dataset"]["max_length"]
+    base_bytes = 4 if cfg["model"]["dtype"] in ("float32", "fp32") else 2
+    h, v, n_layers = s.hidden_size, s.vocab_size, s.num_hidden_layers
+    quantized, experts_4bit = kind in ("nf4", "fp4", "int8"), fs.experts_in_4bit(s, quant)
+    counts = fs.parameter_counts(s, lora, experts_4bit)
     items: list[tuple[str, int, str]] = []
-    q_bytes = n_layers * (linear_q + experts_q)
-    params_4bit = n_layers * (
-        (linear_n if kind in ("nf4", "fp4") else 0) + (experts_n if experts_4bit else 0)
-    )
+
+    def add(what: str, size: float, how: str) -> None:
+        items.append((what, int(size), how))
+
     if quantized:
-        items.append(
-            (
-                f"quantized weights ({kind}) + constants",
-                q_bytes,
-                f"{n_layers} layers; double quant {'on' if double_quant else 'off'}",
+        q_bytes = sum(
+            layers * _quant_bytes(fs.layer_linears(s, sparse), kind, double_quant)
+            + (
+                layers * s.num_experts * _quant_bytes(fs.expert_matrices(s), kind, double_quant)
+                if sparse and experts_4bit
+                else 0
             )
+            for sparse, layers in fs.layer_kinds(s)
         )
-    unquantized_layer = (0 if quantized else linear_n) + (0 if experts_4bit else experts_n)
-    unq_bytes = n_layers * unquantized_layer * (base_bytes if not quantized else base_bytes)
-    small = n_layers * (router_n + norms_n) + h + embed_n + head_n
-    items.append(
-        (
-            "non-quantized weights",
-            unq_bytes + small * other_bytes,
-            f"embeddings, lm_head, norms{', router' if shapes.moe else ''} in "
-            f"{'fp32 (kbit prep)' if quantized else ('fp32' if base_bytes == 4 else 'bf16')}"
-            + (", experts in bf16 (not 4-bit)" if shapes.moe and not experts_4bit else ""),
+        add(
+            f"quantized weights ({kind}) + constants",
+            q_bytes,
+            f"{n_layers} layers; double quant {'on' if double_quant else 'off'}",
         )
-    )
-    params_other = n_layers * (unquantized_layer + router_n + norms_n) + h + embed_n + head_n
-    if kind == "int8":
-        params_other += 0
+    # The linears when not quantized and the experts when not 4-bit (int8 too) stay in the model dtype;
+    # PEFT's prepare_model_for_kbit_training (the core's quantized path) upcasts every other weight to
+    # fp32, which also makes the residual stream fp32 under autocast.
+    large = (0 if quantized else counts.linear) + (0 if experts_4bit else counts.experts)
+    small = counts.total - counts.linear - counts.experts  # embeddings, lm_head, norms, routers, biases
+    small_in = "fp32 (kbit prep)" if quantized else ("fp32" if base_bytes == 4 else "bf16")
+    bf16_experts = ", experts in bf16 (not 4-bit)" if s.moe and not experts_4bit else ""
+    how = f"embeddings, lm_head, norms{', router' if s.moe else ''} in {small_in}{bf16_experts}"
+    add("non-quantized weights", large * base_bytes + small * (4 if quantized else base_bytes), how)
 
-    r = int(_get(lora, "r", 16))
-    names, lora_experts = _lora_targets(lora, shapes)
-    lora_n = n_layers * sum(r * (i + o) for name, (i, o) in linears.items() if name in names)
-    if lora_experts:
-        lora_n += n_layers * shapes.num_local_experts * r * ((h + 2 * inter) + (inter + h))
-    target, state_per_param, paged = _optimizer_kind(cfg)
-    items.append(("LoRA parameters (fp32)", 4 * lora_n, f"{lora_n / 1e6:.1f}M, rank {r}"))
+    lora_n, lora_experts = counts.trainable, lora["experts"] and s.moe
+    target, state_per_param, paged = _optimizer_kind(cfg["optim"])
+    add("LoRA parameters (fp32)", 4 * lora_n, f"{lora_n / 1e6:.1f}M, rank {lora['r']}")
     optim_bytes = state_per_param * lora_n
-    outside = CUDA_CONTEXT
     if paged:
-        outside += optim_bytes
-        items.append(
-            ("optimizer state", 0, f"{target}: {optim_bytes / GIB:.2f} GiB paged (outside allocator)")
-        )
+        add("optimizer state", 0, f"{target}: {optim_bytes / GIB:.2f} GiB paged (outside allocator)")
     else:
-        items.append(("optimizer state", optim_bytes, f"{target}: {state_per_param} B/param"))
+        add("optimizer state", optim_bytes, f"{target}: {state_per_param} B/param")
 
-    # activations
-    k = shapes.num_experts_per_tok if shapes.moe else 1
-    width = h + k * inter
-    fam = "mixtral" if shapes.moe else "mistral"
+    # activations, per token, of one typical layer (an MoE layer in an MoE model)
+    k = s.num_experts_per_tok if s.moe else 1
+    width = h + (
+        k * s.expert_intermediate_size + s.shared_expert_intermediate_size if s.moe else s.intermediate_size
+    )
     residual = 4 if quantized else base_bytes
-    stream = "fp32" if residual == 4 else "bf16"
-    dropout = float(_get(lora, "lora_dropout", 0.0)) > 0
-    layer = CALIBRATION["layer_base"][(fam, stream)] * width
-    per_in = CALIBRATION["lora_dense"] + (CALIBRATION["lora_dropout"] if dropout else 0.0)
-    layer += sum(per_in * i for name, (i, _) in linears.items() if name in names)
+    key = (s.family.calibration, "fp32" if residual == 4 else "bf16")
+    adapted = fs.lora_targets(s, lora, s.moe)
+    per_in = CALIBRATION["lora_dense"] + (CALIBRATION["lora_dropout"] if lora["lora_dropout"] > 0 else 0.0)
+    layer = CALIBRATION["layer_base"][key] * width + sum(per_in * i for i, _ in adapted.values())
     if lora_experts:
         # the core attaches expert adapters without dropout unless `lora.expert_dropout` says otherwise
-        expert_dropout = float(_get(lora, "expert_dropout", 0.0)) > 0
-        per_routed = CALIBRATION["lora_experts"] + (
-            CALIBRATION["lora_experts_dropout"] if expert_dropout else 0.0
-        )
-        layer += k * per_routed * (h + inter)
+        dropout = CALIBRATION["lora_experts_dropout"] if lora["expert_dropout"] > 0 else 0.0
+        layer += k * (CALIBRATION["lora_experts"] + dropout) * (h + s.expert_intermediate_size)
     if ckpt:
         saved = n_layers * residual * h  # each layer's input, kept for the recompute
-        recompute = layer + CALIBRATION["recompute_extra"][(fam, stream)] * width
+        recompute = layer + CALIBRATION["recompute_extra"][key] * width
         how = f"{n_layers} layer inputs ({residual} B x hidden per token), kept for the recompute"
     else:
-        saved = n_layers * layer
-        recompute = 0.0
+        saved, recompute = n_layers * layer, 0.0
         how = f"{n_layers} layers x {layer / 1024:.0f} KiB per token"
-    loss_per_token = CALIBRATION["loss_per_vocab"] * v
     lm_head_cast = 2 * v * h if quantized else 0  # autocast's bf16 copy of the fp32 lm_head (forward only)
-    loss_fixed = CALIBRATION["loss_workspace"] + lm_head_cast
     plan_args = {
         "saved_per_sample": int(seq * saved),
-        "loss_per_sample": int(seq * loss_per_token),
-        "loss_fixed": int(loss_fixed),
+        "loss_per_sample": int(seq * CALIBRATION["loss_per_vocab"] * v),
+        "loss_fixed": int(CALIBRATION["loss_workspace"] + lm_head_cast),
         "recompute_per_sample": int(seq * recompute),
     }
     probe = MemoryPlan("", batch, seq, ckpt, **plan_args)
     act = probe.activation_bytes(batch)
-    loss_phase = probe.loss_per_sample * batch + probe.loss_fixed
     transient = act - probe.saved_per_sample * batch
     # gradients of the adapters exist in full only after the backward, when the activations are gone:
     # they add to the peak only where they outweigh the activation peak (tiny batches)
     grads = 4 * lora_n
-    items.append(("cuBLAS workspace", CALIBRATION["fixed_workspace"], "kept by the allocator after step 1"))
-    items.append(
-        (
-            "LoRA gradients (fp32), beyond activations",
-            max(grads - act, 0),
-            f"{grads / GIB:.2f} GiB at the optimizer step, after activations are freed",
-        )
+    add("cuBLAS workspace", CALIBRATION["fixed_workspace"], "kept by the allocator after step 1")
+    add(
+        "LoRA gradients (fp32), beyond activations",
+        max(grads - act, 0),
+        f"{grads / GIB:.2f} GiB at the optimizer step, after activations are freed",
     )
-    items.append((f"activations (batch {batch} x {seq})", probe.saved_per_sample * batch, how))
-    items.append(
-        (
-            "logits/loss or layer recompute peak",
-            transient,
-            "loss (logits bf16 + fp32 + log-softmax + grad)"
-            if transient == loss_phase
-            else "one layer recomputed + its backward",
-        )
+    add(f"activations (batch {batch} x {seq})", probe.saved_per_sample * batch, how)
+    loss_phase = transient == probe.loss_per_sample * batch + probe.loss_fixed
+    peak = (
+        "loss (logits bf16 + fp32 + log-softmax + grad)"
+        if loss_phase
+        else "one layer recomputed + its backward"
     )
+    add("logits/loss or layer recompute peak", transient, peak)
 
-    desc = (
-        f"{fam if shapes.family in ('mistral', 'mixtral') else shapes.family} "
-        f"{(params_4bit + params_other) / 1e9:.1f}B, {n_layers} layers, quant {kind}, LoRA r={r} on "
-        f"{'+'.join(sorted(names)) or 'nothing'}{' + experts' if lora_experts else ''}"
-    )
+    on = f"r={lora['r']} on {'+'.join(sorted(adapted)) or 'nothing'}{' + experts' if lora_experts else ''}"
+    params_4bit = (counts.linear if kind in fs.FOUR_BIT else 0) + (counts.experts if experts_4bit else 0)
     return MemoryPlan(
-        description=desc,
+        description=f"{s.family.name} {counts.total / 1e9:.1f}B, {n_layers} layers, quant {kind}, LoRA {on}",
         batch_size=batch,
         seq_len=seq,
         gradient_checkpointing=ckpt,
         items=items,
         **plan_args,
-        outside_allocator_bytes=int(outside),
+        outside_allocator_bytes=int(CUDA_CONTEXT + (optim_bytes if paged else 0)),
         params_4bit=params_4bit,
-        params_other=params_other,
+        params_other=counts.total - params_4bit,
         trainable_params=lora_n,
     )
 
@@ -508,7 +328,7 @@ def check_fits(plan: MemoryPlan, gpu_gib: float) -> None:
     if not plan.gradient_checkpointing:
         advice.append("trainer.gradient_checkpointing=true (activations of one layer instead of all)")
     if plan.seq_len > 512:
-        advice.append(f"a shorter trainer.max_length (now {plan.seq_len}; activations scale with it)")
+        advice.append(f"a shorter dataset.max_length (now {plan.seq_len}; activations scale with it)")
     if any(w == "optimizer state" and b > 0 for w, b, _ in plan.items):
         advice.append("optim=paged_adamw_8bit (8-bit optimizer state, paged)")
     if "quant none" in plan.description or "quant int8" in plan.description:

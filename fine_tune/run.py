@@ -46,17 +46,26 @@ def build_tokenizer(cfg: DictConfig) -> Any:
     return build(cfg.model.tokenizer, cfg.model.name_or_path, cfg.model.trust_remote_code)
 
 
-def build_data(cfg: DictConfig, tokenizer: Any, run_dir: Path) -> Any:
+def build_data(cfg: DictConfig, tokenizer: Any, cache: bool = True) -> Any:
+    """The data bundle: what the run, validate=true and the data preview train, check and show."""
     from fine_tune.models.tokenizer import cache_root
     from fine_tune.utils.build import build
 
+    cache_dir = cache_root() / "data" if cache else None
+    return build(cfg.dataset, tokenizer=tokenizer, seed=cfg.seed, cache_dir=cache_dir, _convert_="all")
+
+
+def build_arguments(cfg: DictConfig, output_dir: str | Path, has_eval: bool) -> Any:
+    """The trainer's arguments, from the `trainer` and `optim` nodes."""
+    from fine_tune.utils.build import build
+
+    optim = OmegaConf.to_container(cfg.optim, resolve=True)
     return build(
-        cfg.dataset,
-        tokenizer=tokenizer,
-        max_length=cfg.trainer.max_length,
-        packing=cfg.trainer.packing,
+        cfg.trainer,
+        output_dir=str(output_dir),
         seed=cfg.seed,
-        cache_dir=cache_root() / "data",
+        has_eval=has_eval,
+        optim=optim,
         _convert_="all",
     )
 
@@ -86,16 +95,8 @@ def build_trainer(
     from fine_tune.training.samples import SampleCallback
     from fine_tune.training.throughput import PhaseTimer, model_flops_per_token
     from fine_tune.training.trainer import FineTuneTrainer
-    from fine_tune.utils.build import build
 
-    args = build(
-        cfg.trainer,
-        output_dir=str(run_dir / "checkpoints"),
-        seed=cfg.seed,
-        has_eval=data.eval is not None,
-        optim=OmegaConf.to_container(cfg.optim, resolve=True),
-        _convert_="all",
-    )
+    args = build_arguments(cfg, run_dir / "checkpoints", has_eval=data.eval is not None)
     timer = PhaseTimer()  # eval, samples and checkpoints: kept out of the training throughput
     precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
     flops = model_flops_per_token(model)
@@ -140,7 +141,10 @@ def quiet_libraries() -> None:
 def train(cfg: DictConfig, run_dir: Path, tracker: Any, job: dict) -> tuple[dict, Any]:
     """Build everything, train, evaluate, save; return the final metrics (also in metrics.json) and
     the trainer, whose model tests compare with the saved adapter."""
+    from fine_tune.schema import check_types
     from fine_tune.training.preemption import PreemptionHandler
+
+    check_types(cfg)  # the schema's defaults complete the config every builder below reads
 
     with PreemptionHandler() as preemption:  # a SIGTERM from here on stops cleanly, with a checkpoint
         return _train(cfg, run_dir, tracker, job, preemption)
@@ -160,7 +164,7 @@ def _train(cfg: DictConfig, run_dir: Path, tracker: Any, job: dict, preemption: 
     quiet_libraries()
     set_seed(cfg.seed)
     tokenizer = build_tokenizer(cfg)
-    data = build_data(cfg, tokenizer, run_dir)  # bad data fails here, before any weights load
+    data = build_data(cfg, tokenizer)  # bad data fails here, before any weights load
     log.info("data report\n%s", data.report.format())
     if is_main_process():  # generate/export read the template the run trained with
         atomic_write_json(run_dir / "data_report.json", data.report.to_dict())

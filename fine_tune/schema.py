@@ -1,30 +1,85 @@
-"""Typed schemas of the config groups, checked right after composition and before anything heavy.
+"""The config's one source of types, allowed values and defaults, group by group.
 
-Each schema is a closed structured config: an unknown key or a value of the wrong type
-(`lora.r=abc`) fails with the key's full name, not deep inside PEFT or transformers."""
+The YAML options show values; these dataclasses own what each key may hold and what it is when an
+option leaves it out. `check_types` types every group (an unknown key, a value of the wrong type,
+out of range or not among the allowed ones fails with the key's full name, not deep inside PEFT or
+transformers) and completes the config in place with the defaults, so the run, the planner and the
+builders all see the same values; builders take their signature defaults from here too. Checks of
+one key against another are in fine_tune/validate.py.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING as NO_DEFAULT
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
-from omegaconf import MISSING, DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import II, MISSING, DictConfig, OmegaConf, open_dict
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from fine_tune.errors import UserError
+from fine_tune.families import families
+
+log = logging.getLogger("fine_tune")
+
+DTYPES = ("auto", "bfloat16", "bf16", "float16", "fp16", "float32", "fp32")
+ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+QUANT_KINDS = ("none", "nf4", "fp4", "int8")
+STORAGE_DTYPES = ("uint8", "bfloat16", "float16", "float32")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+SKIP_MODULES = ("lm_head",)  # kept in full precision, as bitsandbytes' from_pretrained does
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+# Keys that moved to the group that uses them; the old spelling still works, with a warning, until
+# the release after 0.x (then: delete these and the `null` placeholders in conf/trainer/default.yaml).
+MOVED = {"trainer.max_length": "dataset.max_length", "trainer.packing": "dataset.packing"}
+
+
+def _rule(default: Any, check: Callable[[Any], bool], message: str, hint: str | None = None) -> Any:
+    """A field whose values must pass `check`; `message` and `hint` make the UserError."""
+    meta = {"check": check, "message": message, "hint": hint}
+    if isinstance(default, (list, tuple)):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def one_of(default: Any, choices: tuple) -> Any:
+    return _rule(default, lambda v: v in choices, f"must be one of {list(choices)}")
+
+
+def positive(default: Any) -> Any:
+    return _rule(default, lambda v: v is None or v > 0, "must be positive")
+
+
+def at_least(default: Any, low: int, hint: str | None = None) -> Any:
+    return _rule(default, lambda v: v is None or v >= low, f"must be >= {low}", hint)
+
+
+def fraction(default: float) -> Any:
+    return _rule(default, lambda v: 0 <= v < 1, "must be in [0, 1)")
+
+
+def _scheduler(name: str) -> bool:
+    """transformers' scheduler names; its enum is consulted only for a name we do not list."""
+    if name in SCHEDULERS:
+        return True
+    from transformers.trainer_utils import SchedulerType
+
+    return name in {member.value for member in SchedulerType}
 
 
 @dataclass
 class ModelSchema:
     _target_: str = "fine_tune.models.build_model"
-    family: str = "mistral"
+    family: str = one_of("mistral", tuple(families()))
     name_or_path: str | None = None
-    init: str = "pretrained"
+    init: str = one_of("pretrained", ("pretrained", "random"))
     tokenizer: str | None = None
-    dtype: str = "auto"
-    attn_implementation: str = "sdpa"
+    dtype: str = one_of("auto", DTYPES)
+    attn_implementation: str = one_of("sdpa", ATTENTION)
     trust_remote_code: bool = False
-    lr: float = 2e-4
+    lr: float = 2e-4  # the suggested peak learning rate, which optim.lr follows
     config: dict[str, Any] = field(default_factory=dict)
     architecture: dict[str, Any] | None = None
 
@@ -32,74 +87,124 @@ class ModelSchema:
 @dataclass
 class QuantSchema:
     _target_: str = "fine_tune.models.quant.build_quant_config"
-    kind: str = "none"
+    kind: str = one_of("none", QUANT_KINDS)
     double_quant: bool = True
-    compute_dtype: str = "auto"
+    compute_dtype: str = one_of("auto", DTYPES)
     quant_experts: bool = True
-    skip_modules: list[str] | None = None
-    storage_dtype: str = "uint8"
-    threshold: float = 6.0
+    skip_modules: list[str] = field(default_factory=lambda: list(SKIP_MODULES))
+    storage_dtype: str = one_of("uint8", STORAGE_DTYPES)
+    threshold: float = positive(6.0)
 
 
 @dataclass
 class LoraSchema:
     _target_: str = "fine_tune.adapters.build_lora_config"
     _convert_: str = "all"
-    r: int = 16
-    lora_alpha: float = 32
-    lora_dropout: float = 0.05
-    bias: str = "none"
+    r: int = positive(16)
+    lora_alpha: float = positive(32.0)
+    lora_dropout: float = fraction(0.05)
+    bias: str = one_of("none", ("none", "all", "lora_only"))
     use_rslora: bool = False
-    target_modules: Any = None  # a list of names or "all-linear"
+    target_modules: Any = field(default_factory=lambda: list(LORA_TARGETS))  # names, or "all-linear"
     experts: bool = False
-    expert_dropout: float = 0.0
+    expert_dropout: float = fraction(0.0)
     modules_to_save: list[str] | None = None
 
 
 @dataclass
 class GenerationSchema:
-    num_prompts: int = 3
-    max_new_tokens: int = 32
+    num_prompts: int = at_least(3, 0)
+    max_new_tokens: int = positive(32)
 
 
 @dataclass
 class CheckpointingSchema:
-    mode: str = "full"
-    every_n_layers: int = 1
+    """How `trainer.gradient_checkpointing` recomputes (docs/speed.md)."""
+
+    mode: str = one_of("full", ("full", "selective"))
+    every_n_layers: int = positive(1)
     offload: bool = False
 
 
 @dataclass
 class TrainerSchema:
     _target_: str = "fine_tune.training.build_training_arguments"
-    max_steps: int = -1
-    num_train_epochs: float = 1
-    per_device_train_batch_size: int = 8
-    per_device_eval_batch_size: int = 8
-    gradient_accumulation_steps: int = 1
-    max_length: int = 512
-    packing: bool = False
+    max_steps: int = _rule(60, lambda v: v == -1 or v > 0, "must be > 0 (or -1 to train num_train_epochs)")
+    num_train_epochs: float = 1.0
+    per_device_train_batch_size: int = positive(8)
+    per_device_eval_batch_size: int = positive(8)
+    gradient_accumulation_steps: int = positive(1)
     gradient_checkpointing: bool = False
     checkpointing: CheckpointingSchema = field(default_factory=CheckpointingSchema)
-    precision: str = "auto"
-    use_liger_kernel: Any = "auto"  # auto | true | false (OmegaConf has no bool | str union)
-    logging_steps: int = 10
-    eval_steps: int = 100
-    save_steps: int = 100
-    save_total_limit: int | None = 2
-    dataloader_num_workers: int = 0
+    precision: str = one_of("auto", ("auto", "bf16", "fp16", "fp32"))
+    # auto | true | false (OmegaConf has no bool | str union)
+    use_liger_kernel: Any = one_of("auto", ("auto", True, False))
+    logging_steps: int = positive(5)
+    eval_steps: int = positive(20)
+    save_steps: int = positive(50)
+    save_total_limit: int | None = positive(2)
+    dataloader_num_workers: int = at_least(0, 0)
     torch_compile: bool = False
     generation: GenerationSchema = field(default_factory=GenerationSchema)
 
 
 @dataclass
 class OptimSchema:
-    lr: float = 2e-4
+    lr: float = positive(II("model.lr"))
     weight_decay: float = 0.0
-    scheduler: str = "cosine"
-    warmup_ratio: float = 0.0
-    max_grad_norm: float = 1.0
-    optimizer: dict[str, Any] = MISSING
+    scheduler: str = _rule("cosine", _scheduler, "not a transformers scheduler", f"e.g. {list(SCHEDULERS)}")
+    warmup_ratio: float = fraction(0.03)
+    max_grad_norm: float = 0.3
+    optimizer: dict[str, Any] = MISSING  # a `_partial_` factory: called with the trainable parameters
+
+
+@dataclass
+class _DataSchema:
+    """What every data builder takes: sources, template, splits, caps, bad rows, length."""
+
+    name: str | None = None  # a label for logs only
+    path: Any = None  # a file, a directory, a glob or a list of them
+    hub_name: str | None = None
+    subset: str | None = None
+    split: str = "train"
+    revision: str | None = None
+    file_type: str | None = None
+    fields: Any = None  # field -> column name
+    template: str = "auto"
+    system_prompt: str | None = None
+    validation_path: Any = None
+    test_path: Any = None  # held-out test file(s): tokenized (never packed) into bundle.test
+    validation_split: str | None = None  # hub only: e.g. "test"
+    val_ratio: float = fraction(0.0)
+    max_samples: int | None = positive(None)
+    max_eval_samples: int | None = positive(None)
+    on_bad_row: str = one_of("error", ("error", "skip"))
+    truncation: str = one_of("error", ("error", "truncate", "drop"))
+    num_prompts: int = at_least(4, 0)
+    encoder: str = one_of("auto", ("auto", "sentencepiece", "hf"))
+    max_length: int = at_least(512, 8, hint="tokens per example (and per pack): use at least 64")
+    packing: bool = False  # concatenate examples padding-free
+
+
+@dataclass
+class DatasetSchema(_DataSchema):
+    """Instruction, chat and text data for supervised fine-tuning (fine_tune/data/build.py)."""
+
+    _target_: str = "fine_tune.data.build_data"
+    format: str = "sample"
+    instruction: str | None = None  # law_title: the instruction put before each question body
+    train_on_inputs: bool = False
+    pad_to_multiple_of: int | None = positive(None)
+
+
+@dataclass
+class PreferenceDatasetSchema(_DataSchema):
+    """Preference pairs for DPO / ORPO (fine_tune/data/preference.py)."""
+
+    _target_: str = "fine_tune.data.build_preference_data"
+    format: str = "preference"
+    # truncation=truncate: prompt tokens always kept; null: half of max_length
+    max_prompt_length: int | None = positive(None)
 
 
 @dataclass
@@ -108,7 +213,7 @@ class RunSchema:
     fail while the config is composed. Groups are typed by their own schemas at run start."""
 
     task_name: str = "train"
-    seed: int = 42
+    seed: int = _rule(42, lambda v: 0 <= v < 2**32, "must be in [0, 2**32)", "numpy cannot seed with it")
     plan: bool = False
     validate: bool = False
     preview: bool = False
@@ -130,46 +235,119 @@ def register_configs() -> None:
     ConfigStore.instance().store(group="fine_tune_schema", name="run", node=RunSchema)
 
 
+# The logger group has none: each tracker class is its own schema (its signature, checked by validate).
 GROUP_SCHEMAS = {
     "model": ModelSchema,
     "quant": QuantSchema,
     "lora": LoraSchema,
     "trainer": TrainerSchema,
     "optim": OptimSchema,
+    "dataset": DatasetSchema,
 }
 
 
-def _explain(error: OmegaConfBaseException, group: str) -> UserError:
-    key = getattr(error, "full_key", None) or ""
-    where = f"{group}.{key}" if key and not key.startswith(group) else (key or group)
-    first = str(error).splitlines()[0]
-    return UserError(first, where=where, hint=f"check the value on the command line or in conf/{group}/")
+def default(schema: type, name: str) -> Any:
+    """The default of one field (for builder signatures: `r: int = default(LoraSchema, "r")`)."""
+    spec = next(f for f in fields(schema) if f.name == name)
+    return spec.default_factory() if spec.default is NO_DEFAULT else spec.default
 
 
-def check_types(cfg: DictConfig) -> None:
-    """Raise UserError on the first unknown key or ill-typed value in a schema'd group."""
-    for group, schema in GROUP_SCHEMAS.items():
-        if group not in cfg:
+def _typed(schema: type, node: Any, where: str) -> DictConfig:
+    """`node` merged over `schema`: typed, closed, complete (a UserError names the key that is not)."""
+    try:
+        return OmegaConf.merge(OmegaConf.structured(schema), node)
+    except OmegaConfBaseException as error:
+        key = getattr(error, "full_key", None) or ""
+        key = f"{where}.{key}" if where and key and not key.startswith(where) else (key or where)
+        if isinstance(error, ConfigKeyError):  # a key the schema does not have
+            known = sorted(k for k in schema.__dataclass_fields__ if not k.startswith("_"))
+            hint = f"the {where or 'top-level'} keys are {known}"
+            raise UserError("unknown key", where=key, hint=hint) from None
+        hint = f"check the value on the command line or in conf/{where}/" if where else None
+        raise UserError(str(error).splitlines()[0], where=key, hint=hint) from None
+
+
+def _check_values(schema: type, node: Any, where: str) -> None:
+    """Each field's rule (range, allowed values), recursing into nested schemas."""
+    for spec in fields(schema):
+        key = f"{where}.{spec.name}" if where else spec.name
+        if spec.name not in node or OmegaConf.is_missing(node, spec.name):
+            continue
+        value = node[spec.name]
+        if is_dataclass(spec.default_factory if spec.default is NO_DEFAULT else None):
+            _check_values(spec.default_factory, value, key)
+        elif "check" in spec.metadata and not spec.metadata["check"](value):
+            message, hint = spec.metadata["message"], spec.metadata["hint"]
+            raise UserError(f"{message}, got {value!r}", where=key, hint=hint)
+
+
+# Other builders a group may name, each with its own schema (the group's default is GROUP_SCHEMAS').
+ALTERNATIVE_SCHEMAS = {"dataset": (PreferenceDatasetSchema,)}
+
+
+def schema_for(group: str, node: Any) -> type | None:
+    """The schema of a group node: the one whose `_target_` it names (none: the group's own); None for
+    a builder we have no schema for, which is left to that builder's signature."""
+    candidates = (GROUP_SCHEMAS[group], *ALTERNATIVE_SCHEMAS.get(group, ()))
+    target = (node or {}).get("_target_", getattr(candidates[0], "_target_", None))
+    return next((c for c in candidates if getattr(c, "_target_", None) == target), None)
+
+
+def check_group(group: str, values: Mapping[str, Any]) -> dict:
+    """One group's values, typed, checked and completed, as a plain dict (for builders called directly)."""
+    schema = schema_for(group, values)
+    typed = _typed(schema, values, group)
+    _check_values(schema, typed, group)
+    return OmegaConf.to_container(typed, resolve=True)
+
+
+def _move_deprecated(cfg: DictConfig) -> None:
+    for old, new in MOVED.items():
+        (old_group, key), (group, new_key) = old.split("."), new.split(".")
+        if key in cfg.get(old_group, {}):
+            with open_dict(cfg):
+                value = cfg[old_group].pop(key)
+                if value is not None:
+                    log.warning(f"{old} is deprecated (removed in the next release): use {new}")
+                    cfg.setdefault(group, {})[new_key] = value
+
+
+def _complete(cfg: DictConfig, partial: bool) -> list[str]:
+    """Each schema'd group replaced in place by its typed, completed values, as a plain node (Hydra's
+    instantiate merges the run's arguments into it: a typed node would convert them). A group whose
+    builder is another `_target_` is left to that builder's signature. Returns the groups done."""
+    _move_deprecated(cfg)
+    done = []
+    for group in GROUP_SCHEMAS:
+        if group not in cfg and not partial:
             raise UserError(
                 f"the config has no '{group}' group",
                 where=group,
                 hint=f"add `- {group}: <option>` to the defaults list",
             )
-        try:
-            OmegaConf.merge(OmegaConf.structured(schema), cfg[group])
-        except OmegaConfBaseException as error:
-            raise _explain(error, group) from None
-    for key, kind in (("seed", int), ("plan", bool), ("validate", bool), ("preview", bool)):
-        value = cfg.get(key)
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise UserError(f"expected {kind.__name__}, got {value!r}", where=key)
-    resume = cfg.get("resume", False)
-    if not isinstance(resume, (bool, str)) or resume is None:
-        raise UserError(f"expected true, false or a checkpoint path, got {resume!r}", where="resume")
-    unknown = sorted(set(cfg.keys()) - set(RunSchema.__dataclass_fields__) - {"hydra"})
-    if unknown:
-        raise UserError(
-            "unknown top-level key",
-            where=unknown[0],
-            hint=f"top-level keys are {sorted(RunSchema.__dataclass_fields__)}; others belong in a group",
-        )
+        node = cfg.get(group) or {}
+        schema = schema_for(group, node)
+        if schema is None:
+            continue
+        with open_dict(cfg):
+            cfg[group] = OmegaConf.to_container(_typed(schema, node, group))  # interpolations kept
+        done.append(group)
+    return done
+
+
+def check_types(cfg: DictConfig) -> None:
+    """Type, range-check and complete every group in place; raise UserError on the first problem."""
+    for group in _complete(cfg, partial=False):
+        _check_values(schema_for(group, cfg[group]), cfg[group], group)
+    run = _typed(RunSchema, {k: v for k, v in cfg.items() if k != "hydra"}, "")
+    _check_values(RunSchema, run, "")
+    if not isinstance(run.resume, (bool, str)):
+        raise UserError(f"expected true, false or a checkpoint path, got {run.resume!r}", where="resume")
+
+
+def complete(cfg: Any) -> dict:
+    """A copy of a composed (or partial, plain) config with every group's defaults filled in, resolved,
+    as plain dicts; types are checked, ranges are not (for advisory readers such as the planner)."""
+    node = OmegaConf.create(OmegaConf.to_container(cfg) if isinstance(cfg, DictConfig) else dict(cfg))
+    _complete(node, partial=True)
+    return OmegaConf.to_container(node, resolve=True)

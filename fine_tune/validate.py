@@ -2,13 +2,16 @@
 
 Why: a typo in a key, a builder that does not take an option, experts on a dense model or a
 prompt longer than max_length otherwise surface after minutes of loading (or hours, on a queue),
-as a traceback from deep inside PEFT or transformers. `check_config` runs at the start of every
-run (cheap: imports of the targets, no weights); `print_validation` adds what needs the tokenizer
-and the data, and prints the plan of the run as a tree.
+as a traceback from deep inside PEFT or transformers. Each key's type, range and allowed values
+are the schema's (fine_tune/schema.py); this module holds the checks of keys against each other
+and against the machine. `check_config` runs at the start of every run (cheap: imports of the
+targets, no weights); `print_validation` adds what needs the tokenizer and the data, and prints
+the plan of the run as a tree.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import inspect
 import math
@@ -22,30 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fine_tune.errors import UserError
 
-# Arguments the run passes to each group's builder on top of the node's keys (see fine_tune/run.py).
-RUNTIME_KWARGS: dict[str, dict[str, Any]] = {
-    "model": {"quant": None, "seed": 0, "tokenizer": None},
-    "dataset": {"tokenizer": None, "max_length": 512, "packing": False, "seed": 0, "cache_dir": None},
-    "trainer": {"output_dir": "", "seed": 0, "has_eval": True, "optim": None},
-}
 HYDRA_KEYS = {"_target_", "_convert_", "_partial_", "_recursive_", "_args_"}
-ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-DTYPES = ("auto", "bfloat16", "bf16", "float16", "fp16", "float32", "fp32")
-QUANT_KINDS = ("none", "nf4", "fp4", "int8")
-LORA_BIAS = ("none", "all", "lora_only")
-SCHEDULERS = (
-    "linear",
-    "cosine",
-    "cosine_with_restarts",
-    "polynomial",
-    "constant",
-    "constant_with_warmup",
-    "inverse_sqrt",
-    "cosine_with_min_lr",
-    "warmup_stable_decay",
-)
-LINEAR_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 @dataclass
@@ -97,14 +77,15 @@ def _locate(target: str, where: str) -> Any:
 
 
 def check_targets(data: dict, checked: Checked) -> None:
-    """Every `_target_` imports, and its signature accepts the node's keys (nothing is called)."""
+    """Every `_target_` imports, and its signature accepts the node's keys (nothing is called).
+
+    Arguments the node leaves out are not asked for: the run passes some (the tokenizer, the seed)
+    when it builds, so only a key the builder does not take is an error (as torchtune validates).
+    """
     for path, node in _target_nodes(data):
         target = str(node["_target_"])
         obj = _locate(target, path)
         kwargs = {k: v for k, v in node.items() if k not in HYDRA_KEYS}
-        group = path.split(".")[0]
-        if path == group:
-            kwargs = {**RUNTIME_KWARGS.get(group, {}), **kwargs}
         if path == "optim.optimizer":  # inherited AdamW keys a class cannot take are not passed
             from fine_tune.training.optim import passed_arguments
 
@@ -114,12 +95,11 @@ def check_targets(data: dict, checked: Checked) -> None:
         except (TypeError, ValueError):  # builtins without a signature: nothing to check
             checked.targets.append((path or "<root>", target))
             continue
-        bind = signature.bind_partial if node.get("_partial_") else signature.bind
         try:
-            bind(*node.get("_args_", []), **kwargs)
+            signature.bind_partial(*node.get("_args_", []), **kwargs)
         except TypeError as error:
             known = [p for p in signature.parameters if p not in ("self", "args", "kwargs")]
-            wrong = _unknown_key(str(error))
+            wrong = str(error).rsplit("'", 2)[-2] if "unexpected keyword" in str(error) else None
             raise UserError(
                 f"{target} does not accept this node: {error}",
                 where=f"{path}.{wrong}" if wrong else path,
@@ -128,122 +108,19 @@ def check_targets(data: dict, checked: Checked) -> None:
         checked.targets.append((path or "<root>", target))
 
 
-def _unknown_key(message: str) -> str | None:
-    if "unexpected keyword argument" in message:
-        return message.rsplit("'", 2)[-2] if message.count("'") >= 2 else None
-    if "missing a required argument" in message:
-        return message.rsplit("'", 2)[-2] if message.count("'") >= 2 else None
-    return None
-
-
-def _is_moe(model: dict) -> bool:
-    arch = {**(model.get("architecture") or {}), **(model.get("config") or {})}
-    name = model.get("name_or_path")
-    if name and model.get("init") == "pretrained":
-        config_json = Path(str(name)).expanduser() / "config.json"
-        if config_json.is_file():
-            import json
-
-            arch = {**json.loads(config_json.read_text()), **(model.get("config") or {})}
-    experts = int(arch.get("num_local_experts") or arch.get("num_experts") or 0)
-    return experts > 1 or (not arch and model.get("family") == "mixtral")
-
-
-def _positive(data: dict, checks: list[tuple[str, str]]) -> None:
-    for group, key in checks:
-        value = data[group].get(key)
-        if value is not None and value <= 0:
-            raise UserError(f"must be positive, got {value}", where=f"{group}.{key}")
-
-
 def cross_checks(data: dict, checked: Checked) -> None:
-    """Combinations that are each valid alone but not together, and values out of range."""
-    model, quant, lora, trainer, optim = (data[k] for k in ("model", "quant", "lora", "trainer", "optim"))
-    _positive(
-        data,
-        [
-            ("lora", "r"),
-            ("lora", "lora_alpha"),
-            ("trainer", "per_device_train_batch_size"),
-            ("trainer", "per_device_eval_batch_size"),
-            ("trainer", "gradient_accumulation_steps"),
-            ("trainer", "max_length"),
-            ("trainer", "logging_steps"),
-            ("trainer", "eval_steps"),
-            ("trainer", "save_steps"),
-        ],
+    """Combinations that are each valid alone but not together, or not on this machine."""
+    model, quant, lora, trainer, optim, dataset = (
+        data[k] for k in ("model", "quant", "lora", "trainer", "optim", "dataset")
     )
-    if not 0 <= float(lora.get("lora_dropout") or 0) < 1:
-        raise UserError(f"must be in [0, 1), got {lora['lora_dropout']}", where="lora.lora_dropout")
-    max_steps, epochs = trainer.get("max_steps", -1), trainer.get("num_train_epochs", 1)
-    if max_steps == 0 or max_steps < -1:
+    if trainer["max_steps"] == -1 and not trainer["num_train_epochs"] > 0:
         raise UserError(
-            f"must be > 0 (or -1 to train num_train_epochs), got {max_steps}", where="trainer.max_steps"
+            f"must be > 0 when max_steps is -1, got {trainer['num_train_epochs']}",
+            where="trainer.num_train_epochs",
         )
-    if max_steps == -1 and not epochs > 0:
-        raise UserError(f"must be > 0 when max_steps is -1, got {epochs}", where="trainer.num_train_epochs")
-    if trainer.get("precision") not in PRECISIONS:
-        raise UserError(
-            f"unknown precision {trainer.get('precision')!r}",
-            where="trainer.precision",
-            hint=f"use one of {PRECISIONS}",
-        )
-    if model.get("dtype") not in DTYPES:
-        raise UserError(
-            f"unknown dtype {model.get('dtype')!r}", where="model.dtype", hint=f"use one of {DTYPES}"
-        )
-    if model.get("attn_implementation") not in ATTENTION:
-        raise UserError(
-            f"unknown attention implementation {model.get('attn_implementation')!r}",
-            where="model.attn_implementation",
-            hint=f"use one of {ATTENTION}",
-        )
-    if model.get("init") not in ("random", "pretrained"):
-        raise UserError(f"unknown init {model.get('init')!r}", where="model.init", hint="random | pretrained")
-    if model.get("family") not in ("mistral", "mixtral") and model.get("init") == "random":
-        raise UserError(
-            f"unknown model family {model.get('family')!r}",
-            where="model.family",
-            hint="mistral | mixtral (or init=pretrained with a checkpoint)",
-        )
-    name = model.get("name_or_path")
-    if name:
-        from fine_tune.models.architecture import check_local_path
-
-        check_local_path(str(name))
-    elif model.get("init") == "pretrained":
-        raise UserError(
-            "init=pretrained needs a checkpoint",
-            where="model.name_or_path",
-            hint="set model.name_or_path, or model.init=random",
-        )
-    if model.get("trust_remote_code"):
-        checked.notes.append("model.trust_remote_code=true: code from the model repository will run")
-
-    seed = data.get("seed")
-    if isinstance(seed, int) and not 0 <= seed < 2**32:
-        raise UserError(f"must be in [0, 2**32), got {seed}", where="seed", hint="numpy cannot seed with it")
-    if int(trainer.get("dataloader_num_workers") or 0) < 0:
-        raise UserError("must be >= 0", where="trainer.dataloader_num_workers")
-    if lora.get("bias") not in LORA_BIAS:
-        raise UserError(
-            f"unknown bias mode {lora.get('bias')!r}", where="lora.bias", hint=f"use one of {LORA_BIAS}"
-        )
-    _check_scheduler(optim.get("scheduler"))
-    _check_architecture(model, trainer, checked)
-
-    kind = quant.get("kind")
-    if kind != "none" and quant.get("compute_dtype", "auto") not in DTYPES:
-        raise UserError(
-            f"unknown compute dtype {quant.get('compute_dtype')!r}",
-            where="quant.compute_dtype",
-            hint=f"use one of {DTYPES}",
-        )
-    if kind not in QUANT_KINDS:
-        raise UserError(
-            f"unknown quantization {kind!r}", where="quant.kind", hint=f"use one of {QUANT_KINDS}"
-        )
+    _check_model(model, dataset, checked)
     cuda = _LazyCuda()  # torch is imported only when a check needs to know
+    kind = quant["kind"]
     if kind != "none":
         if importlib.util.find_spec("bitsandbytes") is None:
             raise UserError(
@@ -256,9 +133,11 @@ def cross_checks(data: dict, checked: Checked) -> None:
                 f"quant={kind} on CPU: bitsandbytes runs it, but slowly (fine for tiny models)"
             )
 
-    precision = trainer.get("precision")
-    if precision == "bf16" or model.get("dtype") in ("bfloat16", "bf16"):
-        if cuda and not _bf16_supported():
+    precision = trainer["precision"]
+    if precision == "bf16" or model["dtype"] in ("bfloat16", "bf16"):
+        from fine_tune.hardware import bf16_supported
+
+        if cuda and not bf16_supported():
             raise UserError(
                 "this GPU does not support bf16",
                 where="trainer.precision",
@@ -269,30 +148,9 @@ def cross_checks(data: dict, checked: Checked) -> None:
     if precision == "fp16" and not cuda:
         checked.notes.append("fp16 requested on CPU: training runs in fp32")
 
-    if lora.get("experts"):
-        if not _is_moe(model):
-            raise UserError(
-                "lora.experts=true but this model has no experts",
-                where="lora.experts",
-                hint="use it with model=mixtral / tiny_mixtral, or set lora.experts=false",
-            )
-        if kind not in ("nf4", "fp4") or not quant.get("quant_experts", True):
-            raise UserError(
-                "expert adapters train on 4-bit experts",
-                where="lora.experts",
-                hint="use quant=nf4 (with quant.quant_experts=true), or lora.experts=false",
-            )
+    _check_experts(model, quant, lora)
 
-    wrapped = kind not in ("nf4", "fp4") or not quant.get("quant_experts", True)
-    moe_all_linear = lora.get("target_modules") == "all-linear" and _is_moe(model) and wrapped
-    if moe_all_linear and float(lora.get("lora_dropout") or 0) > 0:
-        raise UserError(
-            "all-linear on an MoE model adapts the fused expert tensors, which take no dropout",
-            where="lora.lora_dropout",
-            hint="set lora.lora_dropout=0 (lora=all does), or list target_modules explicitly",
-        )
-
-    attn = model.get("attn_implementation")
+    attn = model["attn_implementation"]
     if attn in ("flash_attention_2", "flash_attention_3"):
         package = "flash_attn" if attn == "flash_attention_2" else "flash_attn_interface"
         if importlib.util.find_spec(package) is None or not cuda:
@@ -301,7 +159,7 @@ def cross_checks(data: dict, checked: Checked) -> None:
                 where="model.attn_implementation",
                 hint="use sdpa (packing works with it too)",
             )
-    if trainer.get("packing") and attn == "eager":
+    if dataset.get("packing") and attn == "eager":
         checked.notes.append("packing with eager attention builds a full mask per pack: sdpa is faster")
 
     target = str((optim.get("optimizer") or {}).get("_target_", ""))
@@ -310,28 +168,14 @@ def cross_checks(data: dict, checked: Checked) -> None:
         raise UserError(
             "paged optimizers do not work with FSDP",
             where="optim.optimizer._target_",
-            hint="use optim=adamw_torch with FSDP",
+            hint="use optim=adamw_torch",
         )
     if ("bitsandbytes" in target) and importlib.util.find_spec("bitsandbytes") is None:
         raise UserError(f"{target} needs bitsandbytes", where="optim.optimizer._target_")
-    if not 0 <= float(optim.get("warmup_ratio") or 0) < 1:
-        raise UserError(f"must be in [0, 1), got {optim['warmup_ratio']}", where="optim.warmup_ratio")
-    if float(optim.get("lr") or 0) <= 0:
-        raise UserError(f"must be positive, got {optim.get('lr')}", where="optim.lr")
 
-    dataset = data.get("dataset") or {}
-    if dataset.get("_target_") == "fine_tune.data.build_data":
-        from fine_tune.data.build import OPTIONS
-
-        unknown = sorted(set(dataset) - set(OPTIONS) - HYDRA_KEYS)
-        if unknown:
-            raise UserError(
-                "unknown dataset option",
-                where=f"dataset.{unknown[0]}",
-                hint=f"known options: {sorted(OPTIONS)}",
-            )
     for key in ("path", "validation_path"):
-        for item in _as_list(dataset.get(key)):
+        value = dataset[key]
+        for item in value if isinstance(value, list) else [value] if value else []:
             if not any(ch in str(item) for ch in "*?[") and not Path(str(item)).expanduser().exists():
                 raise UserError(
                     f"data file '{item}' does not exist",
@@ -349,19 +193,21 @@ def cross_checks(data: dict, checked: Checked) -> None:
         )
 
 
-def _check_scheduler(name: Any) -> None:
-    """transformers' scheduler names; its enum is consulted only for a name we do not know."""
-    if name in SCHEDULERS:
-        return
-    from transformers.trainer_utils import SchedulerType
+def _check_model(model: dict, dataset: dict, checked: Checked) -> None:
+    """The checkpoint or the architecture: shapes transformers would reject with a traceback."""
+    name = model.get("name_or_path")
+    if name:
+        from fine_tune.models.architecture import check_local_path
 
-    known = [member.value for member in SchedulerType]
-    if name not in known:
-        raise UserError(f"unknown scheduler {name!r}", where="optim.scheduler", hint=f"use one of {known}")
-
-
-def _check_architecture(model: dict, trainer: dict, checked: Checked) -> None:
-    """Shapes that transformers would reject with a traceback, or that training cannot use."""
+        check_local_path(str(name))
+    elif model["init"] == "pretrained":
+        raise UserError(
+            "init=pretrained needs a checkpoint",
+            where="model.name_or_path",
+            hint="set model.name_or_path, or model.init=random",
+        )
+    if model["trust_remote_code"]:
+        checked.notes.append("model.trust_remote_code=true: code from the model repository will run")
     arch = {**(model.get("architecture") or {}), **(model.get("config") or {})}
     heads, kv = arch.get("num_attention_heads"), arch.get("num_key_value_heads")
     if heads and kv and (kv <= 0 or heads % kv):
@@ -370,48 +216,59 @@ def _check_architecture(model: dict, trainer: dict, checked: Checked) -> None:
             where="model.architecture.num_key_value_heads",
         )
     for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
-        if key in arch and arch[key] is not None and int(arch[key]) <= 0:
+        if arch.get(key) is not None and int(arch[key]) <= 0:
             raise UserError(f"must be positive, got {arch[key]}", where=f"model.architecture.{key}")
     positions = arch.get("max_position_embeddings")
-    if positions and int(trainer.get("max_length") or 0) > int(positions):
+    if positions and dataset["max_length"] > int(positions):
         checked.notes.append(
-            f"trainer.max_length {trainer['max_length']} exceeds the model's {positions} positions"
+            f"dataset.max_length {dataset['max_length']} exceeds the model's {positions} positions"
         )
 
 
-def _as_list(value: Any) -> list:
-    if value is None:
-        return []
-    return list(value) if isinstance(value, (list, tuple)) else [value]
+def _check_experts(model: dict, quant: dict, lora: dict) -> None:
+    """LoRA on experts needs experts, in 4 bits; PEFT's all-linear on the router takes no dropout."""
+    from fine_tune.families.shapes import experts_in_4bit, model_shapes
+
+    shapes = model_shapes(model, hub=False)
+    four_bit = experts_in_4bit(shapes, quant)
+    if lora["experts"] and not shapes.moe:
+        raise UserError(
+            "lora.experts=true but this model has no experts",
+            where="lora.experts",
+            hint="use an MoE model (model=mixtral, tiny_mixtral, qwen2_moe), or set lora.experts=false",
+        )
+    if lora["experts"] and not four_bit:
+        raise UserError(
+            "expert adapters train on 4-bit experts",
+            where="lora.experts",
+            hint="use quant=nf4 (with quant.quant_experts=true), or lora.experts=false",
+        )
+    # PEFT adapts the router (and bf16 fused experts) of these families as bare parameters
+    remapped = shapes.moe and shapes.family.peft_remaps_moe and lora["target_modules"] == "all-linear"
+    if remapped and lora["lora_dropout"] > 0:
+        raise UserError(
+            "all-linear on this MoE model adapts the router as a bare parameter, which takes no dropout",
+            where="lora.lora_dropout",
+            hint="set lora.lora_dropout=0 (lora=all does), or list target_modules explicitly",
+        )
 
 
 class _LazyCuda:
     """Truthy when a GPU is there; asks torch (seconds to import) only when first evaluated."""
 
-    _value: bool | None = None
+    @functools.cached_property
+    def present(self) -> bool:
+        from fine_tune.hardware import has_cuda
+
+        return importlib.util.find_spec("torch") is not None and has_cuda()
 
     def __bool__(self) -> bool:
-        if self._value is None:
-            self._value = _has_cuda()
-        return self._value
-
-
-def _has_cuda() -> bool:
-    if importlib.util.find_spec("torch") is None:
-        return False
-    from fine_tune.hardware import has_cuda
-
-    return has_cuda()
-
-
-def _bf16_supported() -> bool:
-    from fine_tune.hardware import bf16_supported
-
-    return bf16_supported()
+        return self.present
 
 
 def check_config(cfg: DictConfig) -> Checked:
-    """Types, targets and cross-checks of the composed config; raises UserError on the first problem."""
+    """Types (completing the config with the schema's defaults), cross-checks and targets of the
+    composed config; raises UserError on the first problem."""
     from fine_tune.schema import check_types
     from fine_tune.secrets import check_no_secrets
 
@@ -425,53 +282,7 @@ def check_config(cfg: DictConfig) -> Checked:
 
 
 # ------------------------------------------------------------------------------------------------
-# The plan of the run: parameter counts from the architecture, analytic LoRA size, data, steps.
-
-
-def shapes_of(model: dict) -> Any:
-    """Model shapes without weights (config.json of a local checkpoint, or the architecture node)."""
-    from fine_tune.plan import model_shapes
-
-    return model_shapes(model)
-
-
-def parameter_counts(shapes: Any, lora: dict, fused_experts_wrapped: bool = True) -> tuple[int, int]:
-    """(total base parameters, trainable LoRA parameters), computed from the shapes alone.
-
-    Mirrors what PEFT creates: r * (in + out) per adapted linear, per layer; expert adapters add
-    r * (in + out) per expert and fused tensor (gate_up_proj: h -> 2*inter, down_proj: inter -> h).
-    `fused_experts_wrapped`: the experts stay bf16 tensors (not 4-bit), which PEFT's all-linear adapts.
-    Mistral/Mixtral linears have no bias, so `lora.bias` adds nothing.
-    """
-    h, inter, n = shapes.hidden_size, shapes.intermediate_size, shapes.num_hidden_layers
-    head, heads, kv = shapes.head_dim, shapes.num_attention_heads, shapes.num_key_value_heads
-    experts = int(getattr(shapes, "num_local_experts", 0) or 0)
-    moe = experts > 1
-    dims = {
-        "q_proj": (h, heads * head),
-        "k_proj": (h, kv * head),
-        "v_proj": (h, kv * head),
-        "o_proj": (heads * head, h),
-    }
-    if moe:
-        dims["gate"] = (h, experts)  # the router
-    else:
-        dims.update({"gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)})
-    attn = sum(i * o for k, (i, o) in dims.items() if k in LINEAR_ATTN)
-    mlp = 3 * h * inter * (experts if moe else 1) + (h * experts if moe else 0)
-    embed = shapes.vocab_size * h * (1 if shapes.tie_word_embeddings else 2)
-    total = n * (attn + mlp + 2 * h) + embed + h
-    targets = lora.get("target_modules") or []
-    names = set(dims) if targets == "all-linear" else {str(t) for t in _as_list(targets)}
-    r = int(lora["r"])
-    trainable = n * sum(r * (i + o) for k, (i, o) in dims.items() if k in names)
-    if lora.get("experts") and moe:
-        trainable += n * experts * r * ((h + 2 * inter) + (inter + h))
-    if fused_experts_wrapped and moe and targets == "all-linear":
-        # PEFT's ParamWrapper on the fused bf16 experts: rank r per expert, twice for gate_up_proj.
-        rank = r * experts
-        trainable += n * (2 * rank * h + 2 * inter * 2 * rank + rank * inter + h * rank)
-    return total, trainable
+# The plan of the run: parameter counts from the architecture, data, steps, memory.
 
 
 def planned_steps(trainer: dict, train_rows: int) -> tuple[int, float]:
@@ -479,7 +290,7 @@ def planned_steps(trainer: dict, train_rows: int) -> tuple[int, float]:
     world = int(os.environ.get("WORLD_SIZE", 1))
     per_step = trainer["per_device_train_batch_size"] * trainer["gradient_accumulation_steps"] * world
     steps_per_epoch = max(math.ceil(train_rows / per_step), 1) if train_rows else 1
-    if trainer.get("max_steps", -1) > 0:
+    if trainer["max_steps"] > 0:
         steps = int(trainer["max_steps"])
     else:
         steps = math.ceil(float(trainer["num_train_epochs"]) * steps_per_epoch)
@@ -492,8 +303,8 @@ def check_prompts(bundle: Any, max_length: int) -> None:
     if longest >= max_length:
         raise UserError(
             f"the longest prompt has {longest} tokens, not less than max_length {max_length}",
-            where="trainer.max_length",
-            hint="raise trainer.max_length, or shorten the prompts",
+            where="dataset.max_length",
+            hint="raise dataset.max_length, or shorten the prompts",
         )
 
 
@@ -504,7 +315,9 @@ def print_validation(cfg: DictConfig) -> None:
 
     checked = check_config(cfg)
     data = _plain(cfg)
-    model, lora, trainer, quant, optim = (data[k] for k in ("model", "lora", "trainer", "quant", "optim"))
+    model, lora, trainer, quant, optim, dataset = (
+        data[k] for k in ("model", "lora", "trainer", "quant", "optim", "dataset")
+    )
     tree = Tree("[bold]fine_tune run plan[/bold] (validate=true: nothing was trained, no weights loaded)")
 
     built = instantiate_light(cfg)
@@ -515,38 +328,32 @@ def print_validation(cfg: DictConfig) -> None:
     for path, target in checked.targets:
         node.add(f"{path}: {target}")
 
-    try:
-        shapes = shapes_of(model)
-    except UserError:
-        raise
-    except Exception as error:  # noqa: BLE001 - a hub lookup without network: say so, go on
-        shapes = None
-        checked.notes.append(f"model shapes unavailable ({type(error).__name__}); parameter counts skipped")
+    try:  # the plan counts the parameters too: the same count as plan=true
+        from fine_tune.plan import plan_memory
+
+        plan = plan_memory(cfg)
+    except Exception as error:  # noqa: BLE001 - advisory: a hub lookup without network, say
+        plan = None
+        checked.notes.append(f"no plan of this model ({str(error).splitlines()[0][:120]}): counts skipped")
     node = tree.add(
         f"[bold]model[/bold]: {model.get('name_or_path') or model['family']} "
         f"(init {model['init']}, dtype {model['dtype']}, attention {model['attn_implementation']})"
     )
-    trainable = total = None
-    if shapes is not None:
-        wrapped = quant["kind"] not in ("nf4", "fp4") or not quant.get("quant_experts", True)
-        total, trainable = parameter_counts(shapes, lora, fused_experts_wrapped=wrapped)
-        experts = getattr(shapes, "num_local_experts", 0) or 0
-        node.add(
-            f"{shapes.num_hidden_layers} layers, hidden {shapes.hidden_size}, "
-            f"vocab {shapes.vocab_size}" + (f", {experts} experts" if experts > 1 else "")
-        )
+    if plan is not None:
+        total = plan.params_4bit + plan.params_other
         node.add(f"parameters: {total:,}")
     node.add(f"quantization: {quant['kind']}")
-    targets = lora.get("target_modules")
     node = tree.add(
         f"[bold]adapter[/bold]: LoRA r={lora['r']} alpha={lora['lora_alpha']} "
-        f"on {targets}" + (" + experts" if lora.get("experts") else "")
+        f"on {lora['target_modules']}" + (" + experts" if lora["experts"] else "")
     )
-    if trainable is not None and total:
-        node.add(f"trainable parameters: {trainable:,} ({100 * trainable / total:.3f}%)")
+    if plan is not None:
+        node.add(
+            f"trainable parameters: {plan.trainable_params:,} ({100 * plan.trainable_params / total:.3f}%)"
+        )
 
     bundle = _build_data(cfg)
-    check_prompts(bundle, int(trainer["max_length"]))
+    check_prompts(bundle, dataset["max_length"])
     node = tree.add("[bold]data[/bold]")
     for line in bundle.report.format().splitlines():
         node.add(line.strip())
@@ -559,7 +366,7 @@ def print_validation(cfg: DictConfig) -> None:
     effective = trainer["per_device_train_batch_size"] * trainer["gradient_accumulation_steps"]
     node = tree.add(
         f"[bold]training[/bold]: {steps} steps ({epochs:.2f} epochs), effective batch {effective}, "
-        f"max_length {trainer['max_length']}, precision {trainer['precision']}"
+        f"max_length {dataset['max_length']}, precision {trainer['precision']}"
     )
     node.add(f"optimizer {optim['optimizer']['_target_']}, lr {optim['lr']}, scheduler {optim['scheduler']}")
     node.add(
@@ -567,17 +374,8 @@ def print_validation(cfg: DictConfig) -> None:
         f"(keep {trainer['save_total_limit']}), resume={data.get('resume')}"
     )
 
-    memory = tree.add("[bold]memory[/bold]")
-    try:
-        from fine_tune.plan import plan_memory
-
-        plan = plan_memory(cfg)
-        memory.add(f"expected GPU memory: {plan.device_bytes() / 2**30:.2f} GiB ({plan.description})")
-    except ImportError:
-        memory.add("no planner installed (fine_tune.plan)")
-    except Exception as error:  # noqa: BLE001 - the planner is advisory here
-        memory.add(f"planner could not estimate this run ({str(error).splitlines()[0][:120]})")
-
+    if plan is not None:
+        tree.add(f"[bold]memory[/bold]: {plan.device_bytes() / 2**30:.2f} GiB expected ({plan.description})")
     if checked.notes:
         node = tree.add("[bold yellow]notes[/bold yellow]")
         for note in checked.notes:
@@ -591,21 +389,14 @@ def instantiate_light(cfg: DictConfig) -> list[str]:
     BitsAndBytesConfig, TrainingArguments, the optimizer factory, the tracker; nothing is started)."""
     import tempfile
 
+    from fine_tune.run import build_arguments
+    from fine_tune.training.optim import build_optimizer_factory
     from fine_tune.utils.build import build
 
     build(cfg.lora)
     build(cfg.quant)
     with tempfile.TemporaryDirectory() as tmp:
-        build(
-            cfg.trainer,
-            output_dir=tmp,
-            seed=cfg.seed,
-            has_eval=True,
-            optim=OmegaConf.to_container(cfg.optim, resolve=True),
-            _convert_="all",
-        )
-    from fine_tune.training.optim import build_optimizer_factory
-
+        build_arguments(cfg, tmp, has_eval=True)
     build_optimizer_factory(cfg.optim.optimizer)
     build(cfg.logger)
     return ["lora", "quant", "trainer", "optim.optimizer", "logger"]
@@ -615,5 +406,4 @@ def _build_data(cfg: DictConfig) -> Any:
     from fine_tune.run import build_data, build_tokenizer, quiet_libraries
 
     quiet_libraries()
-    tokenizer = build_tokenizer(cfg)
-    return build_data(cfg, tokenizer, Path("."))
+    return build_data(cfg, build_tokenizer(cfg))

@@ -167,7 +167,7 @@ def test_preview_cli_runs_with_hydra_overrides():
             f"dataset.path={FIXTURES / 'alpaca.jsonl'}",
             "--n",
             "1",
-            "trainer.max_length=64",
+            "dataset.max_length=64",
         ],
         cwd=REPO,
         capture_output=True,

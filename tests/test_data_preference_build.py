@@ -185,7 +185,7 @@ CASES = [
     ),
     ("sft_format", "d.jsonl", [GOOD], {"format": "alpaca"}, "dataset.format", ["build_preference_data"]),
     ("unknown_option", "d.jsonl", [GOOD], {"train_on_inputs": True}, "dataset.train_on_inputs", ["unknown"]),
-    ("packing", "d.jsonl", [GOOD], {"packing": True}, "trainer.packing", ["packing"]),
+    ("packing", "d.jsonl", [GOOD], {"packing": True}, "dataset.packing", ["packing"]),
     ("raw_text_template", "d.jsonl", [GOOD], {"template": "none"}, "dataset.template", ["template none"]),
 ]
 

@@ -27,7 +27,7 @@ def build_engine(tmp_path: Path, overrides: list[str]):
     cfg = compose([*FAST, *overrides])
     set_seed(cfg.seed)
     tokenizer = build_tokenizer(cfg)
-    data = build_data(cfg, tokenizer, tmp_path)
+    data = build_data(cfg, tokenizer)
     loaded, quant = build_model(cfg, tokenizer)
     loaded.model.config.use_cache = False
     adapter = instantiate(cfg.lora)
@@ -47,7 +47,7 @@ def direct_loss(model, batch: dict) -> torch.Tensor:
 
 @pytest.mark.parametrize("packing", [False, True])
 def test_step_and_eval_loss_equal_a_direct_forward(tmp_path: Path, packing: bool):
-    trainer, data = build_engine(tmp_path, [f"trainer.packing={packing}", "lora.lora_dropout=0"])
+    trainer, data = build_engine(tmp_path, [f"dataset.packing={packing}", "lora.lora_dropout=0"])
     model = trainer.model
     batch = next(iter(trainer.get_train_dataloader()))  # the first batch the engine trains on
     assert ("position_ids" in batch) == packing and ("attention_mask" in batch) != packing
@@ -87,21 +87,23 @@ def test_router_aux_loss_follows_the_model_config():
 def test_liger_switch():
     from transformers import MistralConfig, MixtralConfig
 
-    from fine_tune.training.arguments import build_training_arguments, resolve_liger
+    from fine_tune.schema import check_group
+    from fine_tune.training.arguments import resolve_liger
     from fine_tune.training.trainer import liger_kernel_config
 
     assert resolve_liger("auto") is False and resolve_liger(False) is False  # CPU
     with pytest.raises(UserError) as error:
-        build_training_arguments(output_dir="unused", use_liger_kernel=True)
+        resolve_liger(True)
     assert error.value.where == "trainer.use_liger_kernel" and "CUDA" in str(error.value)
-    with pytest.raises(UserError):
-        resolve_liger("yes")
+    with pytest.raises(UserError):  # the schema's allowed values
+        check_group("trainer", {"use_liger_kernel": "yes"})
     # Liger's SwiGLU would bypass the 4-bit experts and their adapters
     assert liger_kernel_config(MixtralConfig()) == {"swiglu": False}
     assert liger_kernel_config(MistralConfig()) == {}
 
 
 def test_checkpointing_options_become_transformers_kwargs():
+    from fine_tune.schema import check_group
     from fine_tune.training.arguments import build_training_arguments, checkpointing_kwargs
 
     assert checkpointing_kwargs(None) == {"use_reentrant": False}
@@ -112,13 +114,12 @@ def test_checkpointing_options_become_transformers_kwargs():
     }
     assert "offload" not in checkpointing_kwargs({"offload": True})  # CPU: nothing to offload
     bad_options = (({"mode": "some"}, "mode"), ({"every_n_layers": 0}, "every_n_layers"))
-    for bad, where in bad_options:
+    for bad, where in bad_options:  # the schema checks them, also while checkpointing is off
         with pytest.raises(UserError) as error:
-            checkpointing_kwargs(bad)
+            check_group("trainer", {"gradient_checkpointing": False, "checkpointing": bad})
         assert error.value.where == f"trainer.checkpointing.{where}"
-    with pytest.raises(UserError):  # checked while checkpointing is off too: validate=true finds it
-        build_training_arguments(output_dir="unused", checkpointing={"mode": "some"})
-    args = build_training_arguments(output_dir="unused", gradient_checkpointing=False)
+    optim = check_group("optim", {"lr": 1e-4, "optimizer": {"_target_": "torch.optim.AdamW"}})
+    args = build_training_arguments(output_dir="unused", seed=0, optim=optim, gradient_checkpointing=False)
     # SFTConfig's own defaults (checkpointing and bf16 on) never leak in; TRL prepares no data.
     assert args.activation_checkpointing is False and args.bf16 is False
     assert args.dataset_kwargs == {"skip_prepare_dataset": True} and args.max_length is None
@@ -136,7 +137,7 @@ SHORT = [
     "trainer.logging_steps=1",
     "trainer.eval_steps=3",
     "trainer.save_steps=3",
-    "trainer.packing=true",
+    "dataset.packing=true",
     "trainer.generation.num_prompts=2",
     "trainer.generation.max_new_tokens=4",
 ]

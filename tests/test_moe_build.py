@@ -10,6 +10,8 @@ import torch
 import transformers
 from conftest import tiny_mixtral_config
 
+from fine_tune.errors import UserError
+from fine_tune.families.shapes import config_shapes, parameter_counts
 from fine_tune.models.moe import (
     Experts4bit,
     build_random_model,
@@ -17,7 +19,6 @@ from fine_tune.models.moe import (
     quantize_fused_experts,
     replace_linear_with_4bit,
 )
-from fine_tune.models.moe.build import expected_param_count
 
 
 def tiny_config(**kw):
@@ -40,7 +41,9 @@ def test_random_model_is_quantized_as_from_pretrained_would_plus_experts():
     assert not any(p.device.type == "meta" for p in model.parameters())
     assert not any(b.device.type == "meta" for b in model.buffers())
     counts = model.fine_tune_param_counts
-    assert counts["params_4bit"] + counts["params_other"] == expected_param_count(tiny_config())
+    assert (
+        counts["params_4bit"] + counts["params_other"] == parameter_counts(config_shapes(tiny_config())).total
+    )
     assert model.is_loaded_in_4bit
     ids = torch.randint(0, 128, (2, 10))
     loss = model(input_ids=ids, labels=ids).loss
@@ -69,12 +72,23 @@ def _fused_checkpoint(model, path):
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path / "model.safetensors"))
 
 
-@pytest.mark.parametrize("layout", ["legacy", "fused"])
-def test_streaming_loader_equals_quantizing_the_full_model(tmp_path, layout):
+def tiny_qwen2_moe_config(**kw):
+    """Qwen2-MoE's own layout: a shared expert, q/k/v biases, experts saved as mlp.experts.{e}.*_proj."""
+    args = dict(vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32)
+    args.update(shared_expert_intermediate_size=48, num_hidden_layers=2, num_attention_heads=4)
+    args.update(num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, use_cache=False)
+    return transformers.Qwen2MoeConfig(**{**args, **kw})
+
+
+@pytest.mark.parametrize(
+    ("family", "layout"), [("mixtral", "legacy"), ("mixtral", "fused"), ("qwen2_moe", "legacy")]
+)
+def test_streaming_loader_equals_quantizing_the_full_model(tmp_path, family, layout):
     torch.manual_seed(0)
-    original = transformers.MixtralForCausalLM(tiny_config()).float().eval()
+    config = tiny_config() if family == "mixtral" else tiny_qwen2_moe_config()
+    original = transformers.AutoModelForCausalLM.from_config(config).float().eval()
     if layout == "legacy":
-        original.save_pretrained(tmp_path)  # transformers 5 writes block_sparse_moe.experts.{e}.w1/w2/w3
+        original.save_pretrained(tmp_path)  # transformers 5 writes the family's per-expert layout
     else:
         _fused_checkpoint(original, tmp_path)
     loaded = load_pretrained_moe_4bit(tmp_path, "nf4", True, torch.float32, device="cpu", dtype=torch.float32)
@@ -97,15 +111,42 @@ def test_loader_refuses_a_checkpoint_with_missing_weights(tmp_path):
     tensors = load_file(str(tmp_path / "model.safetensors"))
     del tensors["model.layers.1.block_sparse_moe.experts.3.w2.weight"]
     save_file(tensors, str(tmp_path / "model.safetensors"))
-    with pytest.raises(RuntimeError, match="lacks weight"):
+    with pytest.raises(UserError, match="lacks weight"):
         load_pretrained_moe_4bit(tmp_path, "nf4", device="cpu", dtype=torch.float32)
 
 
+def test_loader_refuses_an_expert_layout_no_family_describes(tmp_path):
+    config = transformers.Qwen3MoeConfig(**tiny_qwen2_moe_config().to_dict() | {"model_type": "qwen3_moe"})
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    with pytest.raises(UserError, match="does not know how 'qwen3_moe' checkpoints store") as error:
+        load_pretrained_moe_4bit(tmp_path, "nf4", device="cpu", dtype=torch.float32)
+    assert error.value.where == "model.name_or_path" and "quant_experts=false" in error.value.hint
+
+
+def test_quant_node_settings_reach_the_layer_by_layer_loader(tmp_path):
+    """quant.skip_modules and quant.storage_dtype, as bitsandbytes' from_pretrained applies them."""
+    from fine_tune.models.quant import build_quant_config
+
+    transformers.MixtralForCausalLM(tiny_config()).save_pretrained(tmp_path)
+    spec = build_quant_config(
+        "nf4", compute_dtype="float32", skip_modules=["lm_head", "o_proj"], storage_dtype="bfloat16"
+    )
+    for model in (
+        load_pretrained_moe_4bit(tmp_path, device="cpu", dtype=torch.float32, quant=spec),
+        build_random_model(tiny_config(), device="cpu", dtype=torch.float32, quant=spec),
+    ):
+        kinds = {n.rsplit(".", 1)[-1]: type(m).__name__ for n, m in model.named_modules()}
+        assert (
+            kinds["o_proj"] == "Linear" and kinds["q_proj"] == "Linear4bit" and kinds["lm_head"] == "Linear"
+        )
+        assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+        ids = torch.randint(0, 128, (1, 6))
+        assert torch.isfinite(model(input_ids=ids, labels=ids).loss)
+
+
 def test_int8_is_refused_with_advice():
-    from types import SimpleNamespace
+    from fine_tune.models.quant import QuantSpec
 
-    from fine_tune.errors import UserError
-
-    spec = SimpleNamespace(kind="int8", double_quant=False, compute_dtype=torch.float32)
+    spec = QuantSpec(kind="int8", bnb_config=None, compute_dtype=torch.float32)
     with pytest.raises(UserError, match="nf4"):
         build_random_model(tiny_config(), device="cpu", dtype=torch.float32, quant=spec)

@@ -10,7 +10,8 @@ import sys
 import pytest
 
 from fine_tune.errors import UserError
-from fine_tune.plan import GIB, check_fits, model_shapes, plan_memory
+from fine_tune.families.shapes import model_shapes
+from fine_tune.plan import GIB, check_fits, plan_memory
 
 
 def cfg(
@@ -43,7 +44,8 @@ def cfg(
             "target_modules": list(targets),
             "experts": experts,
         },
-        "trainer": {"per_device_train_batch_size": batch, "max_length": seq, "gradient_checkpointing": ckpt},
+        "trainer": {"per_device_train_batch_size": batch, "gradient_checkpointing": ckpt},
+        "dataset": {"max_length": seq},
         "optim": {"optimizer": {"_target_": optim, "_partial_": True}},
     }
 
@@ -80,10 +82,11 @@ def test_parameter_counts_match_transformers_model_exactly():
     for family, config_cls in (
         ("mixtral", transformers.MixtralConfig),
         ("mistral", transformers.MistralConfig),
+        ("qwen2_moe", transformers.Qwen2MoeConfig),
     ):
         # real widths, 2 layers (every layer is alike; 32 on the meta device only cost time)
         plan = plan_memory(
-            cfg(family=family, experts=family == "mixtral", overrides={"num_hidden_layers": 2})
+            cfg(family=family, experts=family != "mistral", overrides={"num_hidden_layers": 2})
         )
         with torch.device("meta"):
             model = transformers.AutoModelForCausalLM.from_config(config_cls(num_hidden_layers=2))
@@ -94,18 +97,30 @@ def test_parameter_counts_match_transformers_model_exactly():
     assert plan.params_other < 0.3e9
 
 
-def test_quantized_bytes_equal_what_the_builder_holds():
-    import torch
-    import transformers
+TINY_QWEN = {
+    **{k: v for k, v in TINY.items() if k != "num_local_experts"},
+    "num_experts": 4,
+    "moe_intermediate_size": 32,
+    "shared_expert_intermediate_size": 96,
+    "mlp_only_layers": [1],  # one dense layer, of intermediate_size
+}
 
+
+@pytest.mark.parametrize(("family", "arch"), [("mixtral", TINY), ("qwen2_moe", TINY_QWEN)])
+def test_quantized_bytes_equal_what_the_builder_holds(family, arch):
+    import torch
+
+    from fine_tune.families import get_family
     from fine_tune.models.moe import build_random_model
 
-    plan = plan_memory(cfg(arch=TINY, kind="nf4"))
-    model = build_random_model(transformers.MixtralConfig(**TINY), "nf4", True, torch.bfloat16, device="cpu")
-    held = model.fine_tune_param_counts["bytes_4bit"]
+    plan = plan_memory(cfg(family=family, arch=arch, kind="nf4"))
+    model = build_random_model(get_family(family).config(**arch), "nf4", True, torch.bfloat16, device="cpu")
+    counts = model.fine_tune_param_counts
+    held = counts["bytes_4bit"]
     quant_item = next(b for w, b, _ in plan.items if w.startswith("quantized weights"))
     # the builder also holds the 16-entry code tables, which the plan leaves out
     assert 0 <= held - quant_item <= 2 * 16 * 4 + 2 * 256 * 4
+    assert (plan.params_4bit, plan.params_other) == (counts["params_4bit"], counts["params_other"])
 
 
 def test_monotonic_in_batch_and_length():
@@ -165,8 +180,8 @@ def test_check_fits_raises_with_advice():
 
 def test_shapes_from_architecture_node_and_overrides():
     shapes = model_shapes(cfg(arch=TINY, overrides={"num_hidden_layers": 3})["model"])
-    assert (shapes.hidden_size, shapes.num_hidden_layers, shapes.num_local_experts) == (64, 3, 4)
-    assert model_shapes({"family": "mistral"}).num_local_experts == 0
+    assert (shapes.hidden_size, shapes.num_hidden_layers, shapes.num_experts) == (64, 3, 4)
+    assert model_shapes({"family": "mistral"}).num_experts == 0
     with pytest.raises(UserError):
         model_shapes({"family": "llama"})
 

@@ -10,18 +10,29 @@ import pytest
 from lifecycle_helpers import cli, composed
 
 from fine_tune.errors import UserError
-from fine_tune.validate import check_config, check_prompts, parameter_counts, shapes_of
+from fine_tune.families.shapes import experts_in_4bit, model_shapes, parameter_counts
+from fine_tune.validate import check_config, check_prompts
 
 
 def real_counts(cfg) -> tuple[int, int]:
+    """(trainable, total of the base model) as the run builds them."""
     from fine_tune.adapters import attach_adapter, count_parameters
-    from fine_tune.run import build_tokenizer
+    from fine_tune.run import build_model, build_tokenizer
     from fine_tune.utils.build import build
 
-    tokenizer = build_tokenizer(cfg)
-    loaded = build(cfg.model, quant=cfg.quant, seed=cfg.seed, tokenizer=tokenizer)
-    model = attach_adapter(loaded.model, build(cfg.lora), False, loaded.quant.enabled)
-    return count_parameters(model)
+    loaded, quant = build_model(cfg, build_tokenizer(cfg))
+    _, base = count_parameters(loaded.model)
+    trainable, _ = count_parameters(attach_adapter(loaded.model, build(cfg.lora), False, quant.enabled))
+    return trainable, base
+
+
+def analytic_counts(cfg):
+    """What validate=true and plan=true report, from the completed config."""
+    from fine_tune.schema import complete
+
+    data = complete(cfg)
+    shapes = model_shapes(data["model"])
+    return parameter_counts(shapes, data["lora"], experts_in_4bit(shapes, data["quant"]))
 
 
 @pytest.mark.parametrize(
@@ -33,6 +44,10 @@ def real_counts(cfg) -> tuple[int, int]:
         ["model=tiny_mixtral", "lora=all_linear", "lora.lora_dropout=0"],
         ["model=tiny_mixtral", "lora=all_linear", "lora.lora_dropout=0", "lora.r=4"],
         ["model=tiny_mixtral", "quant=nf4", "lora=attn_experts", "lora.r=8"],
+        ["model=tiny_mixtral", "quant=nf4", "lora=all_linear", "lora.lora_dropout=0"],
+        ["model=tiny_qwen2_moe", "lora=all_linear", "lora.bias=all"],
+        ["model=tiny_qwen2_moe", "quant=nf4", "lora=attn_experts", "lora.bias=lora_only"],
+        ["model=tiny_qwen2_moe", "quant=nf4", "lora=default", "+model.architecture.mlp_only_layers=[0]"],
     ],
     ids=[
         "mistral_default",
@@ -41,19 +56,21 @@ def real_counts(cfg) -> tuple[int, int]:
         "mixtral_all_linear",
         "mixtral_r4",
         "mixtral_experts",
+        "mixtral_nf4_all_linear",
+        "qwen2_moe_all_linear_bias",
+        "qwen2_moe_experts",
+        "qwen2_moe_dense_layer",
     ],
 )
 def test_analytic_parameter_counts_match_the_built_model(overrides):
-    from omegaconf import OmegaConf
+    """One count for validate and plan (all-linear on MoE included), equal to what PEFT builds."""
+    from fine_tune.plan import plan_memory
 
     cfg = composed(["logger=none", *overrides])
-    wrapped = cfg.quant.kind == "none"
-    lora = OmegaConf.to_container(cfg.lora, resolve=True)
-    total, trainable = parameter_counts(shapes_of(cfg.model), lora, fused_experts_wrapped=wrapped)
+    counts = analytic_counts(cfg)
     real_trainable, real_total = real_counts(cfg)
-    assert trainable == real_trainable
-    if cfg.quant.kind == "none":
-        assert total + trainable == real_total
+    assert counts.trainable == real_trainable == plan_memory(cfg).trainable_params
+    assert counts.total == real_total
 
 
 @pytest.mark.parametrize(
@@ -66,6 +83,7 @@ def test_analytic_parameter_counts_match_the_built_model(overrides):
         (["logger.project=x", "+logger.colour=red"], {}, "logger.colour"),
         (["optim.warmup_ratio=1.5"], {}, "optim.warmup_ratio"),
         (["model=tiny_mixtral", "lora=all_linear"], {}, "lora.lora_dropout"),  # PEFT refuses it late
+        (["model=tiny_mixtral", "quant=nf4", "lora=all_linear"], {}, "lora.lora_dropout"),  # the router
         (["trainer.max_steps=-1", "trainer.num_train_epochs=0"], {}, "trainer.num_train_epochs"),
     ],
 )
@@ -89,18 +107,15 @@ def test_prompt_longer_than_max_length_is_refused():
     check_prompts(bundle, 64)
     with pytest.raises(UserError) as error:
         check_prompts(bundle, 40)
-    assert error.value.where == "trainer.max_length"
+    assert error.value.where == "dataset.max_length"
 
 
 def test_validate_prints_the_plan_and_writes_no_run(tmp_path: Path):
-    from omegaconf import OmegaConf
-
     run_dir = tmp_path / "run"
     result = cli(["validate=true", "trainer=cpu", "logger=none", f"hydra.run.dir={run_dir}"])
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
-    cfg = composed(["trainer=cpu", "logger=none"])
-    _, trainable = parameter_counts(shapes_of(cfg.model), OmegaConf.to_container(cfg.lora, resolve=True))
+    trainable = analytic_counts(composed(["trainer=cpu", "logger=none"])).trainable
     for needle in (
         "validation passed",
         "checks:",

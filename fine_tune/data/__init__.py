@@ -1,6 +1,6 @@
 """Data side of fine-tuning: formats, prompt templates, masking, packing, the data report.
 
-    bundle = build_data(cfg.dataset, tokenizer=tok, max_length=512, packing=False, seed=42, cache_dir=dir)
+    bundle = build_data(cfg.dataset, tokenizer=tok, seed=42, cache_dir=dir)   # dataset.max_length, .packing
     bundle.train / bundle.eval / bundle.test   datasets.Dataset: input_ids, labels (-100 = not trained)
     bundle.collator                           padding collator, or padding-free packed one
     bundle.report.format()                    what was read, dropped, how long, how much is trained

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from fine_tune.data import pipeline
 from fine_tune.data.formats import Example, to_example
 from fine_tune.data.report import DataReport, percentiles
+from fine_tune.schema import DatasetSchema, RunSchema, default
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -25,14 +26,7 @@ RESOURCES = Path(__file__).resolve().parents[1] / "resources" / "data"
 SAMPLE_TRAIN = RESOURCES / "sample_instructions.jsonl"
 SAMPLE_VALIDATION = RESOURCES / "sample_instructions.validation.jsonl"
 IGNORE_INDEX = -100
-
-OPTIONS: dict[str, Any] = {
-    **pipeline.COMMON_OPTIONS,
-    "format": "sample",
-    "instruction": None,  # law_title: the instruction put before each question body
-    "train_on_inputs": False,
-    "pad_to_multiple_of": None,
-}
+TARGET = default(DatasetSchema, "_target_")
 
 
 @dataclass
@@ -143,22 +137,21 @@ def build_data(
     dataset_cfg: Mapping | None = None,
     *,
     tokenizer: PreTrainedTokenizerBase,
-    max_length: int = 512,
-    packing: bool = False,
-    seed: int = 42,
+    seed: int = default(RunSchema, "seed"),
     cache_dir: str | os.PathLike | None = None,
     **options: Any,
 ) -> DataBundle:
     """Read, validate, split, tokenize (cached), pack: everything the trainer needs from the data side.
 
-    Takes the dataset node either as `dataset_cfg` or as keyword arguments (Hydra's instantiate).
+    Takes the dataset node either as `dataset_cfg` or as keyword arguments (Hydra's instantiate);
+    its keys and their defaults are `fine_tune.schema.DatasetSchema`'s (max_length and packing too).
     """
     from fine_tune.data.cache import cache_entry, load_cache, save_cache
     from fine_tune.data.templates import resolve_template, template_fingerprint
 
     started = time.perf_counter()
-    opts = pipeline.read_options(dataset_cfg, options, OPTIONS)
-    max_length = pipeline.check_max_length(max_length)
+    opts = pipeline.read_options(dataset_cfg, options, TARGET)
+    max_length, packing = opts["max_length"], opts["packing"]
     fmt, fields = pipeline.format_and_fields(opts, "sft")
     template = (
         "none" if fmt.name == "text" else resolve_template(opts["template"], tokenizer, fmt.default_template)
@@ -173,11 +166,10 @@ def build_data(
         template=template,
         encoder=encoder.backend,
         max_length=max_length,
-        packing=bool(packing),
+        packing=packing,
     )
     fingerprint = template_fingerprint(template, tokenizer, encoder)
-    params = {"max_length": max_length, "packing": bool(packing), "seed": seed}
-    entry = cache_entry(cache_dir, "sft", opts, sources.files, fingerprint, **params)
+    entry = cache_entry(cache_dir, "sft", opts, sources.files, fingerprint, seed=seed)
     cached = load_cache(entry)
     if cached is not None:
         splits, meta = cached
@@ -215,8 +207,8 @@ def build_data(
     report.trained_tokens = sum(
         sum(1 for t in lab[1:] if t != IGNORE_INDEX) for lab in train_labels + eval_labels
     )
-    train, eff = _make_dataset(train_ids, train_labels, bool(packing), max_length)
-    ev = _make_dataset(eval_ids, eval_labels, bool(packing), max_length)[0] if eval_ids else None
+    train, eff = _make_dataset(train_ids, train_labels, packing, max_length)
+    ev = _make_dataset(eval_ids, eval_labels, packing, max_length)[0] if eval_ids else None
     test = _make_dataset(test_ids, test_labels, False, max_length)[0] if test_ids else None
     if packing:
         report.packed_rows, report.packing_efficiency = len(train), round(eff or 0.0, 4)

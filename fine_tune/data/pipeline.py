@@ -26,39 +26,12 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-# Options every data builder takes; each builder adds its own (and its default `format`).
-COMMON_OPTIONS: dict[str, Any] = {
-    "name": None,  # a label for logs only
-    "path": None,
-    "hub_name": None,
-    "subset": None,
-    "split": "train",
-    "revision": None,
-    "file_type": None,
-    "fields": None,
-    "template": "auto",
-    "system_prompt": None,
-    "validation_path": None,
-    "test_path": None,  # held-out test file(s): tokenized apart into bundle.test
-    "validation_split": None,  # hub only: e.g. "test"
-    "val_ratio": 0.0,
-    "max_samples": None,
-    "max_eval_samples": None,
-    "on_bad_row": "error",
-    "truncation": "error",
-    "num_prompts": 4,
-    "encoder": "auto",
-}
-TRUNCATION = ("error", "truncate", "drop")
-ENCODERS = ("auto", "sentencepiece", "hf")
-# Options that must be a positive integer (num_prompts may be 0) when set.
-COUNTS = ("max_samples", "max_eval_samples", "num_prompts", "max_prompt_length")
 
+def read_options(dataset_cfg: Mapping | None, kwargs: dict[str, Any], target: str) -> dict[str, Any]:
+    """The dataset node (a DictConfig or a dict) and keyword options, typed, checked and completed by
+    the schema of the builder `target` (fine_tune/schema.py: the one source of the options)."""
+    from fine_tune.schema import check_group
 
-def read_options(
-    dataset_cfg: Mapping | None, kwargs: dict[str, Any], defaults: dict[str, Any]
-) -> dict[str, Any]:
-    """The dataset node (a DictConfig or a dict) and keyword options, checked against `defaults`."""
     raw: dict[str, Any] = {}
     if dataset_cfg is not None:
         from omegaconf import DictConfig, OmegaConf
@@ -67,56 +40,11 @@ def read_options(
             dataset_cfg = OmegaConf.to_container(dataset_cfg, resolve=True)
         raw.update(dict(dataset_cfg))
     raw.update(kwargs)
-    raw.pop("_target_", None)
     raw.pop("_convert_", None)
-    unknown = sorted(set(raw) - set(defaults))
-    if unknown:
-        raise UserError(
-            f"unknown dataset option(s) {unknown}",
-            where=f"dataset.{unknown[0]}",
-            hint=f"known options: {sorted(defaults)}",
-        )
-    opts = {**defaults, **raw}
-    if opts["on_bad_row"] not in ("error", "skip"):
-        raise UserError(
-            f"on_bad_row must be error or skip, got {opts['on_bad_row']!r}", where="dataset.on_bad_row"
-        )
-    if opts["truncation"] not in TRUNCATION:
-        raise UserError(
-            f"truncation must be one of {TRUNCATION}, got {opts['truncation']!r}", where="dataset.truncation"
-        )
-    if opts["encoder"] not in ENCODERS:
-        raise UserError(
-            f"encoder must be one of {ENCODERS}, got {opts['encoder']!r}", where="dataset.encoder"
-        )
-    try:
-        ratio = float(opts["val_ratio"] or 0.0)
-    except (TypeError, ValueError):
-        ratio = -1.0
-    if not 0.0 <= ratio < 1.0:
-        raise UserError(
-            f"val_ratio must be a number in [0, 1), got {opts['val_ratio']!r}", where="dataset.val_ratio"
-        )
-    for key in COUNTS:
-        value = opts.get(key)
-        if value is None:
-            continue
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int)
-            or value < (0 if key == "num_prompts" else 1)
-        ):
-            raise UserError(
-                f"{key} must be a positive integer or null, got {value!r}", where=f"dataset.{key}"
-            )
+    raw["_target_"] = target
+    opts = check_group("dataset", raw)
+    opts.pop("_target_")
     return opts
-
-
-def check_max_length(max_length: int) -> int:
-    max_length = int(max_length)
-    if max_length < 8:
-        raise UserError(f"max_length={max_length} is too small", where="max_length", hint="use at least 64")
-    return max_length
 
 
 def make_encoder(opts: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> SegmentEncoder:

@@ -38,19 +38,16 @@ from fine_tune.data.formats import Example
 from fine_tune.data.pairs import Pair, to_pair
 from fine_tune.data.report import IDENTICAL, PreferenceReport, percentiles
 from fine_tune.errors import UserError
+from fine_tune.schema import PreferenceDatasetSchema, RunSchema, default
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from fine_tune.data.templates import SegmentEncoder
 
-PREFERENCE_OPTIONS: dict[str, Any] = {
-    **pipeline.COMMON_OPTIONS,
-    "format": "preference",
-    "max_prompt_length": None,  # truncation=truncate: prompt tokens always kept; null: max_length // 2
-}
 COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 KIND = "preference"
+TARGET = default(PreferenceDatasetSchema, "_target_")
 IGNORE_INDEX = -100
 
 
@@ -198,9 +195,7 @@ def build_preference_data(
     dataset_cfg: Mapping | None = None,
     *,
     tokenizer: PreTrainedTokenizerBase,
-    max_length: int = 1024,
-    packing: bool = False,
-    seed: int = 42,
+    seed: int = default(RunSchema, "seed"),
     cache_dir: str | os.PathLike | None = None,
     **options: Any,
 ) -> DataBundle:
@@ -214,13 +209,13 @@ def build_preference_data(
     from fine_tune.data.templates import resolve_template, template_fingerprint
 
     started = time.perf_counter()
-    opts = pipeline.read_options(dataset_cfg, options, PREFERENCE_OPTIONS)
-    max_length = pipeline.check_max_length(max_length)
-    if packing:
+    opts = pipeline.read_options(dataset_cfg, options, TARGET)
+    max_length = opts["max_length"]
+    if opts["packing"]:
         raise UserError(
             "packing does not apply to preference pairs (each pair is its own chosen and rejected row)",
-            where="trainer.packing",
-            hint="set trainer.packing=false",
+            where="dataset.packing",
+            hint="set dataset.packing=false",
         )
     max_prompt_length = _max_prompt_length(opts, max_length)
     fmt, fields = pipeline.format_and_fields(opts, KIND)

@@ -109,7 +109,7 @@ class DataReport(Report):
         elif self.padding_efficiency is not None:
             lines.append(
                 f"  no packing: padding to the longest row can waste up to {1 - self.padding_efficiency:.0%} "
-                "of a batch (trainer.packing=true wastes none)"
+                "of a batch (dataset.packing=true wastes none)"
             )
         return "\n".join([*lines, *self._tail()])
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fine_tune.errors import UserError
+from fine_tune.schema import ModelSchema, default
 
 log = logging.getLogger(__name__)
 
@@ -20,22 +21,24 @@ class LoadedModel:
 
 
 def build_model(
-    family: str = "mistral",
+    family: str = default(ModelSchema, "family"),
     name_or_path: str | None = None,
-    init: str = "pretrained",
+    init: str = default(ModelSchema, "init"),
     tokenizer: Any = None,
-    dtype: str = "auto",
-    attn_implementation: str = "sdpa",
-    trust_remote_code: bool = False,
+    dtype: str = default(ModelSchema, "dtype"),
+    attn_implementation: str = default(ModelSchema, "attn_implementation"),
+    trust_remote_code: bool = default(ModelSchema, "trust_remote_code"),
     config: dict | None = None,
     architecture: dict | None = None,
     quant: Any = None,
-    seed: int = 0,
-    lr: float | None = None,
+    *,
+    seed: int,
+    lr: float = default(ModelSchema, "lr"),
 ) -> LoadedModel:
     """Tokenizer first (cheap, catches a wrong path early), then the architecture, then the weights.
 
-    `lr` is the model's suggested learning rate, read by `optim.lr`; it is accepted and unused here.
+    `quant` is the quant node (or its QuantSpec), `seed` the run's; `lr` is the model's suggested
+    learning rate, read by `optim.lr`, accepted and unused here.
     """
     from fine_tune.hardware import resolve_dtype
     from fine_tune.models.architecture import load_architecture
@@ -43,7 +46,7 @@ def build_model(
     from fine_tune.models.quant import build_quant_config
     from fine_tune.models.tokenizer import build_tokenizer
 
-    quant = quant if quant is not None else build_quant_config("none")
+    quant = quant if quant is not None else build_quant_config()
     shape = load_architecture(family, name_or_path, init, architecture, config, trust_remote_code)
     # The run passes the tokenizer it already built for the data; alone, the node names one.
     tok = (

@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from fine_tune.errors import UserError
+from fine_tune.families import is_moe
 from fine_tune.hardware import local_device
-from fine_tune.models.architecture import check_local_path, has_fused_experts
+from fine_tune.models.architecture import check_local_path
 from fine_tune.models.quant import QuantSpec
 from fine_tune.models.tokenizer import cache_root
 from fine_tune.utils.io import publish_dir
@@ -77,20 +78,6 @@ def from_pretrained(
         )
 
 
-def load_moe_4bit(path: str | Path, quant: QuantSpec, dtype: Any, attn_implementation: str) -> Any:
-    """Stream a MoE checkpoint tensor by tensor, experts quantized as they arrive.
-
-    `from_pretrained` with bitsandbytes would first place every fused expert on the GPU in bf16
-    (~84 GiB for Mixtral-8x7B) and only then could we quantize them: that never fits 80 GB.
-    """
-    from fine_tune.models.moe import load_pretrained_moe_4bit
-
-    with weights_from(path):
-        return load_pretrained_moe_4bit(
-            path, quant=quant, dtype=dtype, attn_implementation=attn_implementation, device=local_device()
-        )
-
-
 def load_weights(
     architecture: Any,
     name_or_path: str | None,
@@ -120,17 +107,10 @@ def _load_weights(
     trust_remote_code: bool,
     seed: int,
 ) -> Any:
-    from fine_tune.models.architecture import parameter_count
+    """The weights of a validated `model` node (fine_tune.validate checked init and the path)."""
+    from fine_tune.families.shapes import config_shapes, parameter_counts
 
-    if init not in ("random", "pretrained"):
-        raise UserError(f"unknown init '{init}'", where="model.init", hint="use random or pretrained")
-    if init == "pretrained" and not name_or_path:
-        raise UserError(
-            "init=pretrained needs a checkpoint",
-            where="model.name_or_path",
-            hint="set model.name_or_path, or model.init=random for a random model",
-        )
-    if init == "random" and parameter_count(architecture) > MATERIALISE_LIMIT:
+    if init == "random" and parameter_counts(config_shapes(architecture)).total > MATERIALISE_LIMIT:
         # Real shapes: built and quantized layer by layer on the device, never written to disk.
         from fine_tune.models.moe import build_random_model
 
@@ -144,6 +124,12 @@ def _load_weights(
             device=local_device(),
         )
     path = name_or_path if init == "pretrained" else materialise_random(architecture, seed)
-    if quant.is_4bit and quant.quant_experts and has_fused_experts(architecture):
-        return load_moe_4bit(path, quant, dtype, attn_implementation)
+    if quant.is_4bit and quant.quant_experts and is_moe(architecture.to_dict()):
+        # Streamed tensor by tensor, experts quantized as they arrive: from_pretrained with bitsandbytes
+        # would first place every fused expert on the GPU in bf16 (~84 GiB for Mixtral-8x7B).
+        from fine_tune.models.moe import load_pretrained_moe_4bit
+
+        with weights_from(path):
+            kwargs = {"dtype": dtype, "attn_implementation": attn_implementation, "device": local_device()}
+            return load_pretrained_moe_4bit(path, quant=quant, **kwargs)
     return from_pretrained(path, quant, dtype, attn_implementation, trust_remote_code)

@@ -12,62 +12,44 @@ from typing import Any
 
 from fine_tune.errors import UserError
 
-CHECKPOINTING = {"mode": "full", "every_n_layers": 1, "offload": False}
-CHECKPOINT_MODES = ("full", "selective")
+
+def _default(name: str) -> Any:
+    from fine_tune.schema import TrainerSchema, default
+
+    return default(TrainerSchema, name)
 
 
 def build_training_arguments(
     output_dir: str,
-    seed: int = 42,
-    max_steps: int = -1,
-    num_train_epochs: float = 1,
-    per_device_train_batch_size: int = 8,
-    per_device_eval_batch_size: int = 8,
-    gradient_accumulation_steps: int = 1,
-    gradient_checkpointing: bool = False,
-    checkpointing: Any = None,
-    precision: str = "auto",
-    use_liger_kernel: bool | str = "auto",
-    logging_steps: int = 10,
-    eval_steps: int = 100,
-    save_steps: int = 100,
-    save_total_limit: int | None = 2,
-    dataloader_num_workers: int = 0,
-    torch_compile: bool = False,
+    seed: int,
+    optim: dict,
     has_eval: bool = True,
-    optim: Any = None,
-    # Consumed elsewhere (data, generation); accepted so the whole node can be passed through.
-    max_length: int | None = None,
-    packing: bool = False,
-    generation: Any = None,
+    max_steps: int = _default("max_steps"),
+    num_train_epochs: float = _default("num_train_epochs"),
+    per_device_train_batch_size: int = _default("per_device_train_batch_size"),
+    per_device_eval_batch_size: int = _default("per_device_eval_batch_size"),
+    gradient_accumulation_steps: int = _default("gradient_accumulation_steps"),
+    gradient_checkpointing: bool = _default("gradient_checkpointing"),
+    checkpointing: Any = None,
+    precision: str = _default("precision"),
+    use_liger_kernel: bool | str = _default("use_liger_kernel"),
+    logging_steps: int = _default("logging_steps"),
+    eval_steps: int = _default("eval_steps"),
+    save_steps: int = _default("save_steps"),
+    save_total_limit: int | None = _default("save_total_limit"),
+    dataloader_num_workers: int = _default("dataloader_num_workers"),
+    torch_compile: bool = _default("torch_compile"),
+    generation: Any = None,  # read by the samples callback; accepted so the node passes through whole
 ) -> Any:
+    """Values come checked by `fine_tune.schema.TrainerSchema` / `OptimSchema` (ranges, allowed values);
+    here they are only translated."""
     from trl import SFTConfig
 
     from fine_tune.hardware import has_cuda, resolve_precision
 
-    for key, value in (
-        ("per_device_train_batch_size", per_device_train_batch_size),
-        ("gradient_accumulation_steps", gradient_accumulation_steps),
-        ("logging_steps", logging_steps),
-        ("eval_steps", eval_steps),
-        ("save_steps", save_steps),
-    ):
-        if value <= 0:
-            raise UserError(f"must be positive, got {value}", where=f"trainer.{key}")
-    if max_steps <= 0 and num_train_epochs <= 0:
-        raise UserError(
-            "nothing to train",
-            where="trainer.max_steps",
-            hint="set trainer.max_steps > 0 or trainer.num_train_epochs > 0",
-        )
     precision = resolve_precision(precision)
-    if precision not in ("bf16", "fp16", "fp32"):
-        raise UserError(
-            f"unknown precision '{precision}'", where="trainer.precision", hint="use auto, bf16, fp16 or fp32"
-        )
     if precision in ("bf16", "fp16") and not has_cuda():
         precision = "fp32"  # mixed precision on CPU is slower and not exact; the log says which was used
-    optim = optim or {}
     checkpoint_kwargs = checkpointing_kwargs(checkpointing)  # checked even while checkpointing is off
     return SFTConfig(
         output_dir=output_dir,
@@ -79,11 +61,11 @@ def build_training_arguments(
         per_device_eval_batch_size=per_device_eval_batch_size,
         gradient_accumulation_steps=gradient_accumulation_steps,
         # Our optimizer factory builds the optimizer; these feed the scheduler and clipping.
-        learning_rate=float(optim.get("lr", 2e-4)),
-        weight_decay=float(optim.get("weight_decay", 0.0)),
-        lr_scheduler_type=optim.get("scheduler", "cosine"),
-        warmup_steps=float(optim.get("warmup_ratio", 0.0)),
-        max_grad_norm=float(optim.get("max_grad_norm", 1.0)),
+        learning_rate=float(optim["lr"]),
+        weight_decay=float(optim["weight_decay"]),
+        lr_scheduler_type=optim["scheduler"],
+        warmup_steps=float(optim["warmup_ratio"]),
+        max_grad_norm=float(optim["max_grad_norm"]),
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         logging_steps=logging_steps,
@@ -123,8 +105,6 @@ def resolve_liger(value: bool | str) -> bool:
         return installed and has_cuda()
     if value is False or value == "false":
         return False
-    if value is not True and value != "true":
-        raise UserError(f"must be auto, true or false, got {value!r}", where="trainer.use_liger_kernel")
     if not has_cuda():
         raise UserError(
             "Liger kernels are Triton GPU kernels and this machine has no CUDA GPU",
@@ -148,22 +128,12 @@ def checkpointing_kwargs(checkpointing: Any) -> dict[str, Any]:
     is TRL's, turned into a selective-checkpointing policy by `FineTuneTrainer`.
     """
     from fine_tune.hardware import has_cuda
+    from fine_tune.schema import CheckpointingSchema
 
-    options = {**CHECKPOINTING, **dict(checkpointing or {})}  # unknown keys: schema.CheckpointingSchema
-    if options["mode"] not in CHECKPOINT_MODES:
-        raise UserError(
-            f"unknown mode {options['mode']!r}",
-            where="trainer.checkpointing.mode",
-            hint=f"use one of {CHECKPOINT_MODES} (trainer.gradient_checkpointing=false for none)",
-        )
-    every = options["every_n_layers"]
-    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-        raise UserError(
-            f"must be an integer >= 1, got {every!r}", where="trainer.checkpointing.every_n_layers"
-        )
+    options = {**vars(CheckpointingSchema()), **dict(checkpointing or {})}  # checked by the schema
     kwargs: dict[str, Any] = {"use_reentrant": False}
-    if every > 1:
-        kwargs["every_n_layers"] = every
+    if options["every_n_layers"] > 1:
+        kwargs["every_n_layers"] = options["every_n_layers"]
     # On CPU the saved activations already live in host memory (and transformers' offload asks for
     # pinned memory, which needs a GPU): nothing to offload.
     if options["offload"] and has_cuda():

@@ -58,9 +58,9 @@ def router_aux_loss_coef(config: Any) -> float | None:
 def liger_kernel_config(config: Any) -> dict[str, bool]:
     """Liger's SwiGLU replaces the forward of `mlp.experts` on MoE models, which would bypass the
     4-bit experts and PEFT's expert adapters: MoE models get Liger's RMSNorm and RoPE only."""
-    from fine_tune.models.architecture import has_fused_experts
+    from fine_tune.families import is_moe
 
-    return {"swiglu": False} if has_fused_experts(config.get_text_config()) else {}
+    return {"swiglu": False} if is_moe(config.get_text_config().to_dict()) else {}
 
 
 @contextlib.contextmanager

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,17 +24,14 @@ from torch import nn
 from fine_tune.models.quant import pin_portable_4bit_layout
 
 from .experts4bit import (
-    EXPERT_PARAM_NAMES,
-    Experts4bit,
     count_parameters,
     find_fused_experts,
     format_counts,
+    quantize_experts_module,
     set_submodule,
 )
 
 log = logging.getLogger(__name__)
-
-DEFAULT_SKIP = ("lm_head",)  # bitsandbytes' from_pretrained keeps the output head unquantized too
 
 
 def _dtype(value: torch.dtype | str | None, default: torch.dtype = torch.bfloat16) -> torch.dtype:
@@ -77,12 +73,16 @@ class _RandomSource:
 class _CheckpointSource:
     """Tensors read lazily (memory-mapped) from safetensors files, in either expert layout.
 
-    transformers 5 saves Mixtral in the legacy per-expert layout (`block_sparse_moe.experts.{e}.w1`,
-    w3 = up, w2 = down) and converts on load; fused checkpoints store `mlp.experts.gate_up_proj`.
+    transformers 5 saves MoE models in their family's per-expert layout (Mixtral:
+    `block_sparse_moe.experts.{e}.w1|w3|w2`, see fine_tune.families) and fuses on load; fused
+    checkpoints store `mlp.experts.gate_up_proj`. A per-expert layout no family describes is a
+    UserError before anything loads.
     """
 
-    def __init__(self, files: list[Path]) -> None:
+    def __init__(self, files: list[Path], config: Any) -> None:
         from safetensors import safe_open
+
+        from fine_tune.families import checkpoint_experts, is_moe
 
         self._handles = [safe_open(str(f), framework="pt", device="cpu") for f in files]
         self.where: dict[str, Any] = {}
@@ -90,21 +90,22 @@ class _CheckpointSource:
             for k in h.keys():  # noqa: SIM118 (safe_open handles are not iterable)
                 self.where[k] = h
         self.used: set[str] = set()
+        fused = any(k.endswith(".experts.gate_up_proj") for k in self.where)
+        values = config.to_dict()
+        self.experts = checkpoint_experts(values) if is_moe(values) and not fused else None
 
     def _get(self, key: str) -> torch.Tensor:
+        if key not in self.where:
+            raise KeyError(key)
         self.used.add(key)
         return self.where[key].get_tensor(key)
 
     def _legacy(self, key: str) -> str:
-        return key.replace(".mlp.gate.", ".block_sparse_moe.gate.").replace(".mlp.", ".block_sparse_moe.")
-
-    def has(self, key: str) -> bool:
-        return key in self.where or self._legacy(key) in self.where
+        """The per-expert layout's name for `key` (its MoE block may not be called `mlp`)."""
+        return key.replace(".mlp.", f".{self.experts.block}.") if self.experts else key
 
     def tensor(self, key: str, shape: Sequence[int], dtype: torch.dtype, device: torch.device, kind: str):
         src = key if key in self.where else self._legacy(key)
-        if src not in self.where:
-            raise KeyError(key)
         t = self._get(src)
         if tuple(t.shape) != tuple(shape):
             raise ValueError(
@@ -120,11 +121,12 @@ class _CheckpointSource:
             self.used.add(fused)
             t = self.where[fused].get_slice(fused)[e]
         else:
-            legacy = self._legacy(path) + f".{e}"
+            legacy, names = self._legacy(path) + f".{e}", self.experts
             if name == "gate_up_proj":
-                t = torch.cat([self._get(f"{legacy}.w1.weight"), self._get(f"{legacy}.w3.weight")], dim=0)
+                parts = [self._get(f"{legacy}.{names.gate}.weight"), self._get(f"{legacy}.{names.up}.weight")]
+                t = torch.cat(parts, dim=0)
             elif name == "down_proj":
-                t = self._get(f"{legacy}.w2.weight")
+                t = self._get(f"{legacy}.{names.down}.weight")
             else:
                 raise KeyError(fused)
         if tuple(t.shape) != tuple(shape):
@@ -155,7 +157,7 @@ def _linear4bit(
         compute_dtype=quant["compute_dtype"],
         compress_statistics=quant["double_quant"],
         quant_type=quant["quant_type"],
-        quant_storage=torch.uint8,
+        quant_storage=quant["storage"],
         device="meta",
     )
     new.weight = bnb.nn.Params4bit(
@@ -163,7 +165,7 @@ def _linear4bit(
         requires_grad=False,
         compress_statistics=quant["double_quant"],
         quant_type=quant["quant_type"],
-        quant_storage=torch.uint8,
+        quant_storage=quant["storage"],
         module=new,
     ).to(device)  # Params4bit quantizes when moved to a real device
     if bias is not None:
@@ -178,7 +180,6 @@ def _materialize(
     device: torch.device,
     dtype: torch.dtype,
     quant: dict | None,
-    skip_modules: Sequence[str],
 ) -> None:
     """Give every meta tensor of `model` real storage on `device`, module by module."""
     config = model.config
@@ -188,23 +189,19 @@ def _materialize(
             log.warning("experts %s stay %s: %s is not supported by Experts4bit", name, dtype, reason)
 
     def is_skipped(mod_name: str) -> bool:
-        return any(mod_name == s or mod_name.endswith("." + s) for s in skip_modules)
+        return any(mod_name == s or mod_name.endswith("." + s) for s in quant["skip_modules"])
 
     for mod_name, module in list(model.named_modules()):
         if any(mod_name.startswith(p + ".") for p in expert_paths):
             continue
         prefix = f"{mod_name}." if mod_name else ""
         if mod_name in expert_paths:
-            new = Experts4bit.empty_like(module, device=device, blocksize=64, **quant)
-            transposed = bool(getattr(module, "is_transposed", False))
-            for pname in EXPERT_PARAM_NAMES:
-                shape = new.shapes[pname]
-                for e in range(new.num_experts):
-                    src_shape = shape[::-1] if transposed else shape
-                    w = source.expert(mod_name, pname, e, src_shape, dtype, device)
-                    new.set_expert(pname, e, w.t() if transposed else w)
-                    del w
-            set_submodule(model, mod_name, new)
+
+            def read(name: str, e: int, shape: Sequence[int], path: str = mod_name) -> torch.Tensor:
+                return source.expert(path, name, e, shape, dtype, device)
+
+            kinds = {k: quant[k] for k in ("quant_type", "double_quant", "compute_dtype")}
+            set_submodule(model, mod_name, quantize_experts_module(module, device=device, read=read, **kinds))
             continue
         if quant and isinstance(module, nn.Linear) and not is_skipped(mod_name):
             w = source.tensor(prefix + "weight", module.weight.shape, dtype, device, "normal")
@@ -252,16 +249,18 @@ def _skeleton(config: Any, dtype: torch.dtype, attn_implementation: str | None) 
         return AutoModelForCausalLM.from_config(config, **kwargs)
 
 
-def _quant(quant_type: Any, double_quant: bool, compute_dtype: torch.dtype | str | None) -> dict | None:
-    """Normalize our arguments or the core's `QuantSpec` (kind, double_quant, compute_dtype)."""
+def _quant(
+    quant_type: Any, double_quant: bool, compute_dtype: torch.dtype | str | None, skip_modules: Any = None
+) -> dict | None:
+    """Normalize our arguments or the core's `QuantSpec` (whose skip_modules and storage dtype count
+    too, as they do for bitsandbytes' from_pretrained) into what `_materialize` reads."""
+    from fine_tune.schema import SKIP_MODULES
+
+    storage = None
     if hasattr(quant_type, "kind"):  # fine_tune.models.quant.QuantSpec
         spec = quant_type
         quant_type, double_quant, compute_dtype = spec.kind, spec.double_quant, spec.compute_dtype
-    elif isinstance(quant_type, dict):
-        spec = quant_type
-        quant_type = spec.get("kind", spec.get("quant_type"))
-        double_quant = spec.get("double_quant", double_quant)
-        compute_dtype = spec.get("compute_dtype", compute_dtype)
+        skip_modules, storage = skip_modules or spec.skip_modules, spec.storage_dtype
     if quant_type in (None, "none", False):
         return None
     if quant_type not in ("nf4", "fp4"):
@@ -276,6 +275,8 @@ def _quant(quant_type: Any, double_quant: bool, compute_dtype: torch.dtype | str
         "quant_type": quant_type,
         "double_quant": bool(double_quant),
         "compute_dtype": _dtype(compute_dtype),
+        "skip_modules": tuple(skip_modules or SKIP_MODULES),  # empty: what from_pretrained skips
+        "storage": _dtype(storage, torch.uint8),
     }
 
 
@@ -288,7 +289,7 @@ def build_random_model(
     dtype: torch.dtype | str = torch.bfloat16,
     attn_implementation: str | None = "sdpa",
     seed: int = 0,
-    skip_modules: Sequence[str] = DEFAULT_SKIP,
+    skip_modules: Sequence[str] | None = None,
     quant: Any = None,
 ) -> nn.Module:
     """A real-shape model with random weights, quantized while it is built (no checkpoint, no disk).
@@ -302,12 +303,10 @@ def build_random_model(
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = _dtype(dtype)
-    quant = _quant(quant if quant is not None else quant_type, double_quant, compute_dtype)
+    quant = _quant(quant if quant is not None else quant_type, double_quant, compute_dtype, skip_modules)
     model = _skeleton(config, dtype, attn_implementation)
     std = float(getattr(config, "initializer_range", 0.02))
-    _materialize(
-        model, _RandomSource(std, seed), device=device, dtype=dtype, quant=quant, skip_modules=skip_modules
-    )
+    _materialize(model, _RandomSource(std, seed), device=device, dtype=dtype, quant=quant)
     _mark_quantized(model, quant)
     model.fine_tune_param_counts = count_parameters(model)
     log.info("built random %s: %s", type(model).__name__, format_counts(model.fine_tune_param_counts))
@@ -350,7 +349,7 @@ def load_pretrained_moe_4bit(
     attn_implementation: str | None = "sdpa",
     config_overrides: dict | None = None,
     revision: str | None = None,
-    skip_modules: Sequence[str] = DEFAULT_SKIP,
+    skip_modules: Sequence[str] | None = None,
     quant: Any = None,
 ) -> nn.Module:
     """Load a safetensors checkpoint with `nn.Linear` and fused experts in 4-bit, tensor by tensor.
@@ -369,13 +368,19 @@ def load_pretrained_moe_4bit(
     config = AutoConfig.from_pretrained(str(root))
     for key, value in (config_overrides or {}).items():
         setattr(config, key, value)
-    quant = _quant(quant if quant is not None else quant_type, double_quant, compute_dtype)
+    quant = _quant(quant if quant is not None else quant_type, double_quant, compute_dtype, skip_modules)
     model = _skeleton(config, dtype, attn_implementation)
-    source = _CheckpointSource(files)
+    source = _CheckpointSource(files, config)
     try:
-        _materialize(model, source, device=device, dtype=dtype, quant=quant, skip_modules=skip_modules)
+        _materialize(model, source, device=device, dtype=dtype, quant=quant)
     except KeyError as err:
-        raise RuntimeError(f"checkpoint {root} lacks weight {err}") from None
+        from fine_tune.errors import UserError
+
+        raise UserError(
+            f"checkpoint {root} lacks weight {err}",
+            where="model.name_or_path",
+            hint="point it at a complete checkpoint (every *.safetensors file of it)",
+        ) from None
     unused = sorted(set(source.where) - source.used)
     if unused:
         pattern = re.compile(r"rotary_emb|inv_freq")
@@ -394,16 +399,16 @@ def replace_linear_with_4bit(
     quant_type: str = "nf4",
     double_quant: bool = True,
     compute_dtype: torch.dtype | str = torch.bfloat16,
-    skip_modules: Sequence[str] = DEFAULT_SKIP,
+    skip_modules: Sequence[str] | None = None,
 ) -> int:
     """Quantize the `nn.Linear` layers of an already materialized model in place (tests, CPU)."""
-    quant = _quant(quant_type, double_quant, compute_dtype)
+    quant = _quant(quant_type, double_quant, compute_dtype, skip_modules)
     if quant is None:
         return 0
     n = 0
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear) or any(
-            name == s or name.endswith("." + s) for s in skip_modules
+            name == s or name.endswith("." + s) for s in quant["skip_modules"]
         ):
             continue
         w = module.weight.detach()
@@ -411,9 +416,3 @@ def replace_linear_with_4bit(
         set_submodule(model, name, _linear4bit(module, w, b, quant, w.device))
         n += 1
     return n
-
-
-def expected_param_count(config: Any) -> int:
-    """Parameters of the unquantized model (for checks: the 4-bit and other counts must add up)."""
-    model = _skeleton(config, torch.bfloat16, None)
-    return sum(math.prod(p.shape) for p in model.parameters())

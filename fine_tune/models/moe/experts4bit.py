@@ -290,10 +290,13 @@ def quantize_experts_module(
     compute_dtype: torch.dtype,
     blocksize: int = 64,
     device: torch.device | str | None = None,
+    read: Callable[[str, int, tuple[int, ...]], torch.Tensor] | None = None,
 ) -> Experts4bit:
-    """Quantize one fused-experts module expert by expert, onto `device` (default: where it lives)."""
-    source = getattr(module, EXPERT_PARAM_NAMES[0])
-    device = torch.device(device) if device is not None else source.device
+    """Quantize one fused-experts module expert by expert, onto `device` (default: where it lives).
+
+    `read(name, expert, shape)` gives one expert's matrix as the module stores it (default: its own
+    weights; the layer-by-layer loaders read a checkpoint or draw random ones instead)."""
+    device = torch.device(device) if device is not None else getattr(module, EXPERT_PARAM_NAMES[0]).device
     new = Experts4bit.empty_like(
         module,
         quant_type=quant_type,
@@ -303,10 +306,11 @@ def quantize_experts_module(
         device=device,
     )
     transposed = bool(getattr(module, "is_transposed", False))
+    read = read or (lambda name, e, shape: getattr(module, name)[e].detach())
     for name in EXPERT_PARAM_NAMES:
-        param = getattr(module, name)
+        shape = new.shapes[name][::-1] if transposed else new.shapes[name]
         for e in range(new.num_experts):
-            w = param[e].detach()
+            w = read(name, e, shape)
             new.set_expert(name, e, w.t() if transposed else w)
     return new
 
