@@ -12,6 +12,7 @@ from typing import Any
 from transformers import Trainer
 
 from fine_tune.training.checkpoints import STAGING, publish, rotate
+from fine_tune.training.exact_resume import ExactResume
 
 
 def save_expert_adapters_if_any(model: Any, directory: Path) -> None:
@@ -30,7 +31,7 @@ def restore_expert_adapters(model: Any, checkpoint: str | Path) -> None:
         load_expert_adapter(model, checkpoint, trainable=True)
 
 
-class FineTuneTrainer(Trainer):
+class FineTuneTrainer(ExactResume, Trainer):
     def __init__(self, *args: Any, optimizer_factory: Callable[[list], Any], **kwargs: Any) -> None:
         self.optimizer_factory = optimizer_factory
         self._staging = False
