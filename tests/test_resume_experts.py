@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from conftest import run_cli
+from lifecycle_helpers import stopped_copy
 
 ARGS = [
     "experiment=tiny_mixtral_qlora",
@@ -26,11 +27,10 @@ def train_losses(run_dir: Path) -> list[tuple[int, float]]:
 def test_resume_restores_expert_adapters(tmp_path: Path):
     full = run_cli([*ARGS, "trainer.max_steps=8", f"hydra.run.dir={tmp_path / 'full'}"])
     assert full.returncode == 0, full.stderr[-2000:]
-    part = run_cli([*ARGS, "trainer.max_steps=4", f"hydra.run.dir={tmp_path / 'part'}"])
-    assert part.returncode == 0, part.stderr[-2000:]
-    assert (tmp_path / "part" / "checkpoints" / "checkpoint-4" / "expert_adapter.safetensors").exists()
-    resumed = run_cli([*ARGS, "trainer.max_steps=8", "resume=true", f"hydra.run.dir={tmp_path / 'part'}"])
+    part = stopped_copy(tmp_path / "full", tmp_path / "part", last_checkpoint=4)
+    assert (part / "checkpoints" / "checkpoint-4" / "expert_adapter.safetensors").exists()
+    resumed = run_cli(["resume=true", f"hydra.run.dir={part}"])  # the run's own overrides are re-applied
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     expected = train_losses(tmp_path / "full")
     assert [step for step, _ in expected] == list(range(1, 9))
-    assert train_losses(tmp_path / "part") == expected
+    assert train_losses(part) == expected
