@@ -1,13 +1,14 @@
 """`python -m fine_tune [overrides]`: compose the config, run one job, return the metric to sweepers.
 
 Kept thin on purpose: nothing heavy is imported at module level, so `--help` and `--cfg job` answer
-in about a second. The work happens in `fine_tune.run`; what the run directory holds and when it
-is kept is `fine_tune.run_dir`'s; what a resume composes is `fine_tune.resume_config`'s."""
+in about a second. The work happens in `fine_tune.run`; what a run directory keeps is
+`fine_tune.run_dir`'s, what a resume composes `fine_tune.resume_config`'s."""
 
 from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
@@ -24,25 +25,54 @@ if not {"-h", "--help"} & set(sys.argv[1:]):
 log = logging.getLogger("fine_tune")
 
 
+def before_training(cfg: DictConfig, run_dir: Path, multirun: bool) -> tuple[bool, float | None]:
+    """What can end the job before it is announced: (True, metric) when a mode ran or the run had
+    finished, (False, None) to train; UserError for what the user must fix."""
+    from fine_tune import modes, secrets, sweep
+    from fine_tune import run_dir as run_dirs
+    from fine_tune.models.hub import use_cache_only_if_unreachable
+    from fine_tune.resume_config import check_unchanged
+    from fine_tune.training.checkpoints import requested
+    from fine_tune.validate import check_config
+
+    secrets.guard(cfg, run_dir)  # a token in the config: refuse, scrub Hydra's saved copies
+    use_cache_only_if_unreachable(cfg)  # no network: fail now, not after a minute of retries
+    if modes.selected(cfg):
+        try:
+            return True, modes.dispatch(cfg, run_dir)
+        finally:
+            run_dirs.discard_if_unused(run_dir)
+    where = run_dirs.shown(run_dir)
+    if sweep.should_skip(run_dir) and (multirun or requested(cfg.resume)):
+        log.info("%s finished earlier: nothing to do (its results are in metrics.json)", where)
+        return True, sweep.finished_metric(run_dir)
+    if requested(cfg.resume):
+        check_unchanged(cfg, run_dir)
+    elif not multirun and run_dirs.holds_training(run_dir):
+        raise UserError(
+            f"{where} already holds a run",
+            where="hydra.run.dir",
+            hint="continue it with resume=true, or start this one in another directory",
+        )
+    check_config(cfg)  # types, targets, cross-checks: before any weights or data load
+    return False, None
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     from fine_tune.quiet import quiet_libraries
 
     quiet_libraries()  # before anything imports transformers, peft or bitsandbytes
-    from fine_tune import modes, secrets, sweep
     from fine_tune import run_dir as run_dirs
-    from fine_tune.models.hub import use_cache_only_if_unreachable
-    from fine_tune.resume_config import check_unchanged
+    from fine_tune import sweep
     from fine_tune.run import job_info, run
-    from fine_tune.training.checkpoints import requested
-    from fine_tune.validate import check_config
 
     run_dir, job = job_info()
     multirun = job["sweep_dir"] is not None
     where = run_dirs.shown(run_dir)
 
-    def refuse(error: UserError) -> None:
-        """A problem the user can fix: one paragraph, and no run directory left that trained nothing."""
+    def refuse(error: UserError, announced: bool) -> None:
+        """One paragraph; a single run exits 2 and leaves no directory it made and trained nothing in."""
         report(error)
         if multirun:
             return  # the sweep goes on; its summary lists this job as failed
@@ -50,41 +80,23 @@ def main(cfg: DictConfig) -> float | None:
             log.info("nothing was trained: removed %s", where)
         sys.exit(EXIT_USER_ERROR)
 
-    announced = False
     try:
-        secrets.guard(cfg, run_dir)  # a token in the config: refuse, scrub Hydra's saved copies
-        use_cache_only_if_unreachable(cfg)  # no network: fail now, not after a minute of retries
-        if modes.selected(cfg):
-            try:
-                return modes.dispatch(cfg, run_dir)
-            finally:
-                run_dirs.discard_if_unused(run_dir)
-        if sweep.should_skip(run_dir) and (multirun or requested(cfg.resume)):
-            log.info("%s finished earlier: nothing to do (its results are in metrics.json)", where)
-            return sweep.finished_metric(run_dir)
-        if requested(cfg.resume):
-            check_unchanged(cfg, run_dir)
-        elif not multirun and run_dirs.holds_training(run_dir):
-            raise UserError(
-                f"{where} already holds a run",
-                where="hydra.run.dir",
-                hint="continue it with resume=true, or start this one in another directory",
-            )
-        check_config(cfg)  # types, targets, cross-checks: before any weights or data load
+        done, metric = before_training(cfg, run_dir, multirun)
     except UserError as error:
         if multirun:
             sweep.mark_running(run_dir, job["overrides"])
             sweep.mark_failed(run_dir, str(error))
-        refuse(error)
+        refuse(error, announced=False)
         return None
+    if done:
+        return metric
     log.info("run directory: %s", where)
-    announced = True
     sweep.mark_running(run_dir, job["overrides"])
     try:
         metric = run(cfg, run_dir, job)
     except UserError as error:
         sweep.mark_failed(run_dir, str(error))
-        refuse(error)
+        refuse(error, announced=True)
         return None
     except Preempted as error:  # checkpoint saved: requeue with resume=true
         sweep.mark_preempted(run_dir, str(error))

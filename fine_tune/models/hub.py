@@ -22,8 +22,14 @@ PROBE_TIMEOUT_S = 2.0
 
 
 def is_hub_id(name: Any) -> bool:
-    """A name that is not a path here is looked up on the hub."""
-    return isinstance(name, str) and bool(name) and not Path(name).expanduser().exists()
+    """`org/name` or `name` that is no path here: looked up on the hub (a missing local path is not)."""
+    return (
+        isinstance(name, str)
+        and bool(name)
+        and not name.startswith(("/", ".", "~"))
+        and name.count("/") <= 1
+        and not Path(name).exists()
+    )
 
 
 def named_in(cfg: Any) -> list[str]:
