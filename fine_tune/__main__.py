@@ -43,7 +43,10 @@ def before_training(cfg: DictConfig, run_dir: Path, multirun: bool) -> tuple[boo
         finally:
             run_dirs.discard_if_unused(run_dir)
     where = run_dirs.shown(run_dir)
-    if sweep.should_skip(run_dir) and (multirun or requested(cfg.resume)):
+    if sweep.should_skip(run_dir) and multirun:
+        log.info("skipping %s: it finished in an earlier run of this sweep", where)
+        return True, sweep.finished_metric(run_dir)
+    if sweep.should_skip(run_dir) and requested(cfg.resume):
         log.info("%s finished earlier: nothing to do (its results are in metrics.json)", where)
         return True, sweep.finished_metric(run_dir)
     if requested(cfg.resume):

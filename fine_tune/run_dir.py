@@ -24,8 +24,9 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-# What Hydra and the job's bookkeeping write into a run dir before training starts.
-BOOKKEEPING = (".hydra", "status.json", "data_report.json")
+# The record of training in a run dir (docs/contracts.md); Hydra's files, the job log, status.json
+# and data_report.json are written before training starts.
+TRAINED = ("metrics.jsonl", "samples.jsonl", "checkpoints", "metrics.json", "adapter")
 
 # Directories this process created for its run (the run dir first, then parents it had to create).
 _created: list[Path] = []
@@ -45,10 +46,8 @@ def shown(run_dir: Path) -> str:
 
 
 def holds_training(run_dir: Path) -> bool:
-    """True once anything beyond bookkeeping is in the run dir (logs of steps, checkpoints, ...)."""
-    if not Path(run_dir).is_dir():
-        return False
-    return any(p.name not in BOOKKEEPING and p.suffix != ".log" for p in Path(run_dir).iterdir())
+    """True once a run has recorded training in `run_dir`."""
+    return any((Path(run_dir) / name).exists() for name in TRAINED)
 
 
 def _missing_dirs(path: Path) -> list[Path]:
