@@ -11,7 +11,6 @@ import sys
 from typing import Any
 
 EXIT_USER_ERROR = 2
-EXIT_PREEMPTED = 143  # 128 + SIGTERM, what schedulers (SLURM) expect from a job that stopped cleanly
 
 
 class UserError(Exception):
@@ -48,6 +47,12 @@ class Preempted(Exception):
         self.signum = signum
         self.checkpoint = checkpoint
         self.previous = previous
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal (SIGINT 130, SIGTERM 143, SIGUSR2 140): the shell's and the schedulers'
+        convention for a process stopped by that signal, so a wrapper script can tell them apart."""
+        return 128 + self.signum
 
     def forward_signal(self) -> None:
         """Give the signal to the handler that was there before ours, now that the checkpoint is safe.

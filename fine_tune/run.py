@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import shutil
 import time
 from pathlib import Path
@@ -18,9 +17,20 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from fine_tune.errors import Preempted
-from fine_tune.utils.io import atomic_write_json, publish_dir
+from fine_tune.quiet import quiet_libraries  # noqa: F401  also imported from here by export/inference/validate
+from fine_tune.utils.io import atomic_write_json, publish_dir, remove_partial_publishes
 
 log = logging.getLogger("fine_tune")
+
+
+# The directories of a run written with `publish_dir` (the checkpoints have their own scheme).
+SAVED_DIRS = ("adapter", "tokenizer")
+
+
+def remove_partial_saves(run_dir: Path) -> None:
+    """What a kill during the adapter/tokenizer save leaves behind (hidden, never complete)."""
+    for name in SAVED_DIRS:
+        remove_partial_publishes(run_dir / name)
 
 
 def save_adapter(model: Any, directory: Path) -> None:
@@ -41,8 +51,11 @@ def save_tokenizer(tokenizer: Any, directory: Path) -> None:
 
 
 def build_tokenizer(cfg: DictConfig) -> Any:
+    """The run's tokenizer: the first thing every tool (train, validate, generate, export) loads."""
+    from fine_tune.models.hub import use_cache_only_if_unreachable
     from fine_tune.models.tokenizer import build_tokenizer as build
 
+    use_cache_only_if_unreachable(cfg)  # no network: fail now, not after a minute of retries
     return build(cfg.model.tokenizer, cfg.model.name_or_path, cfg.model.trust_remote_code)
 
 
@@ -129,15 +142,6 @@ def build_trainer(
     return trainer, metrics
 
 
-def quiet_libraries() -> None:
-    """Progress bars of datasets/transformers drown the training log in a terminal and in CI."""
-    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_warning()
-
-
 def train(cfg: DictConfig, run_dir: Path, tracker: Any, job: dict) -> tuple[dict, Any]:
     """Build everything, train, evaluate, save; return the final metrics (also in metrics.json) and
     the trainer, whose model tests compare with the saved adapter."""
@@ -156,12 +160,14 @@ def _train(cfg: DictConfig, run_dir: Path, tracker: Any, job: dict, preemption: 
     from fine_tune.adapters import attach_adapter, count_parameters
     from fine_tune.hardware import is_main_process
     from fine_tune.training.checkpoints import prepare_resume
+    from fine_tune.training.progress import ProgressBar
     from fine_tune.training.trainer import restore_expert_adapters
     from fine_tune.utils.build import build
 
     started = time.perf_counter()
     checkpoint, logged = prepare_resume(cfg.resume, run_dir, cfg.lora, cfg.trainer)
-    quiet_libraries()
+    if is_main_process():
+        remove_partial_saves(run_dir)
     set_seed(cfg.seed)
     tokenizer = build_tokenizer(cfg)
     data = build_data(cfg, tokenizer)  # bad data fails here, before any weights load
@@ -185,6 +191,7 @@ def _train(cfg: DictConfig, run_dir: Path, tracker: Any, job: dict, preemption: 
         100 * trainable / max(total, 1),
     )
     trainer, metrics_cb = build_trainer(cfg, model, tokenizer, data, run_dir, tracker, preemption)
+    trainer.add_callback(ProgressBar())  # shown only when stderr is a terminal
     metrics_cb.resume_from(logged)
     tracker.start(cfg, run_dir, job)
     if not preemption.requested:
@@ -255,12 +262,11 @@ def objective(metrics: dict) -> float | None:
 
 
 def run(cfg: DictConfig, run_dir: Path, job: dict) -> float | None:
+    """Train a config that passed `fine_tune.validate.check_config`; return the sweepers' metric."""
     from fine_tune.distributed import end_process_group, quiet_other_ranks
     from fine_tune.utils.build import build
-    from fine_tune.validate import check_config
 
     quiet_other_ranks()  # under torchrun: one progress log and one summary, from rank 0
-    check_config(cfg)  # types, targets, cross-checks: before any weights or data load
     tracker = build(cfg.logger)
     status = "failed"
     try:

@@ -96,12 +96,46 @@ def _session_dir() -> Path:
 
 
 @functools.cache
-def tiny_run() -> Path:
-    """The shared uninterrupted tiny run (trained on first use)."""
-    run_dir = _session_dir() / "tiny"
-    result = cli([*TINY, f"hydra.run.dir={run_dir}"])
+def trained_run(name: str, args: tuple[str, ...]) -> Path:
+    """An uninterrupted run of `args`, trained on first use and shared by the session's tests."""
+    run_dir = _session_dir() / name
+    result = cli([*args, f"hydra.run.dir={run_dir}"])
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     return run_dir
+
+
+def tiny_run() -> Path:
+    """The shared uninterrupted tiny run."""
+    return trained_run("tiny", tuple(TINY))
+
+
+# Keys of metrics.jsonl that measure the machine (time, memory), not the training: they differ
+# between any two runs, resumed or not.
+MEASURED = ("perf/tokens_per_second", "perf/peak_memory_gib")
+
+
+def logged(run_dir: Path) -> list[dict]:
+    """Every metrics.jsonl row without the measured keys: what a resumed run must reproduce exactly."""
+    return [
+        {k: v for k, v in row.items() if k not in MEASURED} for row in read_jsonl(run_dir / "metrics.jsonl")
+    ]
+
+
+def stopped_copy(run_dir: Path, dest: Path, last_checkpoint: int | None = None) -> Path:
+    """A copy of a finished run as a job stopped after checkpoint `last_checkpoint` would leave it
+    (default: the newest): later checkpoints, the adapter, the tokenizer and metrics.json gone,
+    status `preempted`. Its logs still run past the checkpoint, as a killed job's do."""
+    shutil.copytree(run_dir, dest)
+    for name in ("adapter", "tokenizer", "metrics.json"):
+        path = dest / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    if last_checkpoint is not None:
+        for path in (dest / "checkpoints").iterdir():
+            if int(path.name.split("-")[1]) > last_checkpoint:
+                shutil.rmtree(path)
+    state = json.loads((dest / "status.json").read_text())
+    (dest / "status.json").write_text(json.dumps({**state, "status": "preempted", "ended": None}))
+    return dest
 
 
 def composed(overrides: list[str]):

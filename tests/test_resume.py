@@ -3,14 +3,27 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
-from lifecycle_helpers import TINY, cli, popen, read_jsonl, status, step_losses, tiny_run
+from lifecycle_helpers import (
+    TINY,
+    cli,
+    logged,
+    popen,
+    read_jsonl,
+    status,
+    step_losses,
+    stopped_copy,
+    tiny_run,
+    trained_run,
+)
 
-from fine_tune.errors import EXIT_PREEMPTED, UserError
+from fine_tune.errors import UserError
 from fine_tune.training.checkpoints import (
     STAGING,
     clean_leftovers,
@@ -69,6 +82,10 @@ def test_resume_trims_logs_written_after_the_checkpoint(tmp_path: Path):
     assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2, 3]
     assert [r["step"] for r in read_jsonl(tmp_path / "samples.jsonl")] == [2]
 
+    shutil.rmtree(tmp_path / "checkpoints")  # no complete checkpoint left: a fresh start keeps no rows
+    assert prepare_resume(True, tmp_path) == (None, [])
+    assert read_jsonl(tmp_path / "metrics.jsonl") == [] and read_jsonl(tmp_path / "samples.jsonl") == []
+
 
 def test_uninterrupted_run_keeps_the_last_k_whole_checkpoints():
     run = tiny_run()
@@ -82,7 +99,7 @@ def test_uninterrupted_run_keeps_the_last_k_whole_checkpoints():
     assert all(r["completion"] is not None and r["prompt"].startswith("<s> [INST]") for r in samples)
 
 
-def test_sigterm_mid_training_then_resume_gives_the_same_losses(tmp_path: Path):
+def test_ctrl_c_mid_training_then_resume_gives_the_same_losses(tmp_path: Path):
     reference = step_losses(tiny_run())
     assert [s for s, _, _ in reference] == list(range(1, 9))
 
@@ -93,9 +110,9 @@ def test_sigterm_mid_training_then_resume_gives_the_same_losses(tmp_path: Path):
         assert process.poll() is None, process.stdout.read()[-3000:]
         assert time.monotonic() < deadline, "the run never reached step 4"
         time.sleep(0.05)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(signal.SIGINT)
     output = process.communicate(timeout=300)[0]
-    assert process.returncode == EXIT_PREEMPTED, output[-3000:]
+    assert process.returncode == 128 + signal.SIGINT, output[-3000:]
     assert "Traceback" not in output
     assert status(tmp_path) == "preempted"
     saved = list_checkpoints(tmp_path / "checkpoints")
@@ -108,6 +125,143 @@ def test_sigterm_mid_training_then_resume_gives_the_same_losses(tmp_path: Path):
     assert step_losses(tmp_path) == reference  # every step, bit for bit, and no step logged twice
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["first_train_loss"] == reference[0][1] and metrics["steps"] == 8
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGUSR2], ids=lambda s: s.name)
+def test_a_signal_stops_the_run_with_128_plus_its_number(signum, tmp_path: Path):
+    process = popen([*TINY, f"hydra.run.dir={tmp_path}"])
+    seen = ""
+    while "data report" not in seen:  # logged once the handlers are installed
+        line = process.stdout.readline()
+        assert line, seen[-3000:]
+        seen += line
+    process.send_signal(signum)
+    output = seen + process.communicate(timeout=300)[0]
+    assert process.returncode == 128 + signum, output[-3000:]
+    assert status(tmp_path) == "preempted"
+    assert "Traceback" not in output and f"hydra.run.dir={tmp_path}" in output  # how to continue
+
+
+# A constant learning rate, so that a step trained past the end changes the adapter (a decaying
+# schedule reaches 0 there and would hide it). The loss is logged at steps 1, 3 and 6 and
+# checkpoints are written at 4 and 8: the one at 4 falls inside a logging window.
+CONSTANT = (*TINY, "optim.scheduler=constant", "trainer.logging_steps=3", "trainer.save_steps=4")
+
+
+def adapter_tensors(run_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(run_dir / "adapter" / "adapter_model.safetensors")
+
+
+def assert_same_adapter(run_dir: Path, reference: Path) -> None:
+    import torch
+
+    got, expected = adapter_tensors(run_dir), adapter_tensors(reference)
+    assert got.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(got[name], tensor), name
+
+
+def snapshot(root: Path) -> dict[str, bytes | None]:
+    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None for p in root.rglob("*")}
+
+
+@pytest.mark.slow
+def test_resume_at_the_last_checkpoint_trains_no_step_past_the_end(tmp_path: Path):
+    """Killed while saving the final adapter (or preempted after the last checkpoint): checkpoint-8
+    of 8 and no adapter. Resume finishes from the checkpoint's weights without training."""
+    reference = trained_run("constant", CONSTANT)
+    run = stopped_copy(reference, tmp_path / "run")
+    partial = Path(tempfile.mkdtemp(prefix=".adapter.", dir=run))  # save_atomically's, killed
+    result = cli(["resume=true", f"hydra.run.dir={run}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert logged(run) == logged(reference)  # no step 9; the final eval as uninterrupted
+    assert_same_adapter(run, reference)
+    assert json.loads((run / "metrics.json").read_text())["steps"] == 8 and status(run) == "finished"
+    assert not partial.exists()
+    assert f"run directory: {run}" in result.stdout and f"everything is in {run}" in result.stdout
+
+
+@pytest.mark.slow
+def test_resume_inside_a_logging_window_logs_what_the_uninterrupted_run_logged(tmp_path: Path):
+    reference = trained_run("constant", CONSTANT)
+    run = stopped_copy(reference, tmp_path / "run", last_checkpoint=4)
+    record = snapshot(run / ".hydra")
+    result = cli(["resume=true", f"hydra.run.dir={run}"])  # the run's own overrides are re-applied
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = logged(run)
+    assert [row["step"] for row in rows if "train/loss" in row] == [1, 3, 6]
+    assert rows == logged(reference)  # the loss at 6 is the mean over steps 4-6, step 4 included
+    assert_same_adapter(run, reference)
+    assert snapshot(run / ".hydra") == record  # how the run was started stays recorded
+
+
+@pytest.mark.slow
+def test_kill_during_the_first_checkpoint_save_starts_fresh_without_duplicate_rows(tmp_path: Path):
+    reference = trained_run("constant", CONSTANT)
+    run = stopped_copy(reference, tmp_path / "run")
+    shutil.rmtree(run / "checkpoints")
+    (run / "checkpoints" / STAGING / "checkpoint-4").mkdir(parents=True)  # the save it was killed in
+    result = cli(["resume=true", f"hydra.run.dir={run}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert logged(run) == logged(reference)  # steps 1-8 once each, not the killed attempt's rows too
+    assert sorted({r["step"] for r in read_jsonl(run / "samples.jsonl")}) == [4, 8]
+    assert_same_adapter(run, reference)
+
+
+def test_resume_of_a_finished_run_changes_nothing(tmp_path: Path):
+    run = shutil.copytree(tiny_run(), tmp_path / "run")
+    before = snapshot(run)
+    for args in (["resume=true"], [*TINY, "resume=true"]):  # the bare resume, and the full command
+        result = cli([*args, f"hydra.run.dir={run}"])
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert f"{run} finished earlier" in result.stdout
+        assert snapshot(run) == before  # no step, no log line, no .hydra/ rewrite, no tracker run
+
+
+def test_resume_refuses_a_config_the_run_was_not_started_with(tmp_path: Path):
+    run = stopped_copy(tiny_run(), tmp_path / "run", last_checkpoint=6)
+    before = snapshot(run)
+    result = cli(["resume=true", "trainer.max_steps=10", f"hydra.run.dir={run}"])
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "trainer.max_steps: 8 -> 10" in result.stderr and "Traceback" not in result.stderr
+    assert snapshot(run) == before
+
+
+def test_a_new_run_does_not_overwrite_one_in_the_same_directory(tmp_path: Path):
+    run = stopped_copy(tiny_run(), tmp_path / "run", last_checkpoint=6)
+    before = snapshot(run)
+    result = cli([*TINY, f"hydra.run.dir={run}"])
+    assert result.returncode == 2 and "resume=true" in result.stderr, result.stderr[-2000:]
+    assert snapshot(run) == before
+
+
+def test_a_kill_during_an_atomic_save_leaves_a_partial_save_the_next_start_removes(tmp_path: Path):
+    import subprocess
+    import sys
+
+    from lifecycle_helpers import ROOT, env
+
+    from fine_tune.run import remove_partial_saves
+
+    killed = (
+        "import os, signal, sys\n"
+        "from pathlib import Path\n"
+        "from fine_tune.run import save_atomically\n"
+        "def save(directory):\n"
+        "    (directory / 'adapter_model.safetensors').write_text('half')\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "save_atomically(save, Path(sys.argv[1]) / 'adapter')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", killed, str(tmp_path)], cwd=ROOT, env=env(), timeout=120)
+    assert result.returncode == -signal.SIGKILL
+    leftovers = [p for p in tmp_path.iterdir() if p.name != "adapter"]
+    assert leftovers and not (tmp_path / "adapter").exists()
+    (tmp_path / "adapter").mkdir()  # a finished save of the same run is kept
+    remove_partial_saves(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
 
 
 def test_preemption_signal_is_deferred_then_forwarded_to_the_previous_handler():

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from conftest import run_cli
+from lifecycle_helpers import stopped_copy
 from safetensors import safe_open
 
 ARGS = [
@@ -27,13 +28,12 @@ def train_losses(run_dir: Path) -> list[tuple[int, float]]:
 def test_resume_restores_expert_adapters(tmp_path: Path):
     full = run_cli([*ARGS, "trainer.max_steps=8", f"hydra.run.dir={tmp_path / 'full'}"])
     assert full.returncode == 0, full.stderr[-2000:]
-    part = run_cli([*ARGS, "trainer.max_steps=4", f"hydra.run.dir={tmp_path / 'part'}"])
-    assert part.returncode == 0, part.stderr[-2000:]
-    checkpoint = tmp_path / "part" / "checkpoints" / "checkpoint-4"
+    part = stopped_copy(tmp_path / "full", tmp_path / "part", last_checkpoint=4)
+    checkpoint = part / "checkpoints" / "checkpoint-4"
     with safe_open(str(checkpoint / "adapter_model.safetensors"), "pt") as saved:  # PEFT's format
         assert any(".mlp.experts." in key for key in saved.keys())  # noqa: SIM118
-    resumed = run_cli([*ARGS, "trainer.max_steps=8", "resume=true", f"hydra.run.dir={tmp_path / 'part'}"])
+    resumed = run_cli(["resume=true", f"hydra.run.dir={part}"])  # the run's own overrides are re-applied
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     expected = train_losses(tmp_path / "full")
     assert [step for step, _ in expected] == list(range(1, 9))
-    assert train_losses(tmp_path / "part") == expected
+    assert train_losses(part) == expected

@@ -41,6 +41,7 @@ def test_environment_tokens_never_reach_run_files_or_wandb(tmp_path: Path):
 
 def test_a_token_in_the_config_is_refused_and_scrubbed(tmp_path: Path):
     run_dir = tmp_path / "run"
+    run_dir.mkdir()  # an existing directory is kept (a new one would be removed: nothing was trained)
     result = cli(["logger=none", f"+wandb_api_key={WANDB}", f"hydra.run.dir={run_dir}"])
     assert result.returncode == 2
     assert "wandb_api_key" in result.stderr and WANDB not in result.stdout + result.stderr

@@ -63,5 +63,8 @@ def build_model(
     model = load_weights(
         shape, name_or_path, init, quant, resolve_dtype(dtype), attn_implementation, trust_remote_code, seed
     )
+    # Both configs, as the Trainer would align them (with a warning) on finding them unset.
     model.config.pad_token_id = tok.pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tok.pad_token_id
     return LoadedModel(model=model, tokenizer=tok, architecture=shape, quant=quant)

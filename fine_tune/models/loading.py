@@ -54,8 +54,10 @@ def weights_from(path: str | Path) -> Iterator[None]:
     try:
         yield
     except OSError as error:
+        from fine_tune.models.hub import offline_note
+
         raise UserError(
-            f"cannot load weights from '{path}' ({str(error).splitlines()[0][:200]})",
+            f"cannot load weights from '{path}' ({str(error).splitlines()[0][:200]}{offline_note(path)})",
             where="model.name_or_path",
             hint="give a local directory with safetensors weights, or a hub id with hub access",
         ) from None

@@ -87,8 +87,10 @@ def build_tokenizer(spec: str | None, name_or_path: str | None, trust_remote_cod
         try:
             tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as error:
+            from fine_tune.models.hub import offline_note
+
             raise UserError(
-                f"cannot load a tokenizer from '{source}' ({type(error).__name__})",
+                f"cannot load a tokenizer from '{source}' ({type(error).__name__}{offline_note(source)})",
                 where="model.tokenizer" if spec else "model.name_or_path",
                 hint="give a local directory holding tokenizer files, or a hub id with hub access "
                 "(huggingface-cli login; HF_HUB_OFFLINE unset); without the hub, Mistral/Mixtral use "

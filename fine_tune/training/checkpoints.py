@@ -63,6 +63,13 @@ def clean_leftovers(root: Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def requested(resume: Any) -> bool:
+    """Whether `resume` (a config value or the text of a command-line override) asks to continue."""
+    return resume not in (None, False) and not (
+        isinstance(resume, str) and resume.lower() in ("", "false", "no")
+    )
+
+
 def find_checkpoint(resume: Any, run_dir: Path) -> Path | None:
     """`resume` -> the checkpoint directory to continue from, or None to start fresh.
 
@@ -70,7 +77,7 @@ def find_checkpoint(resume: Any, run_dir: Path) -> Path | None:
     SLURM requeue of a job preempted before its first checkpoint needs). A path: a checkpoint
     directory, or a run dir / checkpoints dir whose latest checkpoint is taken.
     """
-    if resume in (None, False) or (isinstance(resume, str) and resume.lower() in ("", "false", "no")):
+    if not requested(resume):
         return None
     if resume is True or (isinstance(resume, str) and resume.lower() in ("true", "yes", "latest")):
         found = list_checkpoints(run_dir / "checkpoints")
@@ -126,19 +133,21 @@ def prepare_resume(
     its step.
 
     Returns (checkpoint or None, metrics.jsonl rows kept). Leftovers of a kill mid-save are removed
-    first, so they can neither be picked nor fill the disk.
+    first, so they can neither be picked nor fill the disk. Starting fresh (no checkpoint) keeps no
+    rows at all: those of an attempt killed before its first checkpoint would otherwise be logged
+    twice.
     """
+    import logging
+
     run_dir = Path(run_dir)
     clean_leftovers(run_dir / "checkpoints")
     checkpoint = find_checkpoint(resume, run_dir)
-    if checkpoint is None:
-        return None, []
-    if lora is not None and trainer is not None:
-        check_compatible(checkpoint, lora, trainer)
-    step = checkpoint_step(checkpoint) or 0
-    import logging
-
-    logging.getLogger("fine_tune").info("resuming from %s (step %d)", checkpoint, step)
+    step = 0
+    if checkpoint is not None:
+        if lora is not None and trainer is not None:
+            check_compatible(checkpoint, lora, trainer)
+        step = checkpoint_step(checkpoint) or 0
+        logging.getLogger("fine_tune").info("resuming from %s (step %d)", checkpoint, step)
     trim_jsonl(run_dir / "samples.jsonl", step)
     return checkpoint, trim_jsonl(run_dir / "metrics.jsonl", step)
 

@@ -22,6 +22,7 @@ from typing import Any
 from trl import SFTTrainer
 
 from fine_tune.training.checkpoints import STAGING, rotate
+from fine_tune.training.exact_resume import ExactResume
 from fine_tune.training.throughput import PhaseTimer
 from fine_tune.utils.io import replace_dir
 
@@ -84,7 +85,7 @@ def enable_selective_checkpointing(model: Any) -> None:
     enable_selective_activation_checkpointing(inner)
 
 
-class FineTuneTrainer(SFTTrainer):
+class FineTuneTrainer(ExactResume, SFTTrainer):
     def __init__(
         self,
         model: Any,

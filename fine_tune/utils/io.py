@@ -89,6 +89,17 @@ def replace_dir(source: Path, target: Path) -> None:
     os.replace(source, target)
 
 
+def _partial_prefix(target: Path) -> str:
+    return f".{target.name}."
+
+
+def remove_partial_publishes(target: str | os.PathLike) -> None:
+    """The hidden temporary siblings of `target` that a kill during `publish_dir` leaves behind."""
+    target = Path(target)
+    for leftover in target.parent.glob(f"{_partial_prefix(target)}*.tmp"):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
 def publish_dir(target: str | os.PathLike, fill: Callable[[Path], Any], replace: bool = True) -> Path:
     """`fill(tmp)` into a hidden sibling of `target`, then rename it to `target`.
 
@@ -97,7 +108,7 @@ def publish_dir(target: str | os.PathLike, fill: Callable[[Path], Any], replace:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    work = Path(tempfile.mkdtemp(prefix=_partial_prefix(target), suffix=".tmp", dir=target.parent))
     try:
         work.chmod(_mode_for(target, 0o777))
         fill(work)
