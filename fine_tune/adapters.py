@@ -50,20 +50,29 @@ def build_lora_config(
     return AdapterSpec(lora=config, experts=experts, expert_dropout=expert_dropout)
 
 
-def attach_adapter(model: Any, spec: AdapterSpec, gradient_checkpointing: bool, quantized: bool) -> Any:
-    """Wrap the base model with LoRA; only adapter weights remain trainable (fine_tune.validate has
-    checked that expert adapters have experts to go on)."""
-    from peft import get_peft_model, prepare_model_for_kbit_training
+def prepare_for_adapter(model: Any, gradient_checkpointing: bool, quantized: bool) -> Any:
+    """What the base needs before an adapter trains on it: PEFT's k-bit preparation on a quantized
+    model, else checkpointing with gradients flowing from the (frozen) input embeddings."""
+    from peft import prepare_model_for_kbit_training
 
     if quantized:
-        model = prepare_model_for_kbit_training(
+        return prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
-    elif gradient_checkpointing:
+    if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
+    return model
+
+
+def attach_adapter(model: Any, spec: AdapterSpec, gradient_checkpointing: bool, quantized: bool) -> Any:
+    """Wrap the base model with LoRA; only adapter weights remain trainable (fine_tune.validate has
+    checked that expert adapters have experts to go on)."""
+    from peft import get_peft_model
+
+    model = prepare_for_adapter(model, gradient_checkpointing, quantized)
     experts_4bit = spec.experts and any(type(m).__name__ == "Experts4bit" for m in model.modules())
     lora = spec.lora
     if spec.experts and not experts_4bit:
@@ -89,6 +98,16 @@ def attach_adapter(model: Any, spec: AdapterSpec, gradient_checkpointing: bool, 
             use_rslora=spec.lora.use_rslora,
         )
     return peft_model
+
+
+def load_trained_adapter(model: Any, directory: Any, gradient_checkpointing: bool, quantized: bool) -> Any:
+    """The base with a saved adapter (expert adapters included), trainable: a run that starts from
+    another run's adapter (`init_adapter`) rather than a fresh one."""
+    from fine_tune.models.moe import load_adapter
+
+    return load_adapter(
+        prepare_for_adapter(model, gradient_checkpointing, quantized), directory, is_trainable=True
+    )
 
 
 def fused_expert_parameter_names(model: Any) -> list[str]:

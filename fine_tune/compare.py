@@ -47,6 +47,20 @@ _EXTRA = [
     ("peak_memory_gib", "peak_GiB"),
     ("runtime_s", "runtime_s"),
 ]
+# Preference runs (method=dpo / orpo): shown when any job has them. The share of pairs whose chosen
+# answer gets the higher implicit reward, and the mean reward margin (docs/contracts.md).
+_PREFERENCE_EXTRA = [
+    ("eval_reward_accuracy", "eval_acc"),
+    ("eval_reward_margin", "eval_margin"),
+    ("reward_accuracy", "acc"),
+    ("reward_margin", "margin"),
+]
+
+
+def extra_columns(jobs: Sequence[Job], metric: str) -> list[tuple[str, str]]:
+    """(metrics.json key, header) of the columns after the chosen metric."""
+    shown = [(k, h) for k, h in _PREFERENCE_EXTRA if any(job.value(k) is not None for job in jobs)]
+    return [(k, h) for k, h in shown + _EXTRA if k != metric]
 
 
 @dataclass
@@ -111,6 +125,10 @@ def _jsonl_keys(metric: str) -> list[str]:
         "peak_memory_gib": "perf/peak_memory_gib",
         "steps": "step",
         "tokens_seen": "perf/tokens_seen",
+        "reward_accuracy": "train/rewards/accuracies",
+        "reward_margin": "train/rewards/margins",
+        "eval_reward_accuracy": "eval/rewards/accuracies",
+        "eval_reward_margin": "eval/rewards/margins",
     }
     if metric in aliases:
         keys.append(aliases[metric])
@@ -240,15 +258,14 @@ def differing_overrides(jobs: Sequence[Job]) -> tuple[list[str], dict[str, str]]
 def build_rows(jobs: Sequence[Job], metric: str, descending: bool = False) -> list[dict[str, Any]]:
     """One dict per job, sorted by `metric`; failed jobs and jobs without the metric last."""
     differ, _ = differing_overrides(jobs)
+    extras = extra_columns(jobs, metric)
     rows = []
     for job in jobs:
         mapping = dict(_split(o) for o in job.overrides)
         row: dict[str, Any] = {"job": job.name, "dir": str(job.path), "status": job.state}
         row["overrides"] = {k: mapping.get(k) for k in differ}
         row[metric] = job.value(metric)
-        for key, _header in _EXTRA:
-            if key != metric:
-                row[key] = job.value(key)
+        row.update({key: job.value(key) for key, _header in extras})
         row["error"] = (job.status or {}).get("error")
         rows.append(row)
     sign = -1.0 if descending else 1.0
@@ -277,11 +294,10 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str
 
 
 def _table(
-    rows: list[dict[str, Any]], metric: str, with_dir: bool = False
+    rows: list[dict[str, Any]], metric: str, extras: list[tuple[str, str]], with_dir: bool = False
 ) -> tuple[list[str], list[list[str]]]:
     """Headers and formatted cells: the rank, the differing overrides, status, metric, extras."""
     differ = list(rows[0]["overrides"]) if rows else []
-    extras = [(k, h) for k, h in _EXTRA if k != metric]
     headers = ["#"] + (differ or ["job"]) + ["status", metric] + [h for _, h in extras]
     body = []
     for row in rows:
@@ -454,7 +470,8 @@ def compare(
     title = (
         f"{len(jobs)} runs of " + ", ".join(str(r) for r in roots) + f", sorted by {metric} ({order} first)"
     )
-    headers, body = _table(rows, metric)
+    extras = extra_columns(jobs, metric)
+    headers, body = _table(rows, metric, extras)
     text = text_table(headers, body)
     by_dir = {str(job.path): job for job in jobs}
     image = plot_curves(
@@ -463,7 +480,7 @@ def compare(
         title=title,
         legend_title=f"{order} {metric} first",
     )
-    md_headers, md_body = _table(rows, metric, with_dir=True)
+    md_headers, md_body = _table(rows, metric, extras, with_dir=True)
     shared = ", ".join(f"`{k}={v}`" for k, v in common.items()) or "none"
     failures = [r for r in rows if r["status"] not in ("finished", "running")]
     md = [

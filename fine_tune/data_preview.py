@@ -130,13 +130,13 @@ def preview(
 
 
 def bundle_from_config(cfg: DictConfig) -> tuple[PreTrainedTokenizerBase, DataBundle]:
-    """Tokenizer and data from a composed run config, as `fine_tune.run` builds them (no cache writes)."""
-    from fine_tune.run import build_data, build_tokenizer
+    """Tokenizer and data from a composed run config, as the run builds them (no cache writes)."""
+    from fine_tune.recipe import Recipe
     from fine_tune.schema import check_types
 
     check_types(cfg)
-    tokenizer = build_tokenizer(cfg)
-    return tokenizer, build_data(cfg, tokenizer, cache=False)
+    recipe = Recipe(cfg, cache_data=False)
+    return recipe.tokenizer, recipe.data
 
 
 def preview_from_config(cfg: DictConfig, n: int = 3, split: str = "train", tokens: bool = False) -> None:

@@ -50,6 +50,7 @@ def model_card(
     from omegaconf import OmegaConf
 
     from fine_tune.tracking.redact import redact
+    from fine_tune.training.methods import method_of
     from fine_tune.utils.io import read_json
 
     model = cfg.model
@@ -74,6 +75,8 @@ def model_card(
         "",
         f"- **Base model**: {base}",
         f"- **Quantization during training**: {cfg.quant.kind}",
+        f"- **Method**: {method_of(cfg.get('method')).describe()}"
+        + (f", starting from the adapter of {cfg.init_adapter}" if cfg.get("init_adapter") else ""),
         f"- **Data set**: {data_source} (format {dataset.get('format')}, "
         f"{report.get('train_examples', '?')} train / {report.get('eval_examples', '?')} eval examples)",
         f"- **Prompt template**: {template or report.get('template') or dataset.get('template')}",
@@ -136,12 +139,10 @@ def adapter_usage(base: str | None, adapter: dict) -> list[str]:
 
 def export_adapter(run_dir: Path, cfg: Any, adapter: Path, out: Path) -> Path:
     """PEFT's two files (runs from before the expert format are converted), tokenizer, card."""
-    from fine_tune.inference import template_of
+    from fine_tune.inference import recipe_of, template_of
     from fine_tune.models.moe import read_peft_adapter, write_peft_adapter
-    from fine_tune.run import build_tokenizer, quiet_libraries
 
-    quiet_libraries()
-    tokenizer = build_tokenizer(cfg)
+    tokenizer = recipe_of(cfg).tokenizer
     template = template_of(run_dir, cfg, tokenizer)
     config, tensors = read_peft_adapter(adapter)
     numbers = sum(t.numel() for t in tensors.values())

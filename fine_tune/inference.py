@@ -126,18 +126,21 @@ def template_of(run_dir: Path, cfg: Any, tokenizer: Any) -> str:
     return resolve_template(dataset.get("template", "auto"), tokenizer)
 
 
-def load_base(cfg: Any, tokenizer: Any, quant: Any = None, dtype: str | None = None) -> Any:
-    """The base model through the run's own `model` node (quant=None: the run's quantization)."""
+def recipe_of(cfg: Any, quant: Any = None, dtype: str | None = None) -> Any:
+    """The run's Recipe (its tokenizer, its base through its own `model` node), optionally with
+    another quant node (quant=None: the run's quantization) or model dtype."""
     from omegaconf import OmegaConf
 
-    from fine_tune.utils.build import build
+    from fine_tune.quiet import quiet_libraries
+    from fine_tune.recipe import Recipe
 
-    model_node = OmegaConf.create(OmegaConf.to_container(cfg.model, resolve=True))
+    quiet_libraries()
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg))  # the caller's config stays the run's
+    if quant is not None:
+        cfg.quant = quant
     if dtype is not None:
-        model_node.dtype = dtype
-    quant_node = quant if quant is not None else cfg.quant
-    loaded = build(model_node, quant=quant_node, seed=cfg.seed, tokenizer=tokenizer)
-    return loaded
+        cfg.model.dtype = dtype
+    return Recipe(cfg)
 
 
 def load_run(
@@ -154,15 +157,7 @@ def load_run(
     """
     path, cfg = load_config(run_dir)
     adapter = adapter_dir_of(path, checkpoint)
-    from fine_tune.run import build_tokenizer, quiet_libraries
-
-    quiet_libraries()
-    tokenizer = build_tokenizer(cfg)
-    base = load_base(cfg, tokenizer, quant=quant, dtype=dtype).model
-    from fine_tune.models.moe import dequantize_model, load_adapter
-
-    if dequantize:
-        base = dequantize_model(base, None if dtype in (None, "auto") else dtype)
-    model = load_adapter(base, adapter)  # PEFT's files, expert adapters included
-    model.eval()
+    recipe = recipe_of(cfg, quant=quant, dtype=dtype)
+    model = recipe.with_adapter(adapter, dequantize=dequantize)  # PEFT's files, expert adapters included
+    tokenizer = recipe.tokenizer
     return LoadedRun(path, cfg, model, tokenizer, template_of(path, cfg, tokenizer), adapter)

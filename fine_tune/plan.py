@@ -109,6 +109,7 @@ class MemoryPlan:
     loss_per_sample: int = 0  # loss-phase transient per sample (logits and friends)
     loss_fixed: int = 0  # loss-phase bytes that do not scale with the batch
     recompute_per_sample: int = 0  # checkpointing: one layer's recompute + backward, per sample
+    reference_per_sample: int = 0  # DPO: the reference forward (no gradients) while activations are kept
     outside_allocator_bytes: int = 0  # paged optimizer state, CUDA context: on the GPU, not in `allocated`
     params_4bit: int = 0
     params_other: int = 0
@@ -125,14 +126,17 @@ class MemoryPlan:
         return sum(b for _, b, _ in self.items)
 
     def activation_bytes(self, batch_size: int) -> int:
-        """Saved activations + the larger of the two transient peaks (loss, layer recompute)."""
+        """Saved activations + the largest transient peak (loss, layer recompute, reference forward)."""
         b = batch_size
         loss = self.loss_per_sample * b + self.loss_fixed if b else 0
-        return self.saved_per_sample * b + max(loss, self.recompute_per_sample * b)
+        return self.saved_per_sample * b + max(
+            loss, self.recompute_per_sample * b, self.reference_per_sample * b
+        )
 
     @property
     def per_sample_bytes(self) -> int:
-        return self.saved_per_sample + max(self.loss_per_sample, self.recompute_per_sample)
+        transients = (self.loss_per_sample, self.recompute_per_sample, self.reference_per_sample)
+        return self.saved_per_sample + max(transients)
 
     def device_bytes(self, batch_size: int | None = None) -> int:
         """Memory the GPU must really have: allocated peak + allocator slack + outside the allocator."""
@@ -198,9 +202,13 @@ def plan_memory(cfg: Any) -> MemoryPlan:
     the schema's defaults fill them); loads no weights."""
     from fine_tune.families import shapes as fs
     from fine_tune.schema import complete
+    from fine_tune.training.methods import method_of
 
     cfg = complete(cfg)
     quant, lora, trainer = cfg["quant"], cfg["lora"], cfg["trainer"]
+    method = method_of(cfg["method"])
+    # a preference "sample" is a pair: chosen and rejected go through one forward, twice the rows
+    sequences = 2 if method.pairs else 1
     s = fs.model_shapes(cfg["model"])
     kind, double_quant = quant["kind"], quant["double_quant"]
     batch, ckpt = trainer["per_device_train_batch_size"], trainer["gradient_checkpointing"]
@@ -270,11 +278,15 @@ def plan_memory(cfg: Any) -> MemoryPlan:
         saved, recompute = n_layers * layer, 0.0
         how = f"{n_layers} layers x {layer / 1024:.0f} KiB per token"
     lm_head_cast = 2 * v * h if quantized else 0  # autocast's bf16 copy of the fp32 lm_head (forward only)
+    tokens = sequences * seq  # per sample (per pair for preference methods)
     plan_args = {
-        "saved_per_sample": int(seq * saved),
-        "loss_per_sample": int(seq * CALIBRATION["loss_per_vocab"] * v),
+        "saved_per_sample": int(tokens * saved),
+        "loss_per_sample": int(tokens * CALIBRATION["loss_per_vocab"] * v),
         "loss_fixed": int(CALIBRATION["loss_workspace"] + lm_head_cast),
-        "recompute_per_sample": int(seq * recompute),
+        "recompute_per_sample": int(tokens * recompute),
+        # DPO's reference forward runs after the policy's, its activations still held: one layer's
+        # forward intermediates at a time (nothing kept for a backward). Derived, not measured.
+        "reference_per_sample": int(tokens * layer) if method.reference else 0,
     }
     probe = MemoryPlan("", batch, seq, ckpt, **plan_args)
     act = probe.activation_bytes(batch)
@@ -288,19 +300,21 @@ def plan_memory(cfg: Any) -> MemoryPlan:
         max(grads - act, 0),
         f"{grads / GIB:.2f} GiB at the optimizer step, after activations are freed",
     )
-    add(f"activations (batch {batch} x {seq})", probe.saved_per_sample * batch, how)
-    loss_phase = transient == probe.loss_per_sample * batch + probe.loss_fixed
-    peak = (
-        "loss (logits bf16 + fp32 + log-softmax + grad)"
-        if loss_phase
-        else "one layer recomputed + its backward"
-    )
-    add("logits/loss or layer recompute peak", transient, peak)
+    shape = f"batch {batch}{' pairs x 2' if method.pairs else ''} x {seq}"
+    add(f"activations ({shape})", probe.saved_per_sample * batch, how)
+    if transient == probe.loss_per_sample * batch + probe.loss_fixed:
+        peak = "loss (logits bf16 + fp32 + log-softmax + grad)"
+    elif transient == probe.recompute_per_sample * batch:
+        peak = "one layer recomputed + its backward"
+    else:
+        peak = "the reference forward (no gradients), one layer at a time"
+    add("logits/loss, recompute or reference peak", transient, peak)
 
     on = f"r={lora['r']} on {'+'.join(sorted(adapted)) or 'nothing'}{' + experts' if lora_experts else ''}"
     params_4bit = (counts.linear if kind in fs.FOUR_BIT else 0) + (counts.experts if experts_4bit else 0)
     return MemoryPlan(
-        description=f"{s.family.name} {counts.total / 1e9:.1f}B, {n_layers} layers, quant {kind}, LoRA {on}",
+        description=f"{s.family.name} {counts.total / 1e9:.1f}B, {n_layers} layers, quant {kind}, LoRA {on}"
+        + (f", {method.name} (pairs: chosen + rejected)" if method.pairs else ""),
         batch_size=batch,
         seq_len=seq,
         gradient_checkpointing=ckpt,

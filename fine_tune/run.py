@@ -2,8 +2,10 @@
 
     validate -> tokenizer -> data -> model (+quant) -> adapter -> trainer -> train/eval -> save -> metric
 
-Everything is built from the composed config with `hydra.utils.instantiate`; heavy libraries are
-imported here, never when the package is imported, so `--help` and `--cfg job` stay instant."""
+`fine_tune.recipe.Recipe` builds each object from the composed config (the trainer is the one of
+the run's method: SFT, DPO or ORPO); this module runs them and writes what the run directory
+keeps. Heavy libraries are imported inside functions, never when the package is imported, so
+`--help` and `--cfg job` stay instant. Nothing else imports this module but the entry point."""
 
 from __future__ import annotations
 
@@ -14,10 +16,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from fine_tune.errors import Preempted
-from fine_tune.quiet import quiet_libraries  # noqa: F401  also imported from here by export/inference/validate
 from fine_tune.utils.io import atomic_write_json, publish_dir, remove_partial_publishes
 
 log = logging.getLogger("fine_tune")
@@ -50,98 +51,6 @@ def save_tokenizer(tokenizer: Any, directory: Path) -> None:
         shutil.copy(source, Path(directory) / "tokenizer.model")
 
 
-def build_tokenizer(cfg: DictConfig) -> Any:
-    """The run's tokenizer: the first thing every tool (train, validate, generate, export) loads."""
-    from fine_tune.models.hub import use_cache_only_if_unreachable
-    from fine_tune.models.tokenizer import build_tokenizer as build
-
-    use_cache_only_if_unreachable(cfg)  # no network: fail now, not after a minute of retries
-    return build(cfg.model.tokenizer, cfg.model.name_or_path, cfg.model.trust_remote_code)
-
-
-def build_data(cfg: DictConfig, tokenizer: Any, cache: bool = True) -> Any:
-    """The data bundle: what the run, validate=true and the data preview train, check and show."""
-    from fine_tune.models.tokenizer import cache_root
-    from fine_tune.utils.build import build
-
-    cache_dir = cache_root() / "data" if cache else None
-    return build(cfg.dataset, tokenizer=tokenizer, seed=cfg.seed, cache_dir=cache_dir, _convert_="all")
-
-
-def build_arguments(cfg: DictConfig, output_dir: str | Path, has_eval: bool) -> Any:
-    """The trainer's arguments, from the `trainer` and `optim` nodes."""
-    from fine_tune.utils.build import build
-
-    optim = OmegaConf.to_container(cfg.optim, resolve=True)
-    return build(
-        cfg.trainer,
-        output_dir=str(output_dir),
-        seed=cfg.seed,
-        has_eval=has_eval,
-        optim=optim,
-        _convert_="all",
-    )
-
-
-def build_model(cfg: DictConfig, tokenizer: Any) -> Any:
-    from fine_tune.plan import check_before_loading
-    from fine_tune.utils.build import build
-
-    plan = check_before_loading(cfg)  # on a GPU: stop with advice before loading what will not fit
-    if plan is not None:
-        log.info("memory plan: %.1f GiB predicted peak", plan.total_bytes / 2**30)
-
-    # The quant node is instantiated by Hydra as a nested `_target_` (a dataclass passed in directly
-    # would be turned back into a config).
-    loaded = build(cfg.model, quant=cfg.quant, seed=cfg.seed, tokenizer=tokenizer)
-    return loaded, loaded.quant
-
-
-def build_trainer(
-    cfg: DictConfig, model: Any, tokenizer: Any, data: Any, run_dir: Path, tracker: Any, preemption: Any
-) -> Any:
-    from transformers.trainer_callback import PrinterCallback
-
-    from fine_tune.hardware import peak_flops
-    from fine_tune.training.callbacks import MetricsLogCallback
-    from fine_tune.training.optim import build_optimizer_factory
-    from fine_tune.training.samples import SampleCallback
-    from fine_tune.training.throughput import PhaseTimer, model_flops_per_token
-    from fine_tune.training.trainer import FineTuneTrainer
-
-    args = build_arguments(cfg, run_dir / "checkpoints", has_eval=data.eval is not None)
-    timer = PhaseTimer()  # eval, samples and checkpoints: kept out of the training throughput
-    precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
-    flops = model_flops_per_token(model)
-    metrics = MetricsLogCallback(
-        run_dir, tracker, timer, flops_per_token=flops, peak_flops=peak_flops(precision)
-    )
-    generation = cfg.trainer.generation
-    samples = SampleCallback(
-        run_dir,
-        tracker,
-        tokenizer,
-        data.prompts,
-        generation.num_prompts,
-        generation.max_new_tokens,
-        cfg.trainer.eval_steps,
-        timer=timer,
-    )
-    trainer = FineTuneTrainer(
-        model=model,
-        args=args,
-        data_collator=data.collator,
-        train_dataset=data.train,
-        eval_dataset=data.eval,
-        processing_class=tokenizer,
-        callbacks=[metrics, samples, preemption],
-        optimizer_factory=build_optimizer_factory(cfg.optim.optimizer),
-        timer=timer,
-    )
-    trainer.remove_callback(PrinterCallback)  # our callback prints one concise line per step
-    return trainer, metrics
-
-
 def train(cfg: DictConfig, run_dir: Path, tracker: Any, job: dict) -> tuple[dict, Any]:
     """Build everything, train, evaluate, save; return the final metrics (also in metrics.json) and
     the trainer, whose model tests compare with the saved adapter."""
@@ -157,30 +66,24 @@ def train(cfg: DictConfig, run_dir: Path, tracker: Any, job: dict) -> tuple[dict
 def _train(cfg: DictConfig, run_dir: Path, tracker: Any, job: dict, preemption: Any) -> tuple[dict, Any]:
     from transformers import set_seed
 
-    from fine_tune.adapters import attach_adapter, count_parameters
+    from fine_tune.adapters import count_parameters
     from fine_tune.hardware import is_main_process
+    from fine_tune.recipe import Recipe
     from fine_tune.training.checkpoints import prepare_resume
     from fine_tune.training.progress import ProgressBar
     from fine_tune.training.trainer import restore_expert_adapters
-    from fine_tune.utils.build import build
 
     started = time.perf_counter()
     checkpoint, logged = prepare_resume(cfg.resume, run_dir, cfg.lora, cfg.trainer)
     if is_main_process():
         remove_partial_saves(run_dir)
     set_seed(cfg.seed)
-    tokenizer = build_tokenizer(cfg)
-    data = build_data(cfg, tokenizer)  # bad data fails here, before any weights load
-    log.info("data report\n%s", data.report.format())
+    recipe = Recipe(cfg)
+    data = recipe.data  # bad data fails here, before any weights load
+    log.info("method: %s\ndata report\n%s", recipe.method.describe(), data.report.format())
     if is_main_process():  # generate/export read the template the run trained with
         atomic_write_json(run_dir / "data_report.json", data.report.to_dict())
-    adapter = build(cfg.lora)
-    loaded, quant = build_model(cfg, tokenizer)
-    # A KV cache in training makes packed rows attend across example boundaries (transformers 5.23
-    # only honours restarting position_ids without a cache); training never needs it.
-    loaded.model.config.use_cache = False
-    set_seed(cfg.seed)  # adapter init must not depend on how many random numbers loading drew
-    model = attach_adapter(loaded.model, adapter, cfg.trainer.gradient_checkpointing, quant.enabled)
+    model = recipe.model
     if checkpoint is not None:
         restore_expert_adapters(model, checkpoint)  # HF's resume restores PEFT's weights only
     trainable, total = count_parameters(model)
@@ -190,7 +93,7 @@ def _train(cfg: DictConfig, run_dir: Path, tracker: Any, job: dict, preemption: 
         f"{total:,}",
         100 * trainable / max(total, 1),
     )
-    trainer, metrics_cb = build_trainer(cfg, model, tokenizer, data, run_dir, tracker, preemption)
+    trainer, metrics_cb = recipe.trainer(run_dir, tracker, preemption)
     trainer.add_callback(ProgressBar())  # shown only when stderr is a terminal
     metrics_cb.resume_from(logged)
     tracker.start(cfg, run_dir, job)
@@ -204,7 +107,7 @@ def _train(cfg: DictConfig, run_dir: Path, tracker: Any, job: dict, preemption: 
     eval_loss = final_eval_loss(trainer, metrics_cb, data)
     if is_main_process():
         publish_dir(run_dir / "adapter", lambda d: save_adapter(model, d))
-        publish_dir(run_dir / "tokenizer", lambda d: save_tokenizer(tokenizer, d))
+        publish_dir(run_dir / "tokenizer", lambda d: save_tokenizer(recipe.tokenizer, d))
     metrics = final_metrics(
         trainer.state, metrics_cb, eval_loss, trainable, total, time.perf_counter() - started
     )
@@ -244,7 +147,9 @@ def final_metrics(
         "first_train_loss": metrics_cb.first_loss,
         "train_loss": metrics_cb.last_loss,
         "eval_loss": eval_loss,
-        "eval_perplexity": math.exp(min(eval_loss, 50.0)) if eval_loss is not None else None,
+        "eval_perplexity": (
+            math.exp(min(eval_loss, 50.0)) if eval_loss is not None and metrics_cb.perplexity else None
+        ),
         "steps": state.global_step,
         "tokens_seen": int(state.num_input_tokens_seen or 0),
         **metrics_cb.summary(),

@@ -208,6 +208,37 @@ class PreferenceDatasetSchema(_DataSchema):
 
 
 @dataclass
+class SFTMethodSchema:
+    """Supervised fine-tuning (conf/method/sft.yaml): no keys of its own."""
+
+    _target_: str = "fine_tune.training.methods.sft"
+
+
+DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust")
+
+
+@dataclass
+class DPOMethodSchema:
+    """Direct Preference Optimization (conf/method/dpo.yaml says what each key trades)."""
+
+    _target_: str = "fine_tune.training.methods.dpo"
+    beta: float = positive(0.1)
+    loss_type: str = one_of("sigmoid", DPO_LOSSES)
+    label_smoothing: float = _rule(0.0, lambda v: 0 <= v < 0.5, "must be in [0, 0.5)")
+    precompute_ref_log_probs: bool = False
+    disable_dropout: bool = True
+
+
+@dataclass
+class ORPOMethodSchema:
+    """Odds Ratio Preference Optimization (conf/method/orpo.yaml)."""
+
+    _target_: str = "fine_tune.training.methods.orpo"
+    beta: float = positive(0.1)
+    disable_dropout: bool = True
+
+
+@dataclass
 class RunSchema:
     """The run-level keys, typed; registered with Hydra's ConfigStore so `seed=abc` or `plan=maybe`
     fail while the config is composed. Groups are typed by their own schemas at run start."""
@@ -218,6 +249,8 @@ class RunSchema:
     validate: bool = False
     preview: bool = False
     resume: Any = False  # false | true | a checkpoint path (OmegaConf has no bool | str union)
+    init_adapter: str | None = None  # a run dir (or adapter dir) whose adapter this run starts from
+    method: Any = None
     model: Any = None
     quant: Any = None
     lora: Any = None
@@ -243,6 +276,7 @@ GROUP_SCHEMAS = {
     "trainer": TrainerSchema,
     "optim": OptimSchema,
     "dataset": DatasetSchema,
+    "method": SFTMethodSchema,
 }
 
 
@@ -282,7 +316,10 @@ def _check_values(schema: type, node: Any, where: str) -> None:
 
 
 # Other builders a group may name, each with its own schema (the group's default is GROUP_SCHEMAS').
-ALTERNATIVE_SCHEMAS = {"dataset": (PreferenceDatasetSchema,)}
+ALTERNATIVE_SCHEMAS = {
+    "dataset": (PreferenceDatasetSchema,),
+    "method": (DPOMethodSchema, ORPOMethodSchema),
+}
 
 
 def schema_for(group: str, node: Any) -> type | None:

@@ -191,6 +191,67 @@ def cross_checks(data: dict, checked: Checked) -> None:
             where="resume",
             hint="resume=true continues this run dir's latest checkpoint",
         )
+    _check_method(data.get("method") or {})
+    if data.get("init_adapter"):
+        _check_init_adapter(data, checked)
+
+
+def _check_method(method: dict) -> None:
+    """Method keys that only mean something together."""
+    if method.get("label_smoothing") and method.get("loss_type") != "robust":
+        raise UserError(
+            f"label_smoothing is read by loss_type=robust only (TRL 1.16's {method.get('loss_type')} "
+            "loss ignores it)",
+            where="method.label_smoothing",
+            hint="set method.loss_type=robust, or method.label_smoothing=0",
+        )
+
+
+def _check_init_adapter(data: dict, checked: Checked) -> None:
+    """The adapter a run starts from must fit its `lora` settings and its base model."""
+    from fine_tune.recipe import init_adapter_dir
+    from fine_tune.training.checkpoints import adapter_mismatch
+    from fine_tune.utils.io import read_json
+
+    directory = init_adapter_dir(data["init_adapter"])
+    saved = read_json(directory / "adapter_config.json") or {}
+    experts = bool(saved.get("target_parameters"))
+    mismatch = adapter_mismatch(saved, data["lora"]) or (
+        ("experts", experts, data["lora"]["experts"]) if experts != bool(data["lora"]["experts"]) else None
+    )
+    if mismatch:
+        key, was, wanted = mismatch
+        raise UserError(
+            f"the adapter in {directory} has {key}={was}, the config says lora.{key}={wanted}",
+            where=f"lora.{key}",
+            hint="init_adapter continues that adapter: set the lora group as the run that trained it did",
+        )
+    from fine_tune.run_dir import saved_config
+
+    run_config = saved_config(directory.parent)
+    if not run_config.is_file():
+        checked.notes.append(f"init_adapter {directory}: no run config beside it, base model not compared")
+        return
+    from omegaconf import OmegaConf
+
+    trained = OmegaConf.to_container(OmegaConf.load(run_config), resolve=True)
+    keys = ["family", "name_or_path", "init", "architecture"]
+    model = data["model"]
+    for key in keys:
+        if trained["model"].get(key) != model.get(key):
+            raise UserError(
+                f"the adapter in {directory} was trained on another base model (model.{key}: "
+                f"{trained['model'].get(key)!r}, here {model.get(key)!r})",
+                where="init_adapter",
+                hint="use the model group of the run that trained it",
+            )
+    if model["init"] == "random" and trained.get("seed") != data["seed"]:
+        raise UserError(
+            f"the adapter in {directory} was trained on random weights of seed {trained.get('seed')}, "
+            f"this run's are seed {data['seed']}",
+            where="seed",
+            hint=f"seed={trained.get('seed')}",
+        )
 
 
 def _check_model(model: dict, dataset: dict, checked: Checked) -> None:
@@ -320,7 +381,7 @@ def print_validation(cfg: DictConfig) -> None:
     )
     tree = Tree("[bold]fine_tune run plan[/bold] (validate=true: nothing was trained, no weights loaded)")
 
-    built = instantiate_light(cfg)
+    built = instantiate_light(cfg)  # builds no data and no weights
     node = tree.add(
         f"[bold]checks[/bold]: {len(checked.targets)} targets import and accept their keys; "
         f"built without weights: {', '.join(built)}"
@@ -352,7 +413,19 @@ def print_validation(cfg: DictConfig) -> None:
             f"trainable parameters: {plan.trainable_params:,} ({100 * plan.trainable_params / total:.3f}%)"
         )
 
-    bundle = _build_data(cfg)
+    from fine_tune.quiet import quiet_libraries
+    from fine_tune.recipe import Recipe
+
+    quiet_libraries()
+    recipe = Recipe(cfg)
+    method = recipe.method
+    node = tree.add(f"[bold]method[/bold]: {method.describe()}")
+    if method.reference:
+        node.add("reference: the base model with the adapter off, one forward per step without gradients")
+    if data.get("init_adapter"):
+        node.add(f"starting from the adapter in {data['init_adapter']}")
+
+    bundle = recipe.data
     check_prompts(bundle, dataset["max_length"])
     node = tree.add("[bold]data[/bold]")
     for line in bundle.report.format().splitlines():
@@ -365,7 +438,9 @@ def print_validation(cfg: DictConfig) -> None:
     steps, epochs = planned_steps(trainer, len(bundle.train))
     effective = trainer["per_device_train_batch_size"] * trainer["gradient_accumulation_steps"]
     node = tree.add(
-        f"[bold]training[/bold]: {steps} steps ({epochs:.2f} epochs), effective batch {effective}, "
+        f"[bold]training[/bold]: {steps} steps ({epochs:.2f} epochs), effective batch {effective}"
+        + (" pairs (chosen + rejected: twice the sequences)" if method.pairs else "")
+        + ", "
         f"max_length {dataset['max_length']}, precision {trainer['precision']}"
     )
     node.add(f"optimizer {optim['optimizer']['_target_']}, lr {optim['lr']}, scheduler {optim['scheduler']}")
@@ -386,24 +461,17 @@ def print_validation(cfg: DictConfig) -> None:
 
 def instantiate_light(cfg: DictConfig) -> list[str]:
     """Build every object that holds no weights, so their own validation runs too (PEFT's LoraConfig,
-    BitsAndBytesConfig, TrainingArguments, the optimizer factory, the tracker; nothing is started)."""
+    BitsAndBytesConfig, the method's TRL config, the optimizer factory, the tracker; nothing is started)."""
     import tempfile
 
-    from fine_tune.run import build_arguments
+    from fine_tune.recipe import Recipe
     from fine_tune.training.optim import build_optimizer_factory
     from fine_tune.utils.build import build
 
     build(cfg.lora)
     build(cfg.quant)
     with tempfile.TemporaryDirectory() as tmp:
-        build_arguments(cfg, tmp, has_eval=True)
+        Recipe(cfg).arguments(tmp, has_eval=True)
     build_optimizer_factory(cfg.optim.optimizer)
     build(cfg.logger)
-    return ["lora", "quant", "trainer", "optim.optimizer", "logger"]
-
-
-def _build_data(cfg: DictConfig) -> Any:
-    from fine_tune.run import build_data, build_tokenizer, quiet_libraries
-
-    quiet_libraries()
-    return build_data(cfg, build_tokenizer(cfg))
+    return ["lora", "quant", "method + trainer", "optim.optimizer", "logger"]

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from fine_tune.schema import GROUP_SCHEMAS, MOVED, default, schema_for
 
-GROUPS = ["model", "quant", "lora", "dataset", "optim", "trainer", "logger"]
+GROUPS = ["model", "quant", "lora", "dataset", "method", "optim", "trainer", "logger"]
 
 
 def options(group: str) -> list[str]:
@@ -126,13 +126,13 @@ def test_cheap_builders_instantiate():
     for option in options("optim"):
         optimizer = build_optimizer_factory(compose([f"optim={option}"]).optim.optimizer)([param])
         assert optimizer.param_groups[0]["lr"] == pytest.approx(compose().model.lr)
-    from fine_tune.run import build_arguments
+    from fine_tune.recipe import Recipe
     from fine_tune.schema import check_types
 
     for option in options("trainer"):
         cfg = compose([f"trainer={option}"])
         check_types(cfg)
-        args = build_arguments(cfg, "/tmp/x", has_eval=True)
+        args = Recipe(cfg).arguments("/tmp/x", has_eval=True)
         assert isinstance(args, TrainingArguments)
         assert args.learning_rate == pytest.approx(cfg.optim.lr)
 

@@ -20,21 +20,16 @@ def build_engine(tmp_path: Path, overrides: list[str]):
     from hydra.utils import instantiate
     from transformers import set_seed
 
-    from fine_tune.adapters import attach_adapter
-    from fine_tune.run import build_data, build_model, build_tokenizer, build_trainer
+    from fine_tune.recipe import Recipe
+    from fine_tune.schema import check_types
     from fine_tune.training.preemption import PreemptionHandler
 
     cfg = compose([*FAST, *overrides])
+    check_types(cfg)
     set_seed(cfg.seed)
-    tokenizer = build_tokenizer(cfg)
-    data = build_data(cfg, tokenizer)
-    loaded, quant = build_model(cfg, tokenizer)
-    loaded.model.config.use_cache = False
-    adapter = instantiate(cfg.lora)
-    model = attach_adapter(loaded.model, adapter, cfg.trainer.gradient_checkpointing, quant.enabled)
-    tracker = instantiate(cfg.logger)
-    trainer, _ = build_trainer(cfg, model, tokenizer, data, tmp_path, tracker, PreemptionHandler())
-    return trainer, data
+    recipe = Recipe(cfg)
+    trainer, _ = recipe.trainer(tmp_path, instantiate(cfg.logger), PreemptionHandler())
+    return trainer, recipe.data
 
 
 def direct_loss(model, batch: dict) -> torch.Tensor:

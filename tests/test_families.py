@@ -81,12 +81,12 @@ def test_local_llama_trains(tmp_path, quant):
 
 
 def test_an_unknown_moe_layout_is_a_user_error(tmp_path):
-    from fine_tune.run import build_model, build_tokenizer
+    from fine_tune.recipe import Recipe
     from fine_tune.schema import check_types
 
     path = save(tiny(transformers.Qwen3MoeConfig, **QWEN), tmp_path / "qwen3")
     cfg = compose(local(path, "quant=nf4"))
     check_types(cfg)
     with pytest.raises(UserError) as error:
-        build_model(cfg, build_tokenizer(cfg))
+        _ = Recipe(cfg).model
     assert "qwen3_moe" in str(error.value) and error.value.where == "model.name_or_path"

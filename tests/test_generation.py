@@ -37,12 +37,10 @@ def test_batched_greedy_equals_one_prompt_at_a_time():
 
     from fine_tune.data import render_prompt
     from fine_tune.generation import generate_batch
-    from fine_tune.run import build_tokenizer
-    from fine_tune.utils.build import build
+    from fine_tune.recipe import Recipe
 
-    cfg = compose(["trainer=cpu"])
-    tokenizer = build_tokenizer(cfg)
-    base = build(cfg.model, quant=cfg.quant, seed=cfg.seed, tokenizer=tokenizer).model
+    recipe = Recipe(compose(["trainer=cpu"]))
+    tokenizer, base = recipe.tokenizer, recipe.base.model
     torch.manual_seed(0)  # an adapter that changes the answers, as a trained one does
     lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     model = get_peft_model(base, lora)

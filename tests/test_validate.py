@@ -16,13 +16,12 @@ from fine_tune.validate import check_config, check_prompts
 
 def real_counts(cfg) -> tuple[int, int]:
     """(trainable, total of the base model) as the run builds them."""
-    from fine_tune.adapters import attach_adapter, count_parameters
-    from fine_tune.run import build_model, build_tokenizer
-    from fine_tune.utils.build import build
+    from fine_tune.adapters import count_parameters
+    from fine_tune.recipe import Recipe
 
-    loaded, quant = build_model(cfg, build_tokenizer(cfg))
-    _, base = count_parameters(loaded.model)
-    trainable, _ = count_parameters(attach_adapter(loaded.model, build(cfg.lora), False, quant.enabled))
+    recipe = Recipe(cfg)
+    _, base = count_parameters(recipe.base.model)
+    trainable, _ = count_parameters(recipe.model)
     return trainable, base
 
 

@@ -1,9 +1,11 @@
-"""`trainer` + `optim` nodes -> TRL's `SFTConfig` (a `transformers.TrainingArguments`).
+"""`trainer` + `optim` nodes -> the TRL config of the run's method (`SFTConfig`, `DPOConfig`,
+`ORPOConfig`: each a `transformers.TrainingArguments`).
 
 We keep our own option names (stable across transformers/TRL renames) and translate them here. The
 data reaches TRL tokenized, masked, packed and collated by `fine_tune.data`, so every data option of
-TRL is set to "leave it alone", and every SFTConfig default that differs from TrainingArguments
-(checkpointing and bf16 on, its own learning rate) is set from our config instead (docs/speed.md)."""
+TRL is set to "leave it alone" (the method says which: `Method.trl_arguments`), and every TRL
+default that differs from TrainingArguments (checkpointing and bf16 on, its own learning rate) is
+set from our config instead (docs/speed.md)."""
 
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ def build_training_arguments(
     seed: int,
     optim: dict,
     has_eval: bool = True,
+    method: dict[str, Any] | None = None,
     max_steps: int = _default("max_steps"),
     num_train_epochs: float = _default("num_train_epochs"),
     per_device_train_batch_size: int = _default("per_device_train_batch_size"),
@@ -42,16 +45,21 @@ def build_training_arguments(
     generation: Any = None,  # read by the samples callback; accepted so the node passes through whole
 ) -> Any:
     """Values come checked by `fine_tune.schema.TrainerSchema` / `OptimSchema` (ranges, allowed values);
-    here they are only translated."""
-    from trl import SFTConfig
+    here they are only translated. `method` is `Method.trl_arguments(...)` of the run's method: the
+    TRL config class and its keys (default: SFT's)."""
+    from hydra.utils import get_class
 
     from fine_tune.hardware import has_cuda, resolve_precision
+    from fine_tune.training.methods import sft
+
+    method = dict(method or sft().trl_arguments(max_length=0))
+    config_class = get_class(method.pop("config_class"))
 
     precision = resolve_precision(precision)
     if precision in ("bf16", "fp16") and not has_cuda():
         precision = "fp32"  # mixed precision on CPU is slower and not exact; the log says which was used
     checkpoint_kwargs = checkpointing_kwargs(checkpointing)  # checked even while checkpointing is off
-    return SFTConfig(
+    return config_class(
         output_dir=output_dir,
         seed=seed,
         data_seed=seed,
@@ -80,19 +88,13 @@ def build_training_arguments(
         activation_checkpointing=bool(gradient_checkpointing),
         activation_checkpointing_kwargs=checkpoint_kwargs if gradient_checkpointing else None,
         use_liger_kernel=resolve_liger(use_liger_kernel),
-        # Our data pipeline tokenized, masked, truncated (dataset.truncation) and packed the examples
-        # and our collators batch them: TRL prepares nothing, truncates nothing, packs nothing.
-        dataset_kwargs={"skip_prepare_dataset": True},
-        max_length=None,
-        packing=False,
-        padding_free=False,
-        pad_to_multiple_of=None,
         include_num_input_tokens_seen="non_padding",
         remove_unused_columns=False,
         report_to="none",  # our own trackers log; HF's WandbCallback would open a second run
         disable_tqdm=True,
         use_cpu=not has_cuda(),
         ddp_find_unused_parameters=False,
+        **method,
     )
 
 

@@ -23,6 +23,8 @@ SHOWN = {
     "eval/perplexity": "ppl",
     "train/learning_rate": "lr",
     "train/grad_norm": "grad",
+    "train/rewards/accuracies": "acc",
+    "train/rewards/margins": "margin",
     "perf/tokens_per_second": "tok/s",
     "perf/mfu": "mfu",
 }
@@ -57,6 +59,28 @@ RENAMES = {
     "eval_mean_token_accuracy": "eval/token_accuracy",
     "eval_runtime": "perf/eval_seconds",
 }
+# What TRL's preference trainers log per step (DPO and ORPO alike; ORPO's rewards are beta x the mean
+# log-probability of an answer, its own metrics the log-odds terms): the same name under train/ and eval/.
+PREFERENCE_METRICS = (
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "logps/chosen",
+    "logps/rejected",
+    "nll_loss",
+    "log_odds_ratio",
+    "log_odds_chosen",
+)
+RENAMES.update({key: f"train/{key}" for key in PREFERENCE_METRICS})
+RENAMES.update({f"eval_{key}": f"eval/{key}" for key in PREFERENCE_METRICS})
+# The last logged value of these goes into metrics.json (compare's columns), under these names.
+FINAL = {
+    "train/rewards/accuracies": "reward_accuracy",
+    "train/rewards/margins": "reward_margin",
+    "eval/rewards/accuracies": "eval_reward_accuracy",
+    "eval/rewards/margins": "eval_reward_margin",
+}
 
 
 class MetricsLogCallback(TrainerCallback):
@@ -73,6 +97,7 @@ class MetricsLogCallback(TrainerCallback):
         timer: PhaseTimer | None = None,
         flops_per_token: float | None = None,
         peak_flops: float | None = None,
+        perplexity: bool = True,
     ) -> None:
         self.path = Path(run_dir) / "metrics.jsonl"
         self.tracker = tracker
@@ -80,9 +105,11 @@ class MetricsLogCallback(TrainerCallback):
         self.clock = TrainingClock(self.timer)
         self.flops_per_token = flops_per_token
         self.peak_flops = peak_flops
+        self.perplexity = perplexity  # False for preference losses: exp(loss) is no perplexity there
         self.first_loss: float | None = None
         self.last_loss: float | None = None
         self.last_eval: dict[str, float] = {}
+        self.latest: dict[str, float] = {}  # the last logged value of each FINAL metric
         self._sample_seconds_logged = 0.0
 
     def resume_from(self, rows: list[dict]) -> None:
@@ -94,6 +121,7 @@ class MetricsLogCallback(TrainerCallback):
                 self.last_loss = float(row["train/loss"])
             if "eval/loss" in row:
                 self.last_eval = {"eval_loss": float(row["eval/loss"]), "step": int(row["step"])}
+            self.latest.update({key: float(row[key]) for key in FINAL if key in row})
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.clock.start(state.num_input_tokens_seen or 0)
@@ -115,6 +143,7 @@ class MetricsLogCallback(TrainerCallback):
             "eval_time_s": self.timer.seconds["eval"],
             "sample_time_s": self.timer.seconds["samples"],
             "checkpoint_time_s": self.timer.seconds["checkpoint"],
+            **{FINAL[key]: value for key, value in self.latest.items()},
         }
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -131,7 +160,8 @@ class MetricsLogCallback(TrainerCallback):
             except (TypeError, ValueError):
                 continue
         if "eval/loss" in row:
-            row["eval/perplexity"] = math.exp(min(row["eval/loss"], 50.0))
+            if self.perplexity:
+                row["eval/perplexity"] = math.exp(min(row["eval/loss"], 50.0))
             self.last_eval = {"eval_loss": row["eval/loss"], "step": state.global_step}
         if "train/loss" in row:
             if self.first_loss is None:
@@ -145,6 +175,7 @@ class MetricsLogCallback(TrainerCallback):
                     row["perf/mfu"] = share
         if not row:
             return
+        self.latest.update({key: row[key] for key in FINAL if key in row})
         sampled = self.timer.seconds["samples"] - self._sample_seconds_logged
         if sampled > 0:  # samples generated since the previous row (eval rows carry their own time)
             row["perf/sample_seconds"] = sampled

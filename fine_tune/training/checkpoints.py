@@ -152,6 +152,19 @@ def prepare_resume(
     return checkpoint, trim_jsonl(run_dir / "metrics.jsonl", step)
 
 
+def adapter_mismatch(saved: dict, lora: Any) -> tuple[str, Any, Any] | None:
+    """(key, saved value, configured value) of the first adapter setting a saved adapter_config.json
+    and the `lora` node disagree on (rank, alpha, listed targets); None when they agree."""
+    for key in ("r", "lora_alpha"):
+        if key in saved and key in lora and float(saved[key]) != float(lora[key]):
+            return key, saved[key], lora[key]
+    targets = lora.get("target_modules")
+    listed = isinstance(saved.get("target_modules"), list) and targets and not isinstance(targets, str)
+    if listed and sorted(saved["target_modules"]) != sorted(str(t) for t in targets):
+        return "target_modules", sorted(saved["target_modules"]), sorted(str(t) for t in targets)
+    return None
+
+
 def check_compatible(checkpoint: Path, lora: Any, trainer: Any) -> None:
     """Refuse to resume a checkpoint written with another adapter shape or batch size.
 
@@ -161,22 +174,14 @@ def check_compatible(checkpoint: Path, lora: Any, trainer: Any) -> None:
     """
     from fine_tune.utils.io import read_json
 
-    saved = read_json(checkpoint / "adapter_config.json") or {}
-    for key in ("r", "lora_alpha"):
-        if key in saved and key in lora and float(saved[key]) != float(lora[key]):
-            raise UserError(
-                f"the checkpoint was trained with {key}={saved[key]}, the config says {lora[key]}",
-                where=f"lora.{key}",
-                hint=f"resume with the config the checkpoint was written with ({checkpoint.parent.parent}"
-                "/.hydra/config.yaml), or start a new run dir",
-            )
-    targets = lora.get("target_modules")
-    listed = isinstance(saved.get("target_modules"), list) and targets and not isinstance(targets, str)
-    if listed and sorted(saved["target_modules"]) != sorted(str(t) for t in targets):
+    mismatch = adapter_mismatch(read_json(checkpoint / "adapter_config.json") or {}, lora)
+    if mismatch:
+        key, saved, wanted = mismatch
         raise UserError(
-            f"the checkpoint adapts {sorted(saved['target_modules'])}, the config {sorted(targets)}",
-            where="lora.target_modules",
-            hint="resume with the config the checkpoint was written with",
+            f"the checkpoint was trained with {key}={saved}, the config says {wanted}",
+            where=f"lora.{key}",
+            hint=f"resume with the config the checkpoint was written with ({checkpoint.parent.parent}"
+            "/.hydra/config.yaml), or start a new run dir",
         )
     state = read_json(checkpoint / "trainer_state.json") or {}
     batch = state.get("train_batch_size")

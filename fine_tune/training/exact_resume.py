@@ -6,7 +6,8 @@
 - The logged loss is the mean over the steps since the last logging step. Transformers keeps that
   running sum in memory only and restarts it at the resume step, so the first loss logged after a
   resume averages fewer steps. Here the partial sum and the step it started after are written into
-  every checkpoint and put back before training continues.
+  every checkpoint and put back before training continues; so are the per-step values a trainer
+  averages into its other logged metrics (`logging_window_state`, e.g. the rewards of DPO).
 
 A mixin for `transformers.Trainer` (and its subclasses), placed before it in the bases. It relies on
 private members of transformers 5.23 (`_run_epoch`, `_tr_loss`, `_globalstep_last_logged`,
@@ -33,6 +34,13 @@ class ExactResume:
 
     _window_to_restore: dict[str, Any] | None = None
 
+    def logging_window_state(self) -> dict[str, Any]:
+        """JSON values a subclass accumulates between logging steps (beyond the loss), to restore."""
+        return {}
+
+    def restore_logging_window_state(self, state: dict[str, Any]) -> None:
+        """Put back what `logging_window_state` returned when the checkpoint was written."""
+
     def _init_training_state(
         self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial
     ):
@@ -56,12 +64,17 @@ class ExactResume:
             # (0 + s == s), so every later addition happens in the uninterrupted run's order.
             self._tr_loss += float(window["loss_sum"])
             self._globalstep_last_logged = int(window["last_logged_step"])
+            self.restore_logging_window_state(window.get("state") or {})
         super()._run_epoch(*args, **kwargs)
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         super()._save_checkpoint(model, trial)
         folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
         folder.mkdir(parents=True, exist_ok=True)
-        window = {"loss_sum": float(self._tr_loss.item()), "last_logged_step": self._globalstep_last_logged}
+        window = {
+            "loss_sum": float(self._tr_loss.item()),
+            "last_logged_step": self._globalstep_last_logged,
+            "state": self.logging_window_state(),
+        }
         path = window_file(folder, self.args.process_index, self.args.world_size)
         path.write_text(json.dumps(window) + "\n", encoding="utf-8")

@@ -11,7 +11,8 @@ FLOPs per token (docs/speed.md):  4 x N_frozen + 6 x N_adapter, where
     head); a frozen weight costs 2 FLOPs per token forward and 2 backward (the gradient of its input;
     no gradient of its own);
   - N_adapter: trainable (LoRA) weights, expert adapters scaled by the share of experts a token
-    uses; 2 forward + 2 input gradient + 2 weight gradient.
+    uses; 2 forward + 2 input gradient + 2 weight gradient;
+  - DPO adds a reference forward of every token without gradients, the adapter off: + 2 x N_frozen.
 Left out: attention scores (QK^T, AV: about 4% of Mistral-7B at 2048 tokens), norms and activations,
 and the forward that gradient checkpointing recomputes (model FLOPs, not hardware FLOPs).
 """
@@ -86,9 +87,12 @@ class TrainingClock:
         return seconds, trained
 
 
-def flops_per_token(config: Any, trainable: Iterable[tuple[str, int]]) -> float | None:
+def flops_per_token(
+    config: Any, trainable: Iterable[tuple[str, int]], reference_forward: bool = False
+) -> float | None:
     """Training FLOPs of one token (formula in the module docstring); None for a config without the
-    usual decoder fields, rather than a guess. `trainable`: (name, numel) of the trainable weights."""
+    usual decoder fields, rather than a guess. `trainable`: (name, numel) of the trainable weights;
+    `reference_forward`: a DPO step's forward of the reference."""
     try:
         hidden, layers, vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
         heads, inter = config.num_attention_heads, config.intermediate_size
@@ -103,13 +107,13 @@ def flops_per_token(config: Any, trainable: Iterable[tuple[str, int]]) -> float 
     frozen = layers * (attention + mlp) + vocab * hidden
     share = routed / experts if experts > 1 else 1.0
     adapters = sum(n * (share if "experts" in name else 1.0) for name, n in trainable)
-    return 4.0 * frozen + 6.0 * adapters
+    return (6.0 if reference_forward else 4.0) * frozen + 6.0 * adapters
 
 
-def model_flops_per_token(model: Any) -> float | None:
+def model_flops_per_token(model: Any, reference_forward: bool = False) -> float | None:
     """`flops_per_token` of a built (PEFT) model."""
     trainable = ((name, p.numel()) for name, p in model.named_parameters() if p.requires_grad)
-    return flops_per_token(model.config, trainable)
+    return flops_per_token(model.config, trainable, reference_forward)
 
 
 def mfu(tokens_per_second: float | None, flops: float | None, peak: float | None) -> float | None:

@@ -1,12 +1,13 @@
-"""The engine: TRL's `SFTTrainer`, fed with our token-exact, pre-tokenized, already-masked batches.
+"""The engine: TRL's trainers, fed with our token-exact, pre-tokenized, already-masked batches.
 
-What TRL brings: its fused LM head (the loss from chunked log-probabilities of the labelled
-positions, never a full logits tensor), Liger kernels, selective checkpointing. What we keep: our
-optimizer factory, checkpoints written whole or not at all, timing of everything that is not
-training. What we turn off, because it would change what a run trains or writes (docs/speed.md):
-TRL's dataset preparation (SFTConfig in arguments.py), its cast of QLoRA adapters to bf16, its
-MoE load-balancing loss switched on from the model config, its model card in checkpoints/ and its
-telemetry ping.
+`EngineMixin` is what every run's trainer adds to its TRL trainer, whatever the method
+(fine_tune/training/methods.py): our optimizer factory, checkpoints written whole or not at all
+(with the 4-bit expert adapters PEFT cannot save), exact resume, timing of everything that is not
+training. What it turns off, because it would change what a run trains or writes (docs/speed.md):
+TRL's cast of QLoRA adapters to bf16, its MoE load-balancing loss switched on from the model
+config, its model card in checkpoints/ and its telemetry ping. `FineTuneTrainer` is the SFT engine
+(TRL's `SFTTrainer`: its fused LM head computes the loss from chunked log-probabilities of the
+labelled positions, never a full logits tensor); the preference engines are in `preference.py`.
 """
 
 from __future__ import annotations
@@ -85,7 +86,9 @@ def enable_selective_checkpointing(model: Any) -> None:
     enable_selective_activation_checkpointing(inner)
 
 
-class FineTuneTrainer(ExactResume, SFTTrainer):
+class EngineMixin(ExactResume):
+    """Our behaviour on top of a TRL trainer; place it before the TRL class in the bases."""
+
     def __init__(
         self,
         model: Any,
@@ -162,3 +165,7 @@ class FineTuneTrainer(ExactResume, SFTTrainer):
                 replace_dir(staging / folder, root / folder)
                 shutil.rmtree(staging, ignore_errors=True)
                 rotate(root, self.args.save_total_limit)
+
+
+class FineTuneTrainer(EngineMixin, SFTTrainer):
+    """Supervised fine-tuning: TRL's SFTTrainer on our tokenized, masked (and packed) examples."""

@@ -91,6 +91,8 @@ class Experts4bit(nn.Module):
         self.blocksize = blocksize
         self.is_concatenated = is_concatenated
         self.adapters = nn.ModuleDict()  # filled by fine_tune.models.moe.lora.attach_expert_lora
+        # False inside PEFT's `disable_adapter()` (lora.switch_with_peft): the base experts alone
+        self.adapters_enabled = True
         code = _bnb_functional().get_4bit_type(quant_type, device="cpu").float()
         self._float_buffer("quant_code", code.to(device))
         self._float_buffer("nested_code", torch.zeros(256, dtype=torch.float32, device=device))
@@ -211,7 +213,7 @@ class Experts4bit(nn.Module):
     def _project(self, name: str, x: torch.Tensor, expert: int) -> torch.Tensor:
         out = _Dequant4bitLinear.apply(x, self, name, expert)
         adapter = self.adapters[name] if name in self.adapters else None  # noqa: SIM401
-        if adapter is not None:
+        if adapter is not None and self.adapters_enabled:
             out = out + adapter(x, expert).to(out.dtype)
         return out
 

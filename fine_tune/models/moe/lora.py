@@ -97,7 +97,8 @@ def attach_expert_lora(
 
     Call it after PEFT has wrapped the model (PEFT freezes every parameter it did not create when
     it wraps, so adapters attached before would be frozen). Adapters are created trainable, in
-    float32 by default like PEFT's QLoRA adapters. Returns the number of adapter parameters.
+    float32 by default like PEFT's QLoRA adapters, and switch off with PEFT's own adapters
+    (`switch_with_peft`). Returns the number of adapter parameters.
     """
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
@@ -117,7 +118,31 @@ def attach_expert_lora(
             )
             mod.adapters[name] = adapter
             added += sum(p.numel() for p in adapter.parameters())
+    switch_with_peft(model)
     return added
+
+
+def switch_with_peft(model: nn.Module) -> None:
+    """Make PEFT's adapter switch turn the expert adapters off and on with its own layers.
+
+    `with peft_model.disable_adapter():` must give the base model: TRL's DPO computes its reference
+    that way, and a test compares against it. PEFT switches only its tuner layers (its LoRA model's
+    `_enable_adapter_layers` visits them); the expert adapters are ours, so this wraps that method
+    of this model's tuner to set `Experts4bit.adapters_enabled` too. A no-op on a model PEFT has
+    not wrapped (or already extended).
+    """
+    tuner = getattr(model, "base_model", None)
+    peft_switch = getattr(tuner, "_enable_adapter_layers", None)
+    if peft_switch is None or getattr(peft_switch, "switches_experts", False):
+        return
+
+    def switch(enabled: bool = True) -> None:
+        peft_switch(enabled)
+        for _, mod in experts_modules(tuner):
+            mod.adapters_enabled = enabled
+
+    switch.switches_experts = True  # type: ignore[attr-defined]
+    tuner._enable_adapter_layers = switch
 
 
 def expert_lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
