@@ -76,6 +76,24 @@ def differences(saved: dict, current: dict) -> list[str]:
     return changed
 
 
+def with_new_keys(saved: dict) -> dict:
+    """A run's saved config with the groups and run-level keys fine_tune gained since it was written
+    (the `method` group, `init_adapter`) at their defaults: what that run did, in today's keys."""
+    from dataclasses import fields
+
+    from omegaconf import OmegaConf
+
+    from fine_tune.schema import GROUP_SCHEMAS, RunSchema, default
+
+    for group, schema in GROUP_SCHEMAS.items():
+        if group not in saved:
+            saved[group] = OmegaConf.to_container(OmegaConf.structured(schema))
+    for spec in fields(RunSchema):
+        if spec.name not in saved and spec.name not in GROUP_SCHEMAS and spec.name != "logger":
+            saved[spec.name] = default(RunSchema, spec.name)
+    return saved
+
+
 def check_unchanged(cfg: Any, run_dir: Path) -> None:
     """Refuse to resume `run_dir` with a config other than the one it was started with."""
     from omegaconf import OmegaConf
@@ -85,7 +103,7 @@ def check_unchanged(cfg: Any, run_dir: Path) -> None:
     path = saved_config(run_dir)
     if not path.is_file():
         return
-    saved = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    saved = with_new_keys(OmegaConf.to_container(OmegaConf.load(path), resolve=False))
     changed = differences(saved, OmegaConf.to_container(cfg, resolve=False))
     if changed:
         listed = "; ".join(changed[:5]) + (f"; and {len(changed) - 5} more" if len(changed) > 5 else "")

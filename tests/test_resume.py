@@ -13,6 +13,7 @@ import pytest
 from lifecycle_helpers import (
     TINY,
     cli,
+    composed,
     logged,
     popen,
     read_jsonl,
@@ -324,3 +325,17 @@ def test_resume_refuses_a_checkpoint_of_another_shape_before_touching_the_logs(
     assert error.value.where == where
     assert (tmp_path / "metrics.jsonl").read_text() == log  # nothing trimmed for a refused resume
     assert prepare_resume(True, tmp_path, *ok)[0] == checkpoint
+
+
+def test_a_run_from_before_the_method_group_resumes_with_its_defaults():
+    """Keys fine_tune gained since a run was written (the method group, init_adapter) are not
+    differences when they hold their defaults; any other change still is."""
+    from omegaconf import OmegaConf
+
+    from fine_tune.resume_config import differences, with_new_keys
+
+    current = OmegaConf.to_container(composed(TINY), resolve=False)
+    saved = {k: v for k, v in current.items() if k not in ("method", "init_adapter")}
+    assert differences(with_new_keys(saved), current) == []
+    dpo = OmegaConf.to_container(composed([*TINY, "method=dpo"]), resolve=False)
+    assert differences(with_new_keys(dict(saved)), dpo)[0].startswith("method.")
