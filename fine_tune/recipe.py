@@ -151,14 +151,13 @@ class Recipe:
         set_seed(cfg.seed)  # adapter init must not depend on how many random numbers loading drew
         return attach_adapter(base, spec, checkpointing, quantized)
 
-    def with_adapter(self, directory: str | Path, dequantize: bool = False) -> Any:
+    def with_adapter(self, directory: str | Path, dequantize: bool = False, dtype: str | None = None) -> Any:
         """The base with a saved adapter (expert adapters included), in eval mode, for inference;
-        `dequantize=True` turns a 4-bit base into plain float weights first (in `model.dtype`)."""
+        `dequantize=True` turns a 4-bit base into plain float weights first (in `dtype`)."""
         from fine_tune.models.moe import dequantize_model, load_adapter
 
         base = self.base.model
         if dequantize:
-            dtype = self.cfg.model.get("dtype")
             base = dequantize_model(base, None if dtype in (None, "auto") else dtype)
         model = load_adapter(base, directory)
         model.eval()
