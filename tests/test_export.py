@@ -162,7 +162,7 @@ def plain_load(model_dir: Path, adapter_dir: Path | None, inputs: Path) -> tuple
 def test_mixtral_adapter_loads_whole_in_plain_peft(mixtral, tmp_path: Path):
     """Plain PEFT on the unquantized base loads every trained number, experts included, and computes
     fine_tune's model: the base is the run's 4-bit weights dequantized, so both sides share it."""
-    from fine_tune.inference import load_base
+    from fine_tune.inference import recipe_of
     from fine_tune.models.moe import dequantize_model
 
     run, loaded, inputs, expected = mixtral
@@ -180,7 +180,7 @@ def test_mixtral_adapter_loads_whole_in_plain_peft(mixtral, tmp_path: Path):
     same_config = json.loads((out / "adapter_config.json").read_text())
     assert same_config == json.loads((run / "adapter" / "adapter_config.json").read_text())  # adapter/ too
     base = tmp_path / "base"
-    dequantize_model(load_base(loaded.cfg, loaded.tokenizer).model, torch.float32).save_pretrained(base)
+    dequantize_model(recipe_of(loaded.cfg).base.model, torch.float32).save_pretrained(base)
 
     report, got = plain_load(base, out, inputs)
     trained = json.loads((run / "metrics.json").read_text())["trainable_params"]
