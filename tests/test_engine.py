@@ -22,9 +22,11 @@ def build_engine(tmp_path: Path, overrides: list[str]):
 
     from fine_tune.adapters import attach_adapter
     from fine_tune.run import build_data, build_model, build_tokenizer, build_trainer
+    from fine_tune.schema import check_types
     from fine_tune.training.preemption import PreemptionHandler
 
     cfg = compose([*FAST, *overrides])
+    check_types(cfg)
     set_seed(cfg.seed)
     tokenizer = build_tokenizer(cfg)
     data = build_data(cfg, tokenizer)

@@ -19,6 +19,10 @@ def _default(name: str) -> Any:
     return default(TrainerSchema, name)
 
 
+DEFAULT_CHECKPOINTING = _default("checkpointing")
+DEFAULT_GENERATION = _default("generation")
+
+
 def build_training_arguments(
     output_dir: str,
     seed: int,
@@ -30,7 +34,7 @@ def build_training_arguments(
     per_device_eval_batch_size: int = _default("per_device_eval_batch_size"),
     gradient_accumulation_steps: int = _default("gradient_accumulation_steps"),
     gradient_checkpointing: bool = _default("gradient_checkpointing"),
-    checkpointing: Any = None,
+    checkpointing: Any = DEFAULT_CHECKPOINTING,
     precision: str = _default("precision"),
     use_liger_kernel: bool | str = _default("use_liger_kernel"),
     logging_steps: int = _default("logging_steps"),
@@ -39,7 +43,7 @@ def build_training_arguments(
     save_total_limit: int | None = _default("save_total_limit"),
     dataloader_num_workers: int = _default("dataloader_num_workers"),
     torch_compile: bool = _default("torch_compile"),
-    generation: Any = None,  # read by the samples callback; accepted so the node passes through whole
+    generation: Any = DEFAULT_GENERATION,  # read by the samples callback; the node passes through whole
 ) -> Any:
     """Values come checked by `fine_tune.schema.TrainerSchema` / `OptimSchema` (ranges, allowed values);
     here they are only translated."""
@@ -130,7 +134,8 @@ def checkpointing_kwargs(checkpointing: Any) -> dict[str, Any]:
     from fine_tune.hardware import has_cuda
     from fine_tune.schema import CheckpointingSchema
 
-    options = {**vars(CheckpointingSchema()), **dict(checkpointing or {})}  # checked by the schema
+    given = vars(checkpointing) if isinstance(checkpointing, CheckpointingSchema) else checkpointing
+    options = {**vars(CheckpointingSchema()), **dict(given or {})}  # values checked by the schema
     kwargs: dict[str, Any] = {"use_reentrant": False}
     if options["every_n_layers"] > 1:
         kwargs["every_n_layers"] = options["every_n_layers"]
