@@ -43,7 +43,7 @@ def build_model(
     from fine_tune.hardware import resolve_dtype
     from fine_tune.models.architecture import load_architecture
     from fine_tune.models.loading import load_weights
-    from fine_tune.models.quant import build_quant_config
+    from fine_tune.models.quant import build_quant_config, pin_portable_4bit_layout
     from fine_tune.models.tokenizer import build_tokenizer
 
     quant = quant if quant is not None else build_quant_config()
@@ -63,6 +63,7 @@ def build_model(
     model = load_weights(
         shape, name_or_path, init, quant, resolve_dtype(dtype), attn_implementation, trust_remote_code, seed
     )
+    pin_portable_4bit_layout(model)  # the same 4-bit numerics on every CPU (fine_tune/models/quant.py)
     # Both configs, as the Trainer would align them (with a warning) on finding them unset.
     model.config.pad_token_id = tok.pad_token_id
     if getattr(model, "generation_config", None) is not None:

@@ -90,25 +90,6 @@ def load_weights(
     trust_remote_code: bool,
     seed: int,
 ) -> Any:
-    """Weights in memory, every 4-bit layer pinned to the layout all CPUs compute alike."""
-    from fine_tune.models.quant import pin_portable_4bit_layout
-
-    model = _load_weights(
-        architecture, name_or_path, init, quant, dtype, attn_implementation, trust_remote_code, seed
-    )
-    return pin_portable_4bit_layout(model)
-
-
-def _load_weights(
-    architecture: Any,
-    name_or_path: str | None,
-    init: str,
-    quant: QuantSpec,
-    dtype: Any,
-    attn_implementation: str,
-    trust_remote_code: bool,
-    seed: int,
-) -> Any:
     """The weights of a validated `model` node (fine_tune.validate checked init and the path)."""
     from fine_tune.families.shapes import config_shapes, parameter_counts
 
