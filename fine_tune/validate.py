@@ -159,6 +159,12 @@ def cross_checks(data: dict, checked: Checked) -> None:
                 where="model.attn_implementation",
                 hint="use sdpa (packing works with it too)",
             )
+    if attn == "flex_attention" and not cuda:
+        raise UserError(
+            "flex_attention trains on a GPU only (torch has no FlexAttention backward on CPU)",
+            where="model.attn_implementation",
+            hint="use sdpa on CPU",
+        )
     if dataset.get("packing") and attn == "eager":
         checked.notes.append("packing with eager attention builds a full mask per pack: sdpa is faster")
 
