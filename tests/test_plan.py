@@ -219,5 +219,6 @@ def test_print_plan_lists_fit_and_max_batch(capsys, monkeypatch):
     room = 79.2 - plan.device_bytes() / 2**30
     assert f"max {plan.max_batch_size(79.2)})" in out and f"on 79 GiB: fits, {room:.1f} GiB to spare" in out
     monkeypatch.setenv("FINE_TUNE_GPU_GIB", "20")
-    plan = print_plan(cfg())
-    assert f"on 20 GiB: does NOT fit, {plan.device_bytes() / 2**30 - 20:.1f} GiB short" in capsys.readouterr().out
+    short = plan.device_bytes() / 2**30 - 20
+    print_plan(cfg())
+    assert f"on 20 GiB: does NOT fit, {short:.1f} GiB short" in capsys.readouterr().out
