@@ -176,11 +176,15 @@ class MemoryPlan:
                 f"{self.trainable_params / 1e6:.1f}M trainable"
             )
         if gpu_gib:
-            fits = "fits" if self.device_bytes() <= gpu_gib * GIB else "does NOT fit"
-            lines.append(
-                f"  on {gpu_gib:.0f} GiB: {fits}; largest batch that fits: {self.max_batch_size(gpu_gib)}"
-            )
+            lines.append(f"  on {self.fit(gpu_gib)}; largest batch that fits: {self.max_batch_size(gpu_gib)}")
         return "\n".join(lines)
+
+    def fit(self, gpu_gib: float) -> str:
+        """Whether the run fits a `gpu_gib` GPU and by how much: the room a recipe can count on."""
+        room = gpu_gib - self.device_bytes() / GIB
+        if room >= 0:
+            return f"{gpu_gib:.0f} GiB: fits, {room:.1f} GiB to spare"
+        return f"{gpu_gib:.0f} GiB: does NOT fit, {-room:.1f} GiB short"
 
     def to_dict(self) -> dict:
         return {
@@ -390,10 +394,9 @@ def print_plan(cfg: Any, gpu_gib: float | None = None) -> MemoryPlan:
         gib = COMMON_GPUS["80 GB (A100/H100)"]
     else:
         gib = gpu_gib
-    fits = plan.device_bytes() <= gib * GIB
     print(
-        f"plan: {plan.device_bytes() / GIB:.1f} GiB needed, {'fits' if fits else 'does NOT fit'} "
-        f"{gib:.0f} GiB, batch {plan.batch_size} (max {plan.max_batch_size(gib)}) x {plan.seq_len}"
+        f"plan: {plan.device_bytes() / GIB:.1f} GiB needed, on {plan.fit(gib)}, "
+        f"batch {plan.batch_size} (max {plan.max_batch_size(gib)}) x {plan.seq_len}"
     )
     return plan
 

@@ -149,6 +149,7 @@ def cross_checks(data: dict, checked: Checked) -> None:
         checked.notes.append("fp16 requested on CPU: training runs in fp32")
 
     _check_experts(model, quant, lora)
+    _check_lora_targets(lora)
 
     attn = model["attn_implementation"]
     if attn in ("flash_attention_2", "flash_attention_3"):
@@ -256,6 +257,19 @@ def _check_experts(model: dict, quant: dict, lora: dict) -> None:
             "all-linear on this MoE model adapts the router as a bare parameter, which takes no dropout",
             where="lora.lora_dropout",
             hint="set lora.lora_dropout=0 (lora=all does), or list target_modules explicitly",
+        )
+
+
+def _check_lora_targets(lora: dict) -> None:
+    """LoRA on the output layer would never train: TRL's loss (its fused LM head) multiplies the hidden
+    states by `lm_head.weight` itself. TRL refuses it too, but only after the model has loaded."""
+    targets = lora["target_modules"]
+    if "lm_head" in ([targets] if isinstance(targets, str) else targets or []):
+        raise UserError(
+            "LoRA on lm_head would never be trained: the loss reads lm_head.weight directly",
+            where="lora.target_modules",
+            hint="remove lm_head from lora.target_modules, or train the whole head with "
+            "lora.modules_to_save=[lm_head]",
         )
 
 
