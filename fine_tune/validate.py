@@ -233,7 +233,7 @@ def _check_model(model: dict, dataset: dict, checked: Checked) -> None:
 
 
 def _check_experts(model: dict, quant: dict, lora: dict) -> None:
-    """LoRA on experts needs experts, in 4 bits; PEFT's all-linear on the router takes no dropout."""
+    """LoRA on experts needs experts; PEFT's all-linear on the router takes no dropout."""
     from fine_tune.families.shapes import experts_in_4bit, model_shapes
 
     shapes = model_shapes(model, hub=False)
@@ -244,11 +244,13 @@ def _check_experts(model: dict, quant: dict, lora: dict) -> None:
             where="lora.experts",
             hint="use an MoE model (model=mixtral, tiny_mixtral, qwen2_moe), or set lora.experts=false",
         )
-    if lora["experts"] and not four_bit:
+    # 4-bit experts take our expert LoRA; bf16 experts (quant=none, or quant_experts=false) PEFT's
+    # target_parameters, at rank r per expert. Next to int8 layers that has never been run.
+    if lora["experts"] and not four_bit and quant["kind"] == "int8":
         raise UserError(
-            "expert adapters train on 4-bit experts",
+            "expert adapters are not supported next to int8 layers",
             where="lora.experts",
-            hint="use quant=nf4 (with quant.quant_experts=true), or lora.experts=false",
+            hint="use quant=nf4 (experts in 4 bits too) or quant=none (bf16 experts), or lora.experts=false",
         )
     # PEFT adapts the router (and bf16 fused experts) of these families as bare parameters
     remapped = shapes.moe and shapes.family.peft_remaps_moe and lora["target_modules"] == "all-linear"
