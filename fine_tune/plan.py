@@ -52,6 +52,14 @@ CALIBRATION = {
         ("mixtral", "fp32"): 1.64,
         ("mixtral", "bf16"): 1.64,
     },
+    # DoRA (PEFT's DoraLinearLayer), derived from its code, NOT measured (benchmarks/variants_bench.py
+    # measures it): per token per output feature of each adapted linear, the base output (fp32) and
+    # the LoRA output (bf16) kept for the magnitude's gradient; per step, the weight norm of one layer
+    # at a time: an [in x in] fp32 identity pushed through the LoRA, B @ A, the dequantized weight,
+    # its fp32 copy and their sum (bytes per in^2 and per in x out of the largest adapted linear)
+    "dora_per_out": 6.0,
+    "dora_norm_identity": 4.0,
+    "dora_norm_weight": 18.0,
     # loss phase: logits bf16, fp32 upcast, log-softmax and its backward, per token per vocab entry
     "loss_per_vocab": 11.5,
     # cuBLAS workspace: allocated through the caching allocator at the first matmul, kept
@@ -196,6 +204,7 @@ class MemoryPlan:
 def plan_memory(cfg: Any) -> MemoryPlan:
     """The memory plan of the composed config `cfg` (DictConfig or plain dict, groups may be partial:
     the schema's defaults fill them); loads no weights."""
+    from fine_tune.adapters import variant_name
     from fine_tune.families import shapes as fs
     from fine_tune.schema import complete
 
@@ -258,6 +267,9 @@ def plan_memory(cfg: Any) -> MemoryPlan:
     adapted = fs.lora_targets(s, lora, s.moe)
     per_in = CALIBRATION["lora_dense"] + (CALIBRATION["lora_dropout"] if lora["lora_dropout"] > 0 else 0.0)
     layer = CALIBRATION["layer_base"][key] * width + sum(per_in * i for i, _ in adapted.values())
+    dora = bool(lora.get("use_dora"))
+    if dora:
+        layer += CALIBRATION["dora_per_out"] * sum(o for _, o in adapted.values())
     if lora_experts:
         # the core attaches expert adapters without dropout unless `lora.expert_dropout` says otherwise
         dropout = CALIBRATION["lora_experts_dropout"] if lora["expert_dropout"] > 0 else 0.0
@@ -288,6 +300,14 @@ def plan_memory(cfg: Any) -> MemoryPlan:
         max(grads - act, 0),
         f"{grads / GIB:.2f} GiB at the optimizer step, after activations are freed",
     )
+    if dora:
+        i, o = max(adapted.values(), key=lambda dims: dims[0] * dims[1])
+        norm = CALIBRATION["dora_norm_identity"] * i * i + CALIBRATION["dora_norm_weight"] * i * o
+        add("DoRA weight norm (one linear at a time)", norm, f"largest adapted linear {o}x{i}, fp32")
+        if lora["lora_dropout"] > 0 and quantized:
+            # with dropout PEFT recomputes the base output from the dequantized weight in fp32, kept
+            kept = 4 * sum(i * o for i, o in adapted.values()) * (1 if ckpt else n_layers)
+            add("DoRA dequantized weights (lora_dropout > 0)", kept, "fp32, kept for the backward")
     add(f"activations (batch {batch} x {seq})", probe.saved_per_sample * batch, how)
     loss_phase = transient == probe.loss_per_sample * batch + probe.loss_fixed
     peak = (
@@ -298,6 +318,8 @@ def plan_memory(cfg: Any) -> MemoryPlan:
     add("logits/loss or layer recompute peak", transient, peak)
 
     on = f"r={lora['r']} on {'+'.join(sorted(adapted)) or 'nothing'}{' + experts' if lora_experts else ''}"
+    variant = variant_name(lora)
+    on += f" ({variant})" if variant else ""
     params_4bit = (counts.linear if kind in fs.FOUR_BIT else 0) + (counts.experts if experts_4bit else 0)
     return MemoryPlan(
         description=f"{s.family.name} {counts.total / 1e9:.1f}B, {n_layers} layers, quant {kind}, LoRA {on}",
