@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import compose
-from lifecycle_helpers import cli
+from lifecycle_helpers import TINY, cli, logged, stopped_copy, trained_run
 from plain_load import in_plain_process
 from test_train import train_in_process
 
@@ -103,6 +103,25 @@ def test_pissa_checkpoint_is_converted_for_generate_and_export(root, tmp_path):
     exported, own = (load_file(str(d / "adapter_model.safetensors")) for d in (out, run_dir / "adapter"))
     assert exported.keys() == own.keys() and all(torch.equal(exported[k], own[k]) for k in own)
     assert "residual base" in (out / "README.md").read_text()
+
+
+@pytest.mark.slow
+def test_resumed_pissa_run_is_the_uninterrupted_one(tmp_path):
+    """Resume repeats the initialisation (the same residual base), loads the checkpoint as trained, and
+    saves the same converted adapter as the run that was never stopped."""
+    from safetensors.torch import load_file
+
+    reference = trained_run("pissa", (*TINY, "lora=pissa"))
+    run = stopped_copy(reference, tmp_path / "run", last_checkpoint=3)
+    result = cli(["resume=true", f"hydra.run.dir={run}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    untimed = [
+        [{k: v for k, v in row.items() if not k.endswith("_seconds")} for row in logged(d)]
+        for d in (run, reference)
+    ]
+    assert untimed[0] == untimed[1]  # every loss, grad norm and eval as in the run never stopped
+    got, expected = (load_file(str(d / "adapter" / "adapter_model.safetensors")) for d in (run, reference))
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
 
 
 def test_dora_merges_into_a_plain_model(root, tmp_path):
