@@ -53,13 +53,17 @@ CALIBRATION = {
         ("mixtral", "bf16"): 1.64,
     },
     # DoRA (PEFT's DoraLinearLayer), derived from its code, NOT measured (benchmarks/variants_bench.py
-    # measures it): per token per output feature of each adapted linear, the base output (fp32) and
-    # the LoRA output (bf16) kept for the magnitude's gradient; per step, the weight norm of one layer
-    # at a time: an [in x in] fp32 identity pushed through the LoRA, B @ A, the dequantized weight,
-    # its fp32 copy and their sum (bytes per in^2 and per in x out of the largest adapted linear)
+    # measures it): per token per output feature of each adapted linear, the base and the LoRA output
+    # kept for the magnitude's gradient and a wider (fp32) sum after them; per forward of each adapted
+    # linear, its weight norm: an [in x in] identity (fp32 + autocast's bf16 copy, kept for A's
+    # gradient) pushed through the LoRA, B @ A (bf16 + fp32), the dequantized weight (bf16 + fp32),
+    # the scaled sum (bytes per in^2 and per in x out, the largest adapted linear counted); with
+    # lora_dropout > 0 on a quantized base, autocast's bf16 copy of each dequantized weight (2 B per
+    # element) is kept for the backward of PEFT's second base matmul
     "dora_per_out": 6.0,
-    "dora_norm_identity": 4.0,
+    "dora_norm_identity": 6.0,
     "dora_norm_weight": 18.0,
+    "dora_dropout_weight": 2.0,
     # loss phase: logits bf16, fp32 upcast, log-softmax and its backward, per token per vocab entry
     "loss_per_vocab": 11.5,
     # cuBLAS workspace: allocated through the caching allocator at the first matmul, kept
@@ -301,13 +305,16 @@ def plan_memory(cfg: Any) -> MemoryPlan:
         f"{grads / GIB:.2f} GiB at the optimizer step, after activations are freed",
     )
     if dora:
-        i, o = max(adapted.values(), key=lambda dims: dims[0] * dims[1])
-        norm = CALIBRATION["dora_norm_identity"] * i * i + CALIBRATION["dora_norm_weight"] * i * o
-        add("DoRA weight norm (one linear at a time)", norm, f"largest adapted linear {o}x{i}, fp32")
+        norms = {
+            (i, o): CALIBRATION["dora_norm_identity"] * i * i + CALIBRATION["dora_norm_weight"] * i * o
+            for i, o in adapted.values()
+        }
+        (i, o), norm = max(norms.items(), key=lambda item: item[1])
+        add("DoRA weight norm (one linear at a time)", norm, f"largest: {o}x{i}; derived, not measured")
         if lora["lora_dropout"] > 0 and quantized:
-            # with dropout PEFT recomputes the base output from the dequantized weight in fp32, kept
-            kept = 4 * sum(i * o for i, o in adapted.values()) * (1 if ckpt else n_layers)
-            add("DoRA dequantized weights (lora_dropout > 0)", kept, "fp32, kept for the backward")
+            per_layer = CALIBRATION["dora_dropout_weight"] * sum(i * o for i, o in adapted.values())
+            kept = per_layer * (1 if ckpt else n_layers)
+            add("DoRA weights kept (lora_dropout > 0)", kept, "bf16 copies of the dequantized weights")
     add(f"activations (batch {batch} x {seq})", probe.saved_per_sample * batch, how)
     loss_phase = transient == probe.loss_per_sample * batch + probe.loss_fixed
     peak = (

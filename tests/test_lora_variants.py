@@ -263,3 +263,29 @@ def test_variants_combine_with_what_they_can():
     notes = " ".join(check_config(compose(["logger=none", "lora=pissa"])).notes)
     assert "an SVD of each of the 14 adapted weight matrices (largest 192x64)" in notes
     assert "recomputes the norm" in " ".join(check_config(compose(["logger=none", "lora=dora"])).notes)
+
+
+def test_planner_counts_what_dora_costs():
+    """Magnitudes (one per adapted output feature), activations, the weight-norm transient, and with
+    dropout on a 4-bit base the kept weight copies: Mistral-7B, all seven projections, no checkpointing."""
+    from fine_tune.plan import plan_memory
+
+    base = ["model=mistral_7b", "model.init=random", "quant=nf4", "trainer.gradient_checkpointing=false"]
+    plain, dora, dropout, bf16 = (
+        plan_memory(compose(["logger=none", *base, *more]))
+        for more in (
+            [],
+            ["lora=dora"],
+            ["lora=dora", "lora.lora_dropout=0.05"],
+            ["lora=dora", "lora.lora_dropout=0.05", "quant=none"],
+        )
+    )
+    h, kv, i = 4096, 1024, 14336
+    outs, weights = 2 * h + 2 * kv + 2 * i + h, 2 * h * h + 2 * h * kv + 3 * h * i
+    assert dora.trainable_params - plain.trainable_params == 32 * outs
+    assert dora.saved_per_sample > plain.saved_per_sample
+    parts = [{what: size for what, size, _ in p.items} for p in (dora, dropout, bf16)]
+    assert parts[0]["DoRA weight norm (one linear at a time)"] == 6 * i * i + 18 * i * h  # down_proj
+    assert parts[1]["DoRA weights kept (lora_dropout > 0)"] == 2 * 32 * weights  # bf16 copies, every layer
+    assert "DoRA weights kept (lora_dropout > 0)" not in parts[0] | parts[2]  # no dropout / not dequantized
+    assert "(DoRA)" in dora.description
