@@ -29,9 +29,8 @@ class AdapterSpec:
     lora: Any  # peft.LoraConfig for the dense (nn.Linear) targets
     experts: bool  # also adapt fused MoE expert weights (same rank and alpha)
     expert_dropout: float = 0.0
-    loftq: bool = (
-        False  # PEFT builds plain LoRA; fine_tune.loftq sets A and B once the 4-bit model is wrapped
-    )
+    # LoftQ: PEFT builds plain LoRA, fine_tune.loftq sets A and B once the 4-bit model is wrapped
+    loftq: bool = False
 
 
 def changes_base(init: Any) -> bool:
@@ -43,11 +42,11 @@ def changes_base(init: Any) -> bool:
 def variant_name(lora: Mapping[str, Any]) -> str:
     """What a `lora` node trains besides plain LoRA, for logs, plans and model cards ("" for none)."""
     init = lora.get("init_lora_weights", True)
-    names = {"pissa": "PiSSA", "olora": "OLoRA", "loftq": "LoftQ", "gaussian": "gaussian"}
     parts = ["DoRA"] if lora.get("use_dora") else []
     if init is not True:
-        label = names.get(str(init).split("_niter_")[0], str(init))
-        parts.append(f"{label} init" + (f" ({init})" if "_niter_" in str(init) else ""))
+        kind, _, niter = str(init).partition("_niter_")
+        label = {"pissa": "PiSSA", "olora": "OLoRA", "loftq": "LoftQ"}.get(kind, kind)
+        parts.append(f"{label} init" + (f" ({init})" if niter else ""))
     if lora.get("use_rslora"):
         parts.append("rsLoRA")
     return ", ".join(parts)

@@ -332,7 +332,11 @@ def variant_notes(shapes: Any, lora: dict, kind: str) -> list[str]:
         dequantized = " dequantized" if kind != "none" else ""
         notes.append(
             f"DoRA: every step recomputes the norm of {each},{dequantized} in fp32: slower steps, more memory"
-            + ("; lora_dropout > 0 also keeps that weight for the backward" if lora["lora_dropout"] else "")
+            + (
+                "; with lora_dropout > 0 also kept for the backward"
+                if lora["lora_dropout"] and dequantized
+                else ""
+            )
         )
     if changes_base(init):
         how = (
