@@ -163,6 +163,9 @@ def load_run(
 
     if dequantize:
         base = dequantize_model(base, None if dtype in (None, "auto") else dtype)
-    model = load_adapter(base, adapter)  # PEFT's files, expert adapters included
+    from fine_tune.residual_init import plain_adapter_dir
+
+    with plain_adapter_dir(adapter, path) as plain:  # a PiSSA/OLoRA checkpoint: as plain LoRA
+        model = load_adapter(base, plain)  # PEFT's files, expert adapters included
     model.eval()
     return LoadedRun(path, cfg, model, tokenizer, template_of(path, cfg, tokenizer), adapter)

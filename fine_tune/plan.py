@@ -52,6 +52,18 @@ CALIBRATION = {
         ("mixtral", "fp32"): 1.64,
         ("mixtral", "bf16"): 1.64,
     },
+    # DoRA (PEFT's DoraLinearLayer), derived from its code, NOT measured (benchmarks/variants_bench.py
+    # measures it): per token per output feature of each adapted linear, the base and the LoRA output
+    # kept for the magnitude's gradient and a wider (fp32) sum after them; per forward of each adapted
+    # linear, its weight norm: an [in x in] identity (fp32 + autocast's bf16 copy, kept for A's
+    # gradient) pushed through the LoRA, B @ A (bf16 + fp32), the dequantized weight (bf16 + fp32),
+    # the scaled sum (bytes per in^2 and per in x out, the largest adapted linear counted); with
+    # lora_dropout > 0 on a quantized base, autocast's bf16 copy of each dequantized weight (2 B per
+    # element) is kept for the backward of PEFT's second base matmul
+    "dora_per_out": 6.0,
+    "dora_norm_identity": 6.0,
+    "dora_norm_weight": 18.0,
+    "dora_dropout_weight": 2.0,
     # loss phase: logits bf16, fp32 upcast, log-softmax and its backward, per token per vocab entry
     "loss_per_vocab": 11.5,
     # cuBLAS workspace: allocated through the caching allocator at the first matmul, kept
@@ -200,6 +212,7 @@ class MemoryPlan:
 def plan_memory(cfg: Any) -> MemoryPlan:
     """The memory plan of the composed config `cfg` (DictConfig or plain dict, groups may be partial:
     the schema's defaults fill them); loads no weights."""
+    from fine_tune.adapters import variant_name
     from fine_tune.families import shapes as fs
     from fine_tune.schema import complete
 
@@ -262,6 +275,9 @@ def plan_memory(cfg: Any) -> MemoryPlan:
     adapted = fs.lora_targets(s, lora, s.moe)
     per_in = CALIBRATION["lora_dense"] + (CALIBRATION["lora_dropout"] if lora["lora_dropout"] > 0 else 0.0)
     layer = CALIBRATION["layer_base"][key] * width + sum(per_in * i for i, _ in adapted.values())
+    dora = bool(lora.get("use_dora"))
+    if dora:
+        layer += CALIBRATION["dora_per_out"] * sum(o for _, o in adapted.values())
     if lora_experts:
         # the core attaches expert adapters without dropout unless `lora.expert_dropout` says otherwise
         dropout = CALIBRATION["lora_experts_dropout"] if lora["expert_dropout"] > 0 else 0.0
@@ -292,6 +308,17 @@ def plan_memory(cfg: Any) -> MemoryPlan:
         max(grads - act, 0),
         f"{grads / GIB:.2f} GiB at the optimizer step, after activations are freed",
     )
+    if dora:
+        norms = {
+            (i, o): CALIBRATION["dora_norm_identity"] * i * i + CALIBRATION["dora_norm_weight"] * i * o
+            for i, o in adapted.values()
+        }
+        (i, o), norm = max(norms.items(), key=lambda item: item[1])
+        add("DoRA weight norm (one linear at a time)", norm, f"largest: {o}x{i}; derived, not measured")
+        if lora["lora_dropout"] > 0 and quantized:
+            per_layer = CALIBRATION["dora_dropout_weight"] * sum(i * o for i, o in adapted.values())
+            kept = per_layer * (1 if ckpt else n_layers)
+            add("DoRA weights kept (lora_dropout > 0)", kept, "bf16 copies of the dequantized weights")
     add(f"activations (batch {batch} x {seq})", probe.saved_per_sample * batch, how)
     loss_phase = transient == probe.loss_per_sample * batch + probe.loss_fixed
     peak = (
@@ -302,6 +329,8 @@ def plan_memory(cfg: Any) -> MemoryPlan:
     add("logits/loss or layer recompute peak", transient, peak)
 
     on = f"r={lora['r']} on {'+'.join(sorted(adapted)) or 'nothing'}{' + experts' if lora_experts else ''}"
+    variant = variant_name(lora)
+    on += f" ({variant})" if variant else ""
     params_4bit = (counts.linear if kind in fs.FOUR_BIT else 0) + (counts.experts if experts_4bit else 0)
     return MemoryPlan(
         description=f"{s.family.name} {counts.total / 1e9:.1f}B, {n_layers} layers, quant {kind}, LoRA {on}",

@@ -18,13 +18,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from fine_tune.errors import Preempted
 from fine_tune.quiet import quiet_libraries  # noqa: F401  also imported from here by export/inference/validate
+from fine_tune.residual_init import INITIAL
 from fine_tune.utils.io import atomic_write_json, publish_dir, remove_partial_publishes
 
 log = logging.getLogger("fine_tune")
 
 
 # The directories of a run written with `publish_dir` (the checkpoints have their own scheme).
-SAVED_DIRS = ("adapter", "tokenizer")
+SAVED_DIRS = ("adapter", "tokenizer", INITIAL)
 
 
 def remove_partial_saves(run_dir: Path) -> None:
@@ -33,12 +34,15 @@ def remove_partial_saves(run_dir: Path) -> None:
         remove_partial_publishes(run_dir / name)
 
 
-def save_adapter(model: Any, directory: Path) -> None:
-    """PEFT's files, plus the 4-bit expert adapters PEFT cannot hold (generate/export load both)."""
+def save_adapter(model: Any, directory: Path, run_dir: Path) -> None:
+    """PEFT's files, plus the 4-bit expert adapters PEFT cannot hold (generate/export load both); a
+    PiSSA/OLoRA adapter as plain LoRA on the original base (fine_tune/residual_init.py)."""
+    from fine_tune.residual_init import convert_saved_adapter
     from fine_tune.training.trainer import save_expert_adapters_if_any
 
     model.save_pretrained(directory)
     save_expert_adapters_if_any(model, directory)
+    convert_saved_adapter(directory, run_dir / INITIAL)
 
 
 def save_tokenizer(tokenizer: Any, directory: Path) -> None:
@@ -135,7 +139,7 @@ def build_trainer(
         eval_dataset=data.eval,
         processing_class=tokenizer,
         callbacks=[metrics, samples, preemption],
-        optimizer_factory=build_optimizer_factory(cfg.optim.optimizer),
+        optimizer_factory=build_optimizer_factory(cfg.optim.optimizer, cfg.optim.loraplus_lr_ratio),
         timer=timer,
     )
     trainer.remove_callback(PrinterCallback)  # our callback prints one concise line per step
@@ -159,6 +163,7 @@ def _train(cfg: DictConfig, run_dir: Path, tracker: Any, job: dict, preemption: 
 
     from fine_tune.adapters import attach_adapter, count_parameters
     from fine_tune.hardware import is_main_process
+    from fine_tune.residual_init import save_initial_adapter
     from fine_tune.training.checkpoints import prepare_resume
     from fine_tune.training.progress import ProgressBar
     from fine_tune.training.trainer import restore_expert_adapters
@@ -181,6 +186,8 @@ def _train(cfg: DictConfig, run_dir: Path, tracker: Any, job: dict, preemption: 
     loaded.model.config.use_cache = False
     set_seed(cfg.seed)  # adapter init must not depend on how many random numbers loading drew
     model = attach_adapter(loaded.model, adapter, cfg.trainer.gradient_checkpointing, quant.enabled)
+    if is_main_process():  # PiSSA/OLoRA: the adapter as initialised, which the saved adapter subtracts
+        save_initial_adapter(model, run_dir)
     if checkpoint is not None:
         restore_expert_adapters(model, checkpoint)  # HF's resume restores PEFT's weights only
     trainable, total = count_parameters(model)
@@ -203,7 +210,7 @@ def _train(cfg: DictConfig, run_dir: Path, tracker: Any, job: dict, preemption: 
         raise Preempted(preemption.signum, str(saved[-1]) if saved else None, preemption.previous_handler)
     eval_loss = final_eval_loss(trainer, metrics_cb, data)
     if is_main_process():
-        publish_dir(run_dir / "adapter", lambda d: save_adapter(model, d))
+        publish_dir(run_dir / "adapter", lambda d: save_adapter(model, d, run_dir))
         publish_dir(run_dir / "tokenizer", lambda d: save_tokenizer(tokenizer, d))
     metrics = final_metrics(
         trainer.state, metrics_cb, eval_loss, trainable, total, time.perf_counter() - started

@@ -11,6 +11,7 @@ one key against another are in fine_tune/validate.py.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING as NO_DEFAULT
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -29,6 +30,8 @@ ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_at
 QUANT_KINDS = ("none", "nf4", "fp4", "int8")
 STORAGE_DTYPES = ("uint8", "bfloat16", "float16", "float32")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# lora.init_lora_weights besides `true` (PEFT's: A Kaiming-uniform, B zero); pissa_niter_<n> too
+LORA_INITS = ("gaussian", "pissa", "olora", "loftq")
 SKIP_MODULES = ("lm_head",)  # kept in full precision, as bitsandbytes' from_pretrained does
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 # Keys that moved to the group that uses them; the old spelling still works, with a warning, until
@@ -58,6 +61,12 @@ def at_least(default: Any, low: int, hint: str | None = None) -> Any:
 
 def fraction(default: float) -> Any:
     return _rule(default, lambda v: 0 <= v < 1, "must be in [0, 1)")
+
+
+def _lora_init(value: Any) -> bool:
+    if value is True or value in LORA_INITS:
+        return True
+    return isinstance(value, str) and re.fullmatch(r"pissa_niter_[1-9][0-9]*", value) is not None
 
 
 def _scheduler(name: str) -> bool:
@@ -105,6 +114,11 @@ class LoraSchema:
     lora_dropout: float = fraction(0.05)
     bias: str = one_of("none", ("none", "all", "lora_only"))
     use_rslora: bool = False
+    use_dora: bool = False  # DoRA: a trained magnitude per output feature (conf/lora/dora.yaml)
+    # true | gaussian | pissa | pissa_niter_<n> | olora | loftq (OmegaConf has no bool | str union)
+    init_lora_weights: Any = _rule(
+        True, _lora_init, f"must be true or one of {[*LORA_INITS, 'pissa_niter_<n>']}", "see conf/lora/"
+    )
     target_modules: Any = field(default_factory=lambda: list(LORA_TARGETS))  # names, or "all-linear"
     experts: bool = False
     expert_dropout: float = fraction(0.0)
@@ -155,6 +169,10 @@ class OptimSchema:
     scheduler: str = _rule("cosine", _scheduler, "not a transformers scheduler", f"e.g. {list(SCHEDULERS)}")
     warmup_ratio: float = fraction(0.03)
     max_grad_norm: float = 0.3
+    # LoRA+: B matrices at lr x this; null = off (conf/optim/loraplus.yaml)
+    loraplus_lr_ratio: float | None = _rule(
+        None, lambda v: v is None or v > 0, "must be positive", "null turns LoRA+ off; the paper suggests 16"
+    )
     optimizer: dict[str, Any] = MISSING  # a `_partial_` factory: called with the trainable parameters
 
 

@@ -150,6 +150,7 @@ def cross_checks(data: dict, checked: Checked) -> None:
 
     _check_experts(model, quant, lora)
     _check_lora_targets(lora)
+    _check_variant(model, quant, lora, checked)
 
     attn = model["attn_implementation"]
     if attn in ("flash_attention_2", "flash_attention_3"):
@@ -275,6 +276,103 @@ def _check_lora_targets(lora: dict) -> None:
         )
 
 
+def _check_variant(model: dict, quant: dict, lora: dict, checked: Checked) -> None:
+    """DoRA and the initialisations (conf/lora/*.yaml): refused where PEFT cannot apply them, where
+    the saved adapter could not reproduce the trained model, or where they need what is missing."""
+    from fine_tune.adapters import changes_base
+    from fine_tune.families.shapes import model_shapes, parameter_counts
+    from fine_tune.models.loading import MATERIALISE_LIMIT
+
+    init, dora, kind = lora["init_lora_weights"], lora["use_dora"], quant["kind"]
+    if not dora and init is True:
+        return
+    where = "lora.use_dora" if dora else "lora.init_lora_weights"
+    name = "DoRA" if dora else f"init_lora_weights={init}"
+    if dora and init not in (True, "gaussian"):
+        raise UserError(
+            f"DoRA with init_lora_weights={init}: one variant at a time",
+            where=where,
+            hint="sweep them as separate options, e.g. -m lora=dora,pissa",
+        )
+    if lora["experts"]:
+        raise UserError(
+            f"{name} applies to PEFT's adapters only; fine_tune's 4-bit expert adapters are plain LoRA",
+            where=where,
+            hint=f"lora.experts=false ({name} on attention and MLP), or lora=attn_experts without {name}",
+        )
+    shapes = model_shapes(model, hub=False)
+    if shapes.moe and shapes.family.peft_remaps_moe and lora["target_modules"] == "all-linear":
+        raise UserError(
+            f"all-linear on this MoE model adapts the router as a bare parameter, which takes no {name}",
+            where=where,
+            hint="list target_modules, e.g. [q_proj,k_proj,v_proj,o_proj]",
+        )
+    if changes_base(init) and kind != "none":
+        why = (
+            "PEFT computes PiSSA's SVD on float weights only"
+            if str(init).startswith("pissa")
+            else "OLoRA would re-quantize the residual base, so no base users can load would reproduce "
+            "the trained model"
+        )
+        raise UserError(
+            f"init_lora_weights={init} on a quant={kind} base: {why}",
+            where=where,
+            hint="quant=none, or lora=loftq (the initialisation made for 4-bit bases)",
+        )
+    if init == "loftq" and kind not in ("nf4", "fp4"):
+        raise UserError(
+            f"LoftQ starts the adapter from the error of 4-bit quantization, and quant={kind}",
+            where=where,
+            hint="quant=nf4, or lora=pissa / lora=default without quantization",
+        )
+    built_on_device = parameter_counts(shapes).total > MATERIALISE_LIMIT
+    if init == "loftq" and model["init"] == "random" and built_on_device:
+        raise UserError(
+            "LoftQ reads the full-precision weights from the checkpoint; model.init=random at real "
+            "shapes is built on the GPU and keeps none",
+            where=where,
+            hint="model.init=pretrained (benchmarks/variants_bench.py times LoftQ on random weights)",
+        )
+    checked.notes.extend(variant_notes(shapes, lora, kind))
+
+
+def variant_notes(shapes: Any, lora: dict, kind: str) -> list[str]:
+    """What a variant costs beyond plain LoRA (docs/memory.md, "LoRA variants")."""
+    from fine_tune.adapters import changes_base
+    from fine_tune.families.shapes import layer_kinds, lora_targets
+
+    adapted = [
+        dims
+        for sparse, layers in layer_kinds(shapes)
+        for dims in lora_targets(shapes, lora, sparse).values()
+        for _ in range(layers)
+    ]
+    largest = max(adapted, key=lambda d: d[0] * d[1], default=(0, 0))
+    each = f"each of the {len(adapted)} adapted weight matrices (largest {largest[1]}x{largest[0]})"
+    init, notes = lora["init_lora_weights"], []
+    if lora["use_dora"]:
+        dequantized = " dequantized" if kind != "none" else ""
+        notes.append(
+            f"DoRA: every step recomputes the norm of {each},{dequantized} in fp32: slower steps, more memory"
+            + (
+                "; with lora_dropout > 0 also kept for the backward"
+                if lora["lora_dropout"] and dequantized
+                else ""
+            )
+        )
+    if changes_base(init):
+        how = (
+            "a QR decomposition" if init == "olora" else "a randomized SVD" if "_niter_" in init else "an SVD"
+        )
+        notes.append(f"{init} init: {how} of {each} before the first step")
+    if init == "loftq":
+        notes.append(
+            f"LoftQ init: reads {each} in full precision from the checkpoint and takes an SVD of "
+            "its quantization error"
+        )
+    return notes
+
+
 class _LazyCuda:
     """Truthy when a GPU is there; asks torch (seconds to import) only when first evaluated."""
 
@@ -335,6 +433,8 @@ def print_validation(cfg: DictConfig) -> None:
     from rich.console import Console
     from rich.tree import Tree
 
+    from fine_tune.adapters import variant_name
+
     checked = check_config(cfg)
     data = _plain(cfg)
     model, lora, trainer, quant, optim, dataset = (
@@ -367,7 +467,9 @@ def print_validation(cfg: DictConfig) -> None:
     node.add(f"quantization: {quant['kind']}")
     node = tree.add(
         f"[bold]adapter[/bold]: LoRA r={lora['r']} alpha={lora['lora_alpha']} "
-        f"on {lora['target_modules']}" + (" + experts" if lora["experts"] else "")
+        f"on {lora['target_modules']}"
+        + (" + experts" if lora["experts"] else "")
+        + (f" ({variant_name(lora)})" if variant_name(lora) else "")
     )
     if plan is not None:
         node.add(
@@ -391,6 +493,8 @@ def print_validation(cfg: DictConfig) -> None:
         f"max_length {dataset['max_length']}, precision {trainer['precision']}"
     )
     node.add(f"optimizer {optim['optimizer']['_target_']}, lr {optim['lr']}, scheduler {optim['scheduler']}")
+    if optim["loraplus_lr_ratio"]:
+        node.add(f"LoRA+: B matrices at lr x {optim['loraplus_lr_ratio']} (their own parameter group)")
     node.add(
         f"eval every {trainer['eval_steps']} steps, checkpoint every {trainer['save_steps']} "
         f"(keep {trainer['save_total_limit']}), resume={data.get('resume')}"
@@ -419,7 +523,7 @@ def instantiate_light(cfg: DictConfig) -> list[str]:
     build(cfg.quant)
     with tempfile.TemporaryDirectory() as tmp:
         build_arguments(cfg, tmp, has_eval=True)
-    build_optimizer_factory(cfg.optim.optimizer)
+    build_optimizer_factory(cfg.optim.optimizer, cfg.optim.loraplus_lr_ratio)
     build(cfg.logger)
     return ["lora", "quant", "trainer", "optim.optimizer", "logger"]
 

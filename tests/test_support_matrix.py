@@ -23,14 +23,15 @@ def test_every_config_option_has_a_row_and_every_row_a_real_option():
 
 
 def test_a_new_option_without_a_row_fails_the_drift_check(tmp_path: Path):
-    """What the check above catches: an option added to conf/ and forgotten here, or a planned one
-    that landed."""
+    """What the check above catches: an option added to conf/ and forgotten here, or one removed
+    from conf/ while its row stays."""
     conf = tmp_path / "conf"
     shutil.copytree(CONF, conf)
     (conf / "optim" / "lion.yaml").write_text("optimizer: {_target_: lion_pytorch.Lion}\n")
-    (conf / "lora" / "dora.yaml").write_text("use_dora: true\n")
+    (conf / "lora" / "olora.yaml").unlink()
+    row = next(f.name for f in matrix.FEATURES if f.options.get("lora") == ("olora",))
     assert matrix.drift(conf) == [
-        "conf/lora/dora.yaml exists: give the row 'DoRA' its status",
+        f"row {row!r} names conf/lora/olora.yaml, which does not exist",
         "conf/optim/lion.yaml is in no row of FEATURES (fine_tune/support_matrix.py)",
     ]
 

@@ -48,6 +48,10 @@ def analytic_counts(cfg):
         ["model=tiny_qwen2_moe", "lora=all_linear", "lora.bias=all"],
         ["model=tiny_qwen2_moe", "quant=nf4", "lora=attn_experts", "lora.bias=lora_only"],
         ["model=tiny_qwen2_moe", "quant=nf4", "lora=default", "+model.architecture.mlp_only_layers=[0]"],
+        ["lora=dora"],
+        ["model=tiny_mixtral", "quant=nf4", "lora=dora", "optim=loraplus"],
+        ["lora=pissa", "lora.r=4"],
+        ["lora=loftq", "quant=nf4"],
     ],
     ids=[
         "mistral_default",
@@ -60,10 +64,15 @@ def analytic_counts(cfg):
         "qwen2_moe_all_linear_bias",
         "qwen2_moe_experts",
         "qwen2_moe_dense_layer",
+        "dora",
+        "mixtral_nf4_dora_loraplus",
+        "pissa",
+        "loftq",
     ],
 )
 def test_analytic_parameter_counts_match_the_built_model(overrides):
-    """One count for validate and plan (all-linear on MoE included), equal to what PEFT builds."""
+    """One count for validate and plan (all-linear on MoE and the LoRA variants included), equal to
+    what PEFT builds."""
     from fine_tune.plan import plan_memory
 
     cfg = composed(["logger=none", *overrides])

@@ -116,10 +116,11 @@ class FineTuneTrainer(ExactResume, SFTTrainer):
         """TRL writes a README.md into checkpoints/ at every save; `fine_tune.export` writes the card."""
 
     def create_optimizer(self, model=None):
-        """The configured optimizer over the trainable (adapter) parameters, nothing else."""
+        """The configured optimizer over the trainable (adapter) parameters, nothing else; named, so
+        that LoRA+ can tell the B matrices apart."""
         if self.optimizer is None:
             opt_model = self.model if model is None else model
-            params = [p for p in opt_model.parameters() if p.requires_grad]
+            params = [(n, p) for n, p in opt_model.named_parameters() if p.requires_grad]
             self.optimizer = self.optimizer_factory(params)
         return self.optimizer
 

@@ -339,6 +339,15 @@ def _checkpoint_files(name_or_path: str | Path, revision: str | None) -> tuple[P
     return path, files
 
 
+def checkpoint_tensors(
+    name_or_path: str | Path, config: Any, revision: str | None = None
+) -> _CheckpointSource:
+    """The tensors of a safetensors checkpoint, each read when asked for (LoftQ's full-precision
+    weights: `tensors.tensor(key, shape, dtype, device, "normal")`)."""
+    _, files = _checkpoint_files(name_or_path, revision)
+    return _CheckpointSource(files, config)
+
+
 def load_pretrained_moe_4bit(
     name_or_path: str | Path,
     quant_type: str | None = "nf4",
