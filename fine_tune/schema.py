@@ -29,6 +29,7 @@ DTYPES = ("auto", "bfloat16", "bf16", "float16", "fp16", "float32", "fp32")
 ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
 QUANT_KINDS = ("none", "nf4", "fp4", "int8")
 STORAGE_DTYPES = ("uint8", "bfloat16", "float16", "float32")
+EXPERT_KERNELS = ("auto", "grouped", "loop")  # how 4-bit MoE experts compute (docs/speed.md, "MoE")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # lora.init_lora_weights besides `true` (PEFT's: A Kaiming-uniform, B zero); pissa_niter_<n> too
 LORA_INITS = ("gaussian", "pissa", "olora", "loftq")
@@ -100,6 +101,7 @@ class QuantSchema:
     double_quant: bool = True
     compute_dtype: str = one_of("auto", DTYPES)
     quant_experts: bool = True
+    expert_kernel: str = one_of("auto", EXPERT_KERNELS)
     skip_modules: list[str] = field(default_factory=lambda: list(SKIP_MODULES))
     storage_dtype: str = one_of("uint8", STORAGE_DTYPES)
     threshold: float = positive(6.0)
