@@ -50,18 +50,26 @@ def build_lora_config(
     return AdapterSpec(lora=config, experts=experts, expert_dropout=expert_dropout)
 
 
-def attach_adapter(model: Any, spec: AdapterSpec, gradient_checkpointing: bool, quantized: bool) -> Any:
+def attach_adapter(
+    model: Any, spec: AdapterSpec, gradient_checkpointing: bool, quantized: bool, sharded: bool = False
+) -> Any:
     """Wrap the base model with LoRA; only adapter weights remain trainable (fine_tune.validate has
-    checked that expert adapters have experts to go on)."""
+    checked that expert adapters have experts to go on).
+
+    `sharded` (trainer.strategy=fsdp): the model is left as loaded. PEFT's k-bit preparation would
+    upcast every frozen non-4-bit weight to fp32 (twice the memory of Mixtral's bf16 experts) for
+    compute that FSDP's mixed precision casts back to bf16, and FSDP checkpoints each decoder layer
+    itself (training/arguments.py). The adapters still end up fp32 (PEFT's autocast_adapter_dtype),
+    the one dtype FSDP2 asks of the trainable weights of a shard group."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    if quantized:
+    if quantized and not sharded:
         model = prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
-    elif gradient_checkpointing:
+    elif gradient_checkpointing and not sharded:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     experts_4bit = spec.experts and any(type(m).__name__ == "Experts4bit" for m in model.modules())

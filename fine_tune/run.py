@@ -33,11 +33,12 @@ def remove_partial_saves(run_dir: Path) -> None:
         remove_partial_publishes(run_dir / name)
 
 
-def save_adapter(model: Any, directory: Path) -> None:
-    """PEFT's files, plus the 4-bit expert adapters PEFT cannot hold (generate/export load both)."""
+def save_adapter(model: Any, directory: Path, state_dict: dict | None = None) -> None:
+    """PEFT's files, plus the 4-bit expert adapters PEFT cannot hold (generate/export load both);
+    `state_dict`: the adapter gathered from FSDP's shards (`distributed.sharded_trainable_state`)."""
     from fine_tune.training.trainer import save_expert_adapters_if_any
 
-    model.save_pretrained(directory)
+    model.save_pretrained(directory, state_dict=state_dict)
     save_expert_adapters_if_any(model, directory)
 
 
@@ -69,7 +70,9 @@ def build_data(cfg: DictConfig, tokenizer: Any, cache: bool = True) -> Any:
 
 
 def build_arguments(cfg: DictConfig, output_dir: str | Path, has_eval: bool) -> Any:
-    """The trainer's arguments, from the `trainer` and `optim` nodes."""
+    """The trainer's arguments, from the `trainer` and `optim` nodes (and the model's layer class,
+    which FSDP shards by)."""
+    from fine_tune.families.shapes import model_shapes
     from fine_tune.utils.build import build
 
     optim = OmegaConf.to_container(cfg.optim, resolve=True)
@@ -79,6 +82,7 @@ def build_arguments(cfg: DictConfig, output_dir: str | Path, has_eval: bool) -> 
         seed=cfg.seed,
         has_eval=has_eval,
         optim=optim,
+        decoder_layer=model_shapes(cfg.model, hub=False).family.decoder_layer,
         _convert_="all",
     )
 
@@ -93,7 +97,8 @@ def build_model(cfg: DictConfig, tokenizer: Any) -> Any:
 
     # The quant node is instantiated by Hydra as a nested `_target_` (a dataclass passed in directly
     # would be turned back into a config).
-    loaded = build(cfg.model, quant=cfg.quant, seed=cfg.seed, tokenizer=tokenizer)
+    device = "cpu" if cfg.trainer.strategy == "fsdp" and cfg.trainer.fsdp.load_on_cpu else None
+    loaded = build(cfg.model, quant=cfg.quant, seed=cfg.seed, tokenizer=tokenizer, device=device)
     return loaded, loaded.quant
 
 
@@ -158,7 +163,8 @@ def _train(cfg: DictConfig, run_dir: Path, tracker: Any, job: dict, preemption: 
     from transformers import set_seed
 
     from fine_tune.adapters import attach_adapter, count_parameters
-    from fine_tune.hardware import is_main_process
+    from fine_tune.distributed import effective_batch, sharded_trainable_state
+    from fine_tune.hardware import is_main_process, world_size
     from fine_tune.training.checkpoints import prepare_resume
     from fine_tune.training.progress import ProgressBar
     from fine_tune.training.trainer import restore_expert_adapters
@@ -180,7 +186,8 @@ def _train(cfg: DictConfig, run_dir: Path, tracker: Any, job: dict, preemption: 
     # only honours restarting position_ids without a cache); training never needs it.
     loaded.model.config.use_cache = False
     set_seed(cfg.seed)  # adapter init must not depend on how many random numbers loading drew
-    model = attach_adapter(loaded.model, adapter, cfg.trainer.gradient_checkpointing, quant.enabled)
+    sharded = cfg.trainer.strategy == "fsdp"
+    model = attach_adapter(loaded.model, adapter, cfg.trainer.gradient_checkpointing, quant.enabled, sharded)
     if checkpoint is not None:
         restore_expert_adapters(model, checkpoint)  # HF's resume restores PEFT's weights only
     trainable, total = count_parameters(model)
@@ -190,6 +197,7 @@ def _train(cfg: DictConfig, run_dir: Path, tracker: Any, job: dict, preemption: 
         f"{total:,}",
         100 * trainable / max(total, 1),
     )
+    log.info("effective batch %d (%s, %s)", *effective_batch(cfg.trainer), cfg.trainer.strategy)
     trainer, metrics_cb = build_trainer(cfg, model, tokenizer, data, run_dir, tracker, preemption)
     trainer.add_callback(ProgressBar())  # shown only when stderr is a terminal
     metrics_cb.resume_from(logged)
@@ -202,12 +210,14 @@ def _train(cfg: DictConfig, run_dir: Path, tracker: Any, job: dict, preemption: 
         saved = list_checkpoints(run_dir / "checkpoints")
         raise Preempted(preemption.signum, str(saved[-1]) if saved else None, preemption.previous_handler)
     eval_loss = final_eval_loss(trainer, metrics_cb, data)
+    gathered = sharded_trainable_state(model)  # under FSDP every rank sends its shard of the adapter
     if is_main_process():
-        publish_dir(run_dir / "adapter", lambda d: save_adapter(model, d))
+        publish_dir(run_dir / "adapter", lambda d: save_adapter(model, d, gathered))
         publish_dir(run_dir / "tokenizer", lambda d: save_tokenizer(tokenizer, d))
     metrics = final_metrics(
         trainer.state, metrics_cb, eval_loss, trainable, total, time.perf_counter() - started
     )
+    metrics.update(world_size=world_size(), effective_batch=effective_batch(cfg.trainer)[0])
     if is_main_process():
         atomic_write_json(run_dir / "metrics.json", metrics)
         tracker.summary(metrics)

@@ -91,20 +91,25 @@ class RunDirCallback(Callback):
       afterwards);
     - a directory that holds a run: its .hydra/ files stay as they were; the log is appended to
       only by a resume that continues the run (not for a finished run, nor a refused new one);
-    - anything else: Hydra's defaults.
+    - anything else: Hydra's defaults;
+    - under torchrun / accelerate launch: one directory for all ranks, rank 0's.
     """
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from fine_tune.distributed import share_run_dir
         from fine_tune.modes import MODES
         from fine_tune.sweep import should_skip
         from fine_tune.training.checkpoints import requested
 
-        run_dir = Path(str(OmegaConf.select(config, "hydra.run.dir"))).resolve()  # ${now:} is cached
+        # ${now:} is cached; under torchrun every rank takes rank 0's directory
+        shared = share_run_dir(str(OmegaConf.select(config, "hydra.run.dir")))
+        run_dir = Path(shared).resolve()
         _created[:] = _missing_dirs(run_dir)
         inspecting = any(config.get(mode) is True for mode in MODES)
         existing = saved_config(run_dir).is_file() and holds_training(run_dir)
         continuing = existing and requested(config.get("resume")) and not should_skip(run_dir)
         with read_write(config.hydra), open_dict(config.hydra):
+            config.hydra.run.dir = shared
             if inspecting or existing:
                 config.hydra.output_subdir = None
             if inspecting or (existing and not continuing):

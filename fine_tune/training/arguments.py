@@ -39,6 +39,9 @@ def build_training_arguments(
     save_total_limit: int | None = _default("save_total_limit"),
     dataloader_num_workers: int = _default("dataloader_num_workers"),
     torch_compile: bool = _default("torch_compile"),
+    strategy: str = _default("strategy"),
+    fsdp: Any = None,
+    decoder_layer: str | None = None,  # the model family's, passed by the run: what FSDP shards by
     generation: Any = None,  # read by the samples callback; accepted so the node passes through whole
 ) -> Any:
     """Values come checked by `fine_tune.schema.TrainerSchema` / `OptimSchema` (ranges, allowed values);
@@ -51,6 +54,7 @@ def build_training_arguments(
     if precision in ("bf16", "fp16") and not has_cuda():
         precision = "fp32"  # mixed precision on CPU is slower and not exact; the log says which was used
     checkpoint_kwargs = checkpointing_kwargs(checkpointing)  # checked even while checkpointing is off
+    sharded = strategy == "fsdp"
     return SFTConfig(
         output_dir=output_dir,
         seed=seed,
@@ -77,8 +81,9 @@ def build_training_arguments(
         save_total_limit=save_total_limit,
         dataloader_num_workers=dataloader_num_workers,
         torch_compile=torch_compile,
-        activation_checkpointing=bool(gradient_checkpointing),
-        activation_checkpointing_kwargs=checkpoint_kwargs if gradient_checkpointing else None,
+        # under FSDP its own checkpointing wraps each decoder layer instead (parallel_kwargs)
+        activation_checkpointing=bool(gradient_checkpointing) and not sharded,
+        activation_checkpointing_kwargs=checkpoint_kwargs if gradient_checkpointing and not sharded else None,
         use_liger_kernel=resolve_liger(use_liger_kernel),
         # Our data pipeline tokenized, masked, truncated (dataset.truncation) and packed the examples
         # and our collators batch them: TRL prepares nothing, truncates nothing, packs nothing.
@@ -92,8 +97,39 @@ def build_training_arguments(
         report_to="none",  # our own trackers log; HF's WandbCallback would open a second run
         disable_tqdm=True,
         use_cpu=not has_cuda(),
-        ddp_find_unused_parameters=False,
+        **parallel_kwargs(strategy, fsdp, gradient_checkpointing, decoder_layer),
     )
+
+
+def parallel_kwargs(
+    strategy: str, fsdp: Any, gradient_checkpointing: bool, decoder_layer: str | None
+) -> dict[str, Any]:
+    """`trainer.strategy` and `trainer.fsdp` -> the Trainer's DDP or FSDP arguments (docs/scaling.md).
+
+    DDP: every parameter an adapter has is used in every step (no search for unused ones), and no
+    buffers are broadcast before each forward: ours never change during training, and the 4-bit
+    experts keep their packed weights in buffers (~23 GiB for Mixtral-8x7B, sent every step).
+
+    FSDP2 (transformers' default version): one shard group per decoder layer (`decoder_layer`, named
+    by the model's family), whole-model state dicts gathered on rank 0 (adapters are small), and
+    FSDP's own non-reentrant activation checkpointing around each layer: the Trainer's would wrap
+    the sharded layer from outside and gather its weights twice in the backward.
+    """
+    if strategy != "fsdp":
+        return {"ddp_find_unused_parameters": False, "ddp_broadcast_buffers": False}
+    from fine_tune.schema import FsdpSchema
+
+    options = {**vars(FsdpSchema()), **dict(fsdp or {})}  # checked by the schema
+    config = {
+        "version": 2,
+        "reshard_after_forward": options["reshard_after_forward"],
+        "cpu_offload": options["cpu_offload"],
+        "activation_checkpointing": bool(gradient_checkpointing),
+        "state_dict_type": "FULL_STATE_DICT",
+    }
+    if decoder_layer:
+        config["transformer_layer_cls_to_wrap"] = [decoder_layer]
+    return {"fsdp": True, "fsdp_config": config}
 
 
 def resolve_liger(value: bool | str) -> bool:
