@@ -16,7 +16,7 @@ only after a clean finish, #1342). Here:
   instead of holding a cluster allocation until someone kills it.
 
 And what every rank must agree on before and during the run: one run directory (`share_run_dir`),
-SLURM's tasks as torch ranks (`adopt_slurm_tasks`), a stop requested on any rank (`any_rank`), an
+SLURM's tasks as torch ranks (`adopt_slurm_tasks`), a stop requested on any rank (`max_over_ranks`), an
 adapter that FSDP spread over the ranks (`sharded_trainable_state`), and the effective batch.
 """
 
@@ -30,7 +30,7 @@ from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
 
-from fine_tune.hardware import is_main_process, local_rank, rank, world_size
+from fine_tune.hardware import is_main_process, launched, local_rank, rank, world_size
 
 log = logging.getLogger("fine_tune")
 
@@ -95,7 +95,7 @@ def share_run_dir(run_dir: str) -> str:
     returned as it is: set FINE_TUNE_RUN_DIR, or use a sweep (its directory is resolved once).
     """
     env = os.environ
-    if world_size() < 2:
+    if world_size() < 2 or not launched():
         return run_dir
     if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or not env.get("MASTER_PORT", "").isdigit():
         if "FINE_TUNE_RUN_DIR" not in env and is_main_process():
@@ -117,17 +117,18 @@ def share_run_dir(run_dir: str) -> str:
     return store.get(key).decode()
 
 
-def any_rank(flag: bool) -> bool:
-    """True on every rank when `flag` is true on any: a stop (a signal that reached one process)
-    must be taken at the same step by all, or the others wait forever in the next collective."""
+def max_over_ranks(value: int) -> int:
+    """The largest `value` of all ranks, on every rank (`value` itself in a single process). A stop
+    (a signal that reached one process first) must be taken at the same step by all, or the others
+    wait forever in the next collective."""
     torch = sys.modules.get("torch")
     if torch is None or not torch.distributed.is_available() or not torch.distributed.is_initialized():
-        return flag
+        return value
     dist = torch.distributed
     device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
-    value = torch.tensor([int(flag)], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+    tensor = torch.tensor([value], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
 
 
 def sharded_trainable_state(model: Any) -> dict | None:

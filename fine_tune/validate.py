@@ -23,6 +23,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from fine_tune.distributed import effective_batch
 from fine_tune.errors import UserError
 
 HYDRA_KEYS = {"_target_", "_convert_", "_partial_", "_recursive_", "_args_"}
@@ -267,24 +268,13 @@ def _check_strategy(data: dict, checked: Checked, cuda: Any) -> None:
         return
 
     def refuse(why: str, where: str, hint: str) -> None:
-        raise UserError(f"trainer.strategy=fsdp: {why}", where=where, hint=hint)
+        raise UserError(f"under trainer.strategy=fsdp, {why}", where=where, hint=hint)
 
     def refuse_here(why: str, hint: str) -> None:  # about this machine or launch, not the config
-        if data.get("validate"):
-            checked.notes.append(f"trainer.strategy=fsdp: {why} ({hint})")
-        else:
-            refuse(why, "trainer.strategy", hint)
+        if not data.get("validate"):
+            raise UserError(why, where="trainer.strategy", hint=hint)
+        checked.notes.append(f"trainer.strategy=fsdp: {why} ({hint})")
 
-    if not cuda:
-        refuse_here(
-            "FSDP runs on GPUs only; on CPU processes accelerate 1.15 would quietly train with DDP",
-            "use trainer.strategy=ddp on CPUs",
-        )
-    elif not launched():
-        refuse_here(
-            "FSDP shards over processes that a launcher started",
-            "torchrun --nproc_per_node N -m fine_tune ..., or accelerate launch --num_processes N -m ...",
-        )
     kind = quant["kind"]
     if kind == "int8":
         refuse(
@@ -323,6 +313,16 @@ def _check_strategy(data: dict, checked: Checked, cuda: Any) -> None:
             "FSDP's own checkpointing recomputes every decoder layer in full, on the GPU",
             "trainer.checkpointing",
             "keep trainer.checkpointing.mode=full, every_n_layers=1, offload=false, or use trainer=ddp",
+        )
+    if not cuda:  # last: what the config says comes first
+        refuse_here(
+            "FSDP runs on GPUs only; on CPU processes accelerate 1.15 would quietly train with DDP",
+            "use trainer.strategy=ddp on CPUs",
+        )
+    elif not launched():
+        refuse_here(
+            "FSDP shards over processes that a launcher started",
+            "torchrun --nproc_per_node N -m fine_tune ..., or accelerate launch --num_processes N -m ...",
         )
 
 
@@ -374,9 +374,8 @@ def check_config(cfg: DictConfig) -> Checked:
 
 
 def planned_steps(trainer: dict, train_rows: int) -> tuple[int, float]:
-    """(optimizer steps, epochs they cover) as the Trainer will compute them, on one process."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    per_step = trainer["per_device_train_batch_size"] * trainer["gradient_accumulation_steps"] * world
+    """(optimizer steps, epochs they cover) as the Trainer will compute them, over every process."""
+    per_step = effective_batch(trainer)[0]
     steps_per_epoch = max(math.ceil(train_rows / per_step), 1) if train_rows else 1
     if trainer["max_steps"] > 0:
         steps = int(trainer["max_steps"])
@@ -451,10 +450,10 @@ def print_validation(cfg: DictConfig) -> None:
     )
 
     steps, epochs = planned_steps(trainer, len(bundle.train))
-    effective = trainer["per_device_train_batch_size"] * trainer["gradient_accumulation_steps"]
+    effective, how = effective_batch(trainer)
     node = tree.add(
-        f"[bold]training[/bold]: {steps} steps ({epochs:.2f} epochs), effective batch {effective}, "
-        f"max_length {dataset['max_length']}, precision {trainer['precision']}"
+        f"[bold]training[/bold]: {steps} steps ({epochs:.2f} epochs), effective batch {effective} ({how}, "
+        f"{trainer['strategy']}), max_length {dataset['max_length']}, precision {trainer['precision']}"
     )
     node.add(f"optimizer {optim['optimizer']['_target_']}, lr {optim['lr']}, scheduler {optim['scheduler']}")
     node.add(
