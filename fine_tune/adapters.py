@@ -56,11 +56,10 @@ def attach_adapter(
     """Wrap the base model with LoRA; only adapter weights remain trainable (fine_tune.validate has
     checked that expert adapters have experts to go on).
 
-    `sharded` (trainer.strategy=fsdp): the model is left as loaded. PEFT's k-bit preparation would
-    upcast every frozen non-4-bit weight to fp32 (twice the memory of Mixtral's bf16 experts) for
-    compute that FSDP's mixed precision casts back to bf16, and FSDP checkpoints each decoder layer
-    itself (training/arguments.py). The adapters still end up fp32 (PEFT's autocast_adapter_dtype),
-    the one dtype FSDP2 asks of the trainable weights of a shard group."""
+    `sharded` (trainer.strategy=fsdp): no k-bit preparation. It would upcast every frozen weight
+    that is not 4-bit to fp32 (twice the memory of Mixtral's bf16 experts) for compute that FSDP's
+    mixed precision casts back to bf16. The adapters still end up fp32 (PEFT's
+    autocast_adapter_dtype), the one dtype FSDP2 asks of the trainable weights of a shard group."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     if quantized and not sharded:
@@ -69,7 +68,7 @@ def attach_adapter(
             use_gradient_checkpointing=gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
-    elif gradient_checkpointing and not sharded:
+    elif gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     experts_4bit = spec.experts and any(type(m).__name__ == "Experts4bit" for m in model.modules())

@@ -305,15 +305,6 @@ def _check_strategy(data: dict, checked: Checked, cuda: Any) -> None:
             "optim.optimizer._target_",
             "use optim=adamw_torch (FSDP already splits the optimizer state over the GPUs)",
         )
-    options = trainer["checkpointing"]
-    if trainer["gradient_checkpointing"] and (
-        options["mode"] != "full" or options["every_n_layers"] != 1 or options["offload"]
-    ):
-        refuse(
-            "FSDP's own checkpointing recomputes every decoder layer in full, on the GPU",
-            "trainer.checkpointing",
-            "keep trainer.checkpointing.mode=full, every_n_layers=1, offload=false, or use trainer=ddp",
-        )
     if not cuda:  # last: what the config says comes first
         refuse_here(
             "FSDP runs on GPUs only; on CPU processes accelerate 1.15 would quietly train with DDP",

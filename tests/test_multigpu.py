@@ -51,8 +51,8 @@ def test_fsdp_shards_by_each_familys_decoder_layer(model: str, layer: str):
     assert args.fsdp_config["version"] == 2
     assert args.fsdp_config["transformer_layer_cls_to_wrap"] == [layer]
     assert args.fsdp_config["state_dict_type"] == "FULL_STATE_DICT"
-    # trainer=fsdp checkpoints: FSDP's own (around each layer), never the Trainer's as well
-    assert args.fsdp_config["activation_checkpointing"] is True and args.activation_checkpointing is False
+    # the Trainer's checkpointing: FSDP's own renames the layers' modules and PEFT saves no adapter
+    assert args.fsdp_config["activation_checkpointing"] is False and args.activation_checkpointing is True
     plugin = args.fsdp_plugin_args  # what accelerate's FullyShardedDataParallelPlugin is built from
     assert plugin["fsdp_version"] == 2 and plugin["transformer_cls_names_to_wrap"] == layer
     assert plugin["reshard_after_forward"] is True and "cpu_offload" not in plugin
@@ -105,8 +105,6 @@ def on_gpus_under_torchrun(monkeypatch):
         (["quant=nf4", "quant.storage_dtype=float32"], "quant.storage_dtype", "bfloat16"),
         (["optim=paged_adamw_8bit"], "optim.optimizer._target_", "bitsandbytes"),
         (["optim=adamw_8bit"], "optim.optimizer._target_", "bitsandbytes"),
-        (["trainer.checkpointing.mode=selective"], "trainer.checkpointing", "every decoder layer"),
-        (["trainer.checkpointing.offload=true"], "trainer.checkpointing", "every decoder layer"),
     ],
 )
 def test_fsdp_refuses_what_it_cannot_shard(overrides, where, says, on_gpus_under_torchrun):
@@ -333,13 +331,14 @@ import json, sys, torch, torch.distributed as dist
 from types import SimpleNamespace
 from conftest import compose
 from accelerate.utils import FullyShardedDataParallelPlugin
-from accelerate.utils.fsdp_utils import fsdp2_apply_ac, fsdp2_prepare_model
+from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+from safetensors.torch import load_file
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from fine_tune.adapters import attach_adapter
 from fine_tune.distributed import sharded_trainable_state
 from fine_tune.families import get_family
-from fine_tune.run import build_arguments, build_model, build_tokenizer
+from fine_tune.run import build_arguments, build_model, build_tokenizer, save_adapter
 from fine_tune.schema import check_types
 from fine_tune.utils.build import build
 
@@ -360,7 +359,7 @@ accelerator = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin), mixed_p
                               is_main_process=rank == 0, device=torch.device("cpu"), parallelism_config=None)
 model = adapted()
 plugin.set_auto_wrap_policy(model)
-model = fsdp2_prepare_model(accelerator, fsdp2_apply_ac(accelerator, model))
+model = fsdp2_prepare_model(accelerator, model)
 layer_class = get_family(cfg.model.family).decoder_layer
 layers = [m for m in model.modules() if type(m).__name__.endswith(layer_class)]
 assert len(layers) == 2 and all(isinstance(m, FSDPModule) for m in layers), "a shard group per layer"
@@ -382,9 +381,12 @@ gathered = sharded_trainable_state(model)
 if rank == 0:
     reference = adapted()
     reference_losses = train(reference)
-    expected = {k: v for k, v in reference.state_dict().items() if k in gathered}
-    assert len(gathered) == len(expected) == sum(p.requires_grad for p in reference.parameters())
-    diff = max((expected[k] - gathered[k]).abs().max().item() for k in gathered)
+    save_adapter(model, "sharded", gathered)  # PEFT's files, from the gathered shards
+    save_adapter(reference, "reference")
+    saved, expected = (load_file(f"{d}/adapter_model.safetensors") for d in ("sharded", "reference"))
+    assert saved.keys() == expected.keys()
+    assert len(saved) == sum(p.requires_grad for p in reference.parameters())
+    diff = max((expected[k] - saved[k]).abs().max().item() for k in saved)
     print("RESULT", json.dumps({"sharded": sharded_losses, "reference": reference_losses, "diff": diff}))
 else:
     assert gathered == {}

@@ -54,7 +54,6 @@ def build_training_arguments(
     if precision in ("bf16", "fp16") and not has_cuda():
         precision = "fp32"  # mixed precision on CPU is slower and not exact; the log says which was used
     checkpoint_kwargs = checkpointing_kwargs(checkpointing)  # checked even while checkpointing is off
-    sharded = strategy == "fsdp"
     return SFTConfig(
         output_dir=output_dir,
         seed=seed,
@@ -81,9 +80,8 @@ def build_training_arguments(
         save_total_limit=save_total_limit,
         dataloader_num_workers=dataloader_num_workers,
         torch_compile=torch_compile,
-        # under FSDP its own checkpointing wraps each decoder layer instead (parallel_kwargs)
-        activation_checkpointing=bool(gradient_checkpointing) and not sharded,
-        activation_checkpointing_kwargs=checkpoint_kwargs if gradient_checkpointing and not sharded else None,
+        activation_checkpointing=bool(gradient_checkpointing),
+        activation_checkpointing_kwargs=checkpoint_kwargs if gradient_checkpointing else None,
         use_liger_kernel=resolve_liger(use_liger_kernel),
         # Our data pipeline tokenized, masked, truncated (dataset.truncation) and packed the examples
         # and our collators batch them: TRL prepares nothing, truncates nothing, packs nothing.
@@ -97,13 +95,11 @@ def build_training_arguments(
         report_to="none",  # our own trackers log; HF's WandbCallback would open a second run
         disable_tqdm=True,
         use_cpu=not has_cuda(),
-        **parallel_kwargs(strategy, fsdp, gradient_checkpointing, decoder_layer),
+        **parallel_kwargs(strategy, fsdp, decoder_layer),
     )
 
 
-def parallel_kwargs(
-    strategy: str, fsdp: Any, gradient_checkpointing: bool, decoder_layer: str | None
-) -> dict[str, Any]:
+def parallel_kwargs(strategy: str, fsdp: Any, decoder_layer: str | None) -> dict[str, Any]:
     """`trainer.strategy` and `trainer.fsdp` -> the Trainer's DDP or FSDP arguments (docs/scaling.md).
 
     DDP: every parameter an adapter has is used in every step (no search for unused ones), and no
@@ -111,9 +107,11 @@ def parallel_kwargs(
     experts keep their packed weights in buffers (~23 GiB for Mixtral-8x7B, sent every step).
 
     FSDP2 (transformers' default version): one shard group per decoder layer (`decoder_layer`, named
-    by the model's family), whole-model state dicts gathered on rank 0 (adapters are small), and
-    FSDP's own non-reentrant activation checkpointing around each layer: the Trainer's would wrap
-    the sharded layer from outside and gather its weights twice in the backward.
+    by the model's family), whole-model state dicts (adapters are small; training/sharded.py gathers
+    only the trainable part). Checkpointing stays the Trainer's (non-reentrant, as on one GPU), at
+    the cost of a second all-gather of each layer in the backward: FSDP's own wraps every layer in
+    a `_checkpoint_wrapped_module`, and PEFT 0.21.2 then finds no adapter in the gathered state
+    dict (it strips only FSDP1's module prefix), so every saved adapter would be empty.
     """
     if strategy != "fsdp":
         return {"ddp_find_unused_parameters": False, "ddp_broadcast_buffers": False}
@@ -124,7 +122,7 @@ def parallel_kwargs(
         "version": 2,
         "reshard_after_forward": options["reshard_after_forward"],
         "cpu_offload": options["cpu_offload"],
-        "activation_checkpointing": bool(gradient_checkpointing),
+        "activation_checkpointing": False,
         "state_dict_type": "FULL_STATE_DICT",
     }
     if decoder_layer:
