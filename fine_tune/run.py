@@ -107,7 +107,7 @@ def build_trainer(
 ) -> Any:
     from transformers.trainer_callback import PrinterCallback
 
-    from fine_tune.hardware import peak_flops
+    from fine_tune.hardware import peak_flops, world_size
     from fine_tune.training.callbacks import MetricsLogCallback
     from fine_tune.training.optim import build_optimizer_factory
     from fine_tune.training.samples import SampleCallback
@@ -118,8 +118,9 @@ def build_trainer(
     timer = PhaseTimer()  # eval, samples and checkpoints: kept out of the training throughput
     precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
     flops = model_flops_per_token(model)
+    peak = peak_flops(precision)  # one GPU's, and the tokens counted are every process's: x GPUs
     metrics = MetricsLogCallback(
-        run_dir, tracker, timer, flops_per_token=flops, peak_flops=peak_flops(precision)
+        run_dir, tracker, timer, flops_per_token=flops, peak_flops=peak and peak * world_size()
     )
     generation = cfg.trainer.generation
     samples = SampleCallback(

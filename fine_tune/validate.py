@@ -290,11 +290,15 @@ def _check_strategy(data: dict, checked: Checked, cuda: Any) -> None:
             "set quant.quant_experts=false (bf16 experts, sharded over the GPUs), or use trainer=ddp "
             "with 4-bit experts (a whole 4-bit model per GPU)",
         )
-    if kind in FOUR_BIT and quant["storage_dtype"] != fsdp_storage_dtype(trainer, quant):
-        need = fsdp_storage_dtype(trainer, quant)
+    stored, need = quant["storage_dtype"], kind in FOUR_BIT and fsdp_storage_dtype(trainer, quant)
+    if need and stored != need:
         refuse(
-            f"4-bit weights stored as {quant['storage_dtype']} are left out of the sharding (uint8) or "
-            f"cast and corrupted by FSDP's mixed precision ({need}); they must be stored in {need}",
+            f"4-bit weights stored as {stored} "
+            + (
+                "are left out of the sharding (every GPU would hold all of them)"
+                if stored == "uint8"
+                else f"would be cast to {need} by FSDP's mixed precision, which corrupts the packed values"
+            ),
             "quant.storage_dtype",
             f"quant.storage_dtype={need} (trainer=fsdp sets bfloat16)",
         )
