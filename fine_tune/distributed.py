@@ -86,7 +86,7 @@ def _first_slurm_node() -> str:
 
 
 def share_run_dir(run_dir: str) -> str:
-    """Rank 0's run directory, on every rank of a torchrun / `accelerate launch` job.
+    """Rank 0's run (or sweep) directory, on every rank of a torchrun / `accelerate launch` job.
 
     Each rank composes the config itself, so `${now:}` in `hydra.run.dir` would give each its own
     directory (hydra#2070). torchrun's agent hosts a key-value store for the job's rendezvous

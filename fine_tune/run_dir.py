@@ -9,7 +9,7 @@ job log there before the task function runs. Left alone, that gives
   re-applies, the config generate and export rebuild the model from), and appends to the log of a
   run that has long finished.
 
-`RunDirCallback` (hydra.callbacks, on_run_start: single runs only) changes that before it happens
+`RunDirCallback` (hydra.callbacks, on_run_start: single runs) changes that before it happens
 and remembers whether the directory existed; `discard_if_unused` then removes a directory this
 process created and trained nothing in. Sweep jobs keep theirs in every case: the sweep summary
 reads their status.json.
@@ -114,3 +114,11 @@ class RunDirCallback(Callback):
                 config.hydra.output_subdir = None
             if inspecting or (existing and not continuing):
                 _drop_log_file(config.hydra.job_logging)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """A sweep under torchrun: every rank's jobs go into rank 0's sweep directory."""
+        from fine_tune.distributed import share_run_dir
+
+        shared = share_run_dir(str(OmegaConf.select(config, "hydra.sweep.dir")))
+        with read_write(config.hydra), open_dict(config.hydra):
+            config.hydra.sweep.dir = shared

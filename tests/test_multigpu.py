@@ -232,8 +232,10 @@ LAUNCH_VARIABLES = (
 
 @pytest.fixture
 def clean_launch_env(monkeypatch):
+    """A copy of the environment for the test to change (adopt_slurm_tasks writes os.environ)."""
+    monkeypatch.setattr(os, "environ", dict(os.environ))
     for name in (*LAUNCH_VARIABLES, "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE", "SLURM_JOB_ID"):
-        monkeypatch.delenv(name, raising=False)
+        os.environ.pop(name, None)
     return monkeypatch
 
 
@@ -513,3 +515,15 @@ def test_fsdp_over_two_processes_trains_as_one_process_and_saves_the_whole_adapt
     for key, value in adapter.items():
         assert value.shape == expected[key].shape and value.equal(saved_at_step_4[key])
         assert (value - expected[key]).abs().max() < 1e-3, key
+
+
+@pytest.mark.slow
+def test_a_sweep_under_torchrun_writes_one_sweep_dir(tmp_path: Path):
+    args = ["--standalone", "--nproc_per_node", "2", "-m", "fine_tune", "-m", "lora.r=4", *FAST]
+    args += ["trainer.max_steps=2", "trainer.eval_steps=2", "trainer.save_steps=2"]
+    result = run_cli(args, cwd=tmp_path, env=pythonpath(), timeout=600, module="torch.distributed.run")
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    sweeps = list((tmp_path / "multirun" / "train").iterdir())
+    assert len(sweeps) == 1, sweeps  # not one `${now:}` per rank
+    (job,) = [d for d in sweeps[0].iterdir() if d.is_dir()]
+    assert json.loads((job / "status.json").read_text())["status"] == "finished"
