@@ -131,17 +131,23 @@ def max_over_ranks(value: int) -> int:
     return int(tensor.item())
 
 
+def is_sharded(model: Any) -> bool:
+    """True for a model FSDP sharded: every forward (a generated token too) gathers weights from
+    every rank, so all ranks must run the same number of them."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
 def sharded_trainable_state(model: Any) -> dict | None:
     """The trainable weights of a model FSDP sharded, gathered whole: every rank must call this (each
     holds a shard), rank 0 gets the tensors on the CPU, the others an empty dict. None when the
     model is not sharded (save it as usual). The frozen base stays where it is: gathering it would
     put the whole model in rank 0's memory for an adapter of a few megabytes."""
-    torch = sys.modules.get("torch")
-    if torch is None or not torch.distributed.is_available():
-        return None
-    from torch.distributed.fsdp import FSDPModule
-
-    if not isinstance(model, FSDPModule):
+    if not is_sharded(model):
         return None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 

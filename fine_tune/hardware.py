@@ -80,14 +80,17 @@ def peak_flops(precision: str) -> float | None:
 
 # How each launcher tells a process where it stands: (global rank, rank on its node, processes in the
 # job). torchrun and `accelerate launch` first; then SLURM's srun tasks (SLURM_STEP_NUM_TASKS counts
-# the tasks of this step: an sbatch script run with --ntasks=4 but no srun is still one process).
+# the tasks of this step: an sbatch script run with --ntasks=4 but no srun is still one process);
+# then a launcher that announces only the local rank.
 LAUNCHER_VARIABLES = (
     ("RANK", "LOCAL_RANK", "WORLD_SIZE"),
     ("SLURM_PROCID", "SLURM_LOCALID", "SLURM_STEP_NUM_TASKS"),
+    ("LOCAL_RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"),
 )
 
 
 def _from_launcher(position: int) -> int | None:
+    """The value at `position` of the first launcher whose rank variable is set."""
     for names in LAUNCHER_VARIABLES:
         if os.environ.get(names[0], "").isdigit():
             value = os.environ.get(names[position], "")
@@ -97,30 +100,22 @@ def _from_launcher(position: int) -> int | None:
 
 def launched() -> bool:
     """Started by torchrun, accelerate launch or srun (even as a single process)."""
-    return _from_launcher(0) is not None or os.environ.get("LOCAL_RANK", "").isdigit()
+    return _from_launcher(0) is not None
 
 
 def rank() -> int:
     """Global rank under torchrun / accelerate / SLURM (srun tasks); 0 when not distributed."""
-    found = _from_launcher(0)
-    if found is not None:
-        return found
-    value = os.environ.get("LOCAL_RANK", "")  # a launcher that announces only the local rank
-    return int(value) if value.isdigit() else 0
+    return _from_launcher(0) or 0
 
 
 def local_rank() -> int:
     """This process's rank on its node: which of the node's GPUs it takes."""
-    found = _from_launcher(1)
-    if found is not None:
-        return found
-    value = os.environ.get("LOCAL_RANK", "")
-    return int(value) if value.isdigit() else 0
+    return _from_launcher(1) or 0
 
 
 def world_size() -> int:
-    """Processes in the job as the launcher announced them (1 when not launched by one). `plan=true`
-    and `validate=true` read it too: `WORLD_SIZE=4 python -m fine_tune plan=true` plans 4 GPUs."""
+    """Processes in the job as the launcher announced them (1 when not launched by one); without a
+    launcher `WORLD_SIZE` still counts, for `WORLD_SIZE=4 python -m fine_tune plan=true`."""
     found = _from_launcher(2)
     if found is None and os.environ.get("WORLD_SIZE", "").isdigit():
         found = int(os.environ["WORLD_SIZE"])
