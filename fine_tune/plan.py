@@ -245,11 +245,8 @@ def plan_memory(cfg: Any) -> MemoryPlan:
     small_in = "fp32 (kbit prep)" if kbit_prep else ("fp32" if base_bytes == 4 else "bf16")
     bf16_experts = ", experts in bf16 (not 4-bit)" if s.moe and not experts_4bit else ""
     how = f"embeddings, lm_head, norms{', router' if s.moe else ''} in {small_in}{bf16_experts}{sharded}"
-    small_bytes = 4 if kbit_prep else base_bytes
-    weights = q_bytes + large * base_bytes + small * small_bytes
-    add("non-quantized weights", (large * base_bytes + small * small_bytes) / shards, how)
-    # FSDP shards a model each rank loaded whole onto its GPU, unless it loads into host RAM
-    load_whole = strategy == "fsdp" and not cfg["trainer"]["fsdp"]["load_on_cpu"]
+    unquantized = large * base_bytes + small * (4 if kbit_prep else base_bytes)
+    add("non-quantized weights", unquantized / shards, how)
 
     lora_n, lora_experts = counts.trainable, lora["experts"] and s.moe
     target, state_per_param, paged = _optimizer_kind(cfg["optim"])
@@ -265,10 +262,8 @@ def plan_memory(cfg: Any) -> MemoryPlan:
         # lm_head stay gathered from the end of the forward to the start of the backward.
         def gathered_layer(sparse: bool) -> int:
             linears = 0 if quantized else sum(i * o for i, o in fs.layer_linears(s, sparse).values())
-            bf16_experts = sparse and not experts_4bit
-            experts = (
-                s.num_experts * sum(i * o for i, o in fs.expert_matrices(s).values()) if bf16_experts else 0
-            )
+            stacked = s.num_experts * sum(i * o for i, o in fs.expert_matrices(s).values())
+            experts = stacked if sparse and not experts_4bit else 0
             return (layer_quant_bytes(sparse) if quantized else 0) + (linears + experts) * base_bytes
 
         layer = max(gathered_layer(sparse) for sparse, _ in fs.layer_kinds(s)) + 2 * lora_n // n_layers
@@ -330,6 +325,7 @@ def plan_memory(cfg: Any) -> MemoryPlan:
     )
     add("logits/loss or layer recompute peak", transient, peak)
 
+    load_whole = strategy == "fsdp" and not cfg["trainer"]["fsdp"]["load_on_cpu"]
     on = f"r={lora['r']} on {'+'.join(sorted(adapted)) or 'nothing'}{' + experts' if lora_experts else ''}"
     params_4bit = (counts.linear if kind in fs.FOUR_BIT else 0) + (counts.experts if experts_4bit else 0)
     return MemoryPlan(
@@ -343,7 +339,8 @@ def plan_memory(cfg: Any) -> MemoryPlan:
         params_4bit=params_4bit,
         params_other=counts.total - params_4bit,
         trainable_params=lora_n,
-        load_bytes=int(weights + CUDA_CONTEXT) if load_whole else 0,
+        # FSDP shards a model each rank loaded whole onto its GPU, unless it loads into host RAM
+        load_bytes=int(q_bytes + unquantized + CUDA_CONTEXT) if load_whole else 0,
         world_size=world,
         strategy=strategy,
     )
