@@ -84,14 +84,21 @@ def build_lora_config(
     return AdapterSpec(lora=config, experts=experts, expert_dropout=expert_dropout, loftq=loftq)
 
 
-def attach_adapter(model: Any, spec: AdapterSpec, gradient_checkpointing: bool, quantized: bool) -> Any:
+def attach_adapter(
+    model: Any, spec: AdapterSpec, gradient_checkpointing: bool, quantized: bool, sharded: bool = False
+) -> Any:
     """Wrap the base model with LoRA; only adapter weights remain trainable (fine_tune.validate has
-    checked that expert adapters have experts to go on, and that the variant fits the base)."""
+    checked that expert adapters have experts to go on, and that the variant fits the base).
+
+    `sharded` (trainer.strategy=fsdp): no k-bit preparation. It would upcast every frozen weight
+    that is not 4-bit to fp32 (twice the memory of Mixtral's bf16 experts) for compute that FSDP's
+    mixed precision casts back to bf16. The adapters still end up fp32 (PEFT's
+    autocast_adapter_dtype), the one dtype FSDP2 asks of the trainable weights of a shard group."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     checkpoint = getattr(model, "name_or_path", None)  # LoftQ reads the full-precision weights there
 
-    if quantized:
+    if quantized and not sharded:
         model = prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=gradient_checkpointing,

@@ -34,13 +34,14 @@ def remove_partial_saves(run_dir: Path) -> None:
         remove_partial_publishes(run_dir / name)
 
 
-def save_adapter(model: Any, directory: Path, run_dir: Path) -> None:
+def save_adapter(model: Any, directory: Path, run_dir: Path, state_dict: dict | None = None) -> None:
     """PEFT's files, plus the 4-bit expert adapters PEFT cannot hold (generate/export load both); a
-    PiSSA/OLoRA adapter as plain LoRA on the original base (fine_tune/residual_init.py)."""
+    PiSSA/OLoRA adapter as plain LoRA on the original base (fine_tune/residual_init.py);
+    `state_dict`: the adapter gathered from FSDP's shards (`distributed.sharded_trainable_state`)."""
     from fine_tune.residual_init import convert_saved_adapter
     from fine_tune.training.trainer import save_expert_adapters_if_any
 
-    model.save_pretrained(directory)
+    model.save_pretrained(directory, state_dict=state_dict)
     save_expert_adapters_if_any(model, directory)
     convert_saved_adapter(directory, run_dir / INITIAL)
 
@@ -73,7 +74,9 @@ def build_data(cfg: DictConfig, tokenizer: Any, cache: bool = True) -> Any:
 
 
 def build_arguments(cfg: DictConfig, output_dir: str | Path, has_eval: bool) -> Any:
-    """The trainer's arguments, from the `trainer` and `optim` nodes."""
+    """The trainer's arguments, from the `trainer` and `optim` nodes (and the model's layer class,
+    which FSDP shards by)."""
+    from fine_tune.families.shapes import model_shapes
     from fine_tune.utils.build import build
 
     optim = OmegaConf.to_container(cfg.optim, resolve=True)
@@ -83,6 +86,7 @@ def build_arguments(cfg: DictConfig, output_dir: str | Path, has_eval: bool) -> 
         seed=cfg.seed,
         has_eval=has_eval,
         optim=optim,
+        decoder_layer=model_shapes(cfg.model, hub=False).family.decoder_layer,
         _convert_="all",
     )
 
@@ -97,7 +101,8 @@ def build_model(cfg: DictConfig, tokenizer: Any) -> Any:
 
     # The quant node is instantiated by Hydra as a nested `_target_` (a dataclass passed in directly
     # would be turned back into a config).
-    loaded = build(cfg.model, quant=cfg.quant, seed=cfg.seed, tokenizer=tokenizer)
+    device = "cpu" if cfg.trainer.strategy == "fsdp" and cfg.trainer.fsdp.load_on_cpu else None
+    loaded = build(cfg.model, quant=cfg.quant, seed=cfg.seed, tokenizer=tokenizer, device=device)
     return loaded, loaded.quant
 
 
@@ -106,7 +111,7 @@ def build_trainer(
 ) -> Any:
     from transformers.trainer_callback import PrinterCallback
 
-    from fine_tune.hardware import peak_flops
+    from fine_tune.hardware import peak_flops, world_size
     from fine_tune.training.callbacks import MetricsLogCallback
     from fine_tune.training.optim import build_optimizer_factory
     from fine_tune.training.samples import SampleCallback
@@ -117,8 +122,9 @@ def build_trainer(
     timer = PhaseTimer()  # eval, samples and checkpoints: kept out of the training throughput
     precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
     flops = model_flops_per_token(model)
+    peak = peak_flops(precision)  # one GPU's, and the tokens counted are every process's: x GPUs
     metrics = MetricsLogCallback(
-        run_dir, tracker, timer, flops_per_token=flops, peak_flops=peak_flops(precision)
+        run_dir, tracker, timer, flops_per_token=flops, peak_flops=peak and peak * world_size()
     )
     generation = cfg.trainer.generation
     samples = SampleCallback(
@@ -162,7 +168,8 @@ def _train(cfg: DictConfig, run_dir: Path, tracker: Any, job: dict, preemption: 
     from transformers import set_seed
 
     from fine_tune.adapters import attach_adapter, count_parameters
-    from fine_tune.hardware import is_main_process
+    from fine_tune.distributed import effective_batch, sharded_trainable_state
+    from fine_tune.hardware import is_main_process, world_size
     from fine_tune.residual_init import save_initial_adapter
     from fine_tune.training.checkpoints import prepare_resume
     from fine_tune.training.progress import ProgressBar
@@ -185,7 +192,8 @@ def _train(cfg: DictConfig, run_dir: Path, tracker: Any, job: dict, preemption: 
     # only honours restarting position_ids without a cache); training never needs it.
     loaded.model.config.use_cache = False
     set_seed(cfg.seed)  # adapter init must not depend on how many random numbers loading drew
-    model = attach_adapter(loaded.model, adapter, cfg.trainer.gradient_checkpointing, quant.enabled)
+    sharded = cfg.trainer.strategy == "fsdp"
+    model = attach_adapter(loaded.model, adapter, cfg.trainer.gradient_checkpointing, quant.enabled, sharded)
     if is_main_process():  # PiSSA/OLoRA: the adapter as initialised, which the saved adapter subtracts
         save_initial_adapter(model, run_dir)
     if checkpoint is not None:
@@ -197,6 +205,7 @@ def _train(cfg: DictConfig, run_dir: Path, tracker: Any, job: dict, preemption: 
         f"{total:,}",
         100 * trainable / max(total, 1),
     )
+    log.info("effective batch %d (%s, %s)", *effective_batch(cfg.trainer), cfg.trainer.strategy)
     trainer, metrics_cb = build_trainer(cfg, model, tokenizer, data, run_dir, tracker, preemption)
     trainer.add_callback(ProgressBar())  # shown only when stderr is a terminal
     metrics_cb.resume_from(logged)
@@ -209,12 +218,14 @@ def _train(cfg: DictConfig, run_dir: Path, tracker: Any, job: dict, preemption: 
         saved = list_checkpoints(run_dir / "checkpoints")
         raise Preempted(preemption.signum, str(saved[-1]) if saved else None, preemption.previous_handler)
     eval_loss = final_eval_loss(trainer, metrics_cb, data)
+    gathered = sharded_trainable_state(model)  # under FSDP every rank sends its shard of the adapter
     if is_main_process():
-        publish_dir(run_dir / "adapter", lambda d: save_adapter(model, d, run_dir))
+        publish_dir(run_dir / "adapter", lambda d: save_adapter(model, d, run_dir, gathered))
         publish_dir(run_dir / "tokenizer", lambda d: save_tokenizer(tokenizer, d))
     metrics = final_metrics(
         trainer.state, metrics_cb, eval_loss, trainable, total, time.perf_counter() - started
     )
+    metrics.update(world_size=world_size(), effective_batch=effective_batch(cfg.trainer)[0])
     if is_main_process():
         atomic_write_json(run_dir / "metrics.json", metrics)
         tracker.summary(metrics)

@@ -34,6 +34,7 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 # lora.init_lora_weights besides `true` (PEFT's: A Kaiming-uniform, B zero); pissa_niter_<n> too
 LORA_INITS = ("gaussian", "pissa", "olora", "loftq")
 SKIP_MODULES = ("lm_head",)  # kept in full precision, as bitsandbytes' from_pretrained does
+STRATEGIES = ("ddp", "fsdp")  # how several processes share the work (docs/scaling.md)
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 # Keys that moved to the group that uses them; the old spelling still works, with a warning, until
 # the release after 0.x (then: delete these and the `null` placeholders in conf/trainer/default.yaml).
@@ -143,6 +144,19 @@ class CheckpointingSchema:
 
 
 @dataclass
+class FsdpSchema:
+    """How `trainer.strategy=fsdp` shards (PyTorch's FSDP2, through accelerate; docs/scaling.md)."""
+
+    # true: free each decoder layer's gathered weights after its forward and gather them again for its
+    # backward (least memory); false: keep them until the backward (one all-gather less, more memory)
+    reshard_after_forward: bool = True
+    cpu_offload: bool = False  # the shards of weights, gradients and optimizer state wait in CPU RAM
+    # true: every rank loads the model into host RAM and FSDP moves each layer's shard to its GPU as
+    # it wraps it (a model larger than one GPU); false: each rank loads it whole onto its own GPU first
+    load_on_cpu: bool = False
+
+
+@dataclass
 class TrainerSchema:
     _target_: str = "fine_tune.training.build_training_arguments"
     max_steps: int = _rule(60, lambda v: v == -1 or v > 0, "must be > 0 (or -1 to train num_train_epochs)")
@@ -161,6 +175,9 @@ class TrainerSchema:
     save_total_limit: int | None = positive(2)
     dataloader_num_workers: int = at_least(0, 0)
     torch_compile: bool = False
+    # ddp: every process holds the whole model | fsdp: weights, gradients, optimizer state sharded
+    strategy: str = one_of("ddp", STRATEGIES)
+    fsdp: FsdpSchema = field(default_factory=FsdpSchema)
     generation: GenerationSchema = field(default_factory=GenerationSchema)
 
 

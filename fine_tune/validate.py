@@ -23,6 +23,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from fine_tune.distributed import effective_batch
 from fine_tune.errors import UserError
 
 HYDRA_KEYS = {"_target_", "_convert_", "_partial_", "_recursive_", "_args_"}
@@ -171,13 +172,7 @@ def cross_checks(data: dict, checked: Checked) -> None:
         checked.notes.append("packing with eager attention builds a full mask per pack: sdpa is faster")
 
     target = str((optim.get("optimizer") or {}).get("_target_", ""))
-    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
-    if "Paged" in target and fsdp:
-        raise UserError(
-            "paged optimizers do not work with FSDP",
-            where="optim.optimizer._target_",
-            hint="use optim=adamw_torch",
-        )
+    _check_strategy(data, checked, cuda)
     if ("bitsandbytes" in target) and importlib.util.find_spec("bitsandbytes") is None:
         raise UserError(f"{target} needs bitsandbytes", where="optim.optimizer._target_")
 
@@ -373,6 +368,94 @@ def variant_notes(shapes: Any, lora: dict, kind: str) -> list[str]:
     return notes
 
 
+def _check_strategy(data: dict, checked: Checked, cuda: Any) -> None:
+    """What FSDP cannot shard or run with; each refusal names the way that works (docs/scaling.md).
+    In `validate=true` the checks of how the job was launched are notes: a laptop may validate a
+    config meant for torchrun on GPUs."""
+    from fine_tune.families.shapes import FOUR_BIT, experts_in_4bit, model_shapes
+    from fine_tune.hardware import launched
+
+    trainer, quant = data["trainer"], data["quant"]
+    accelerate_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
+    if trainer["strategy"] != "fsdp":
+        if accelerate_fsdp:
+            raise UserError(
+                "accelerate's config turns FSDP on (ACCELERATE_USE_FSDP) but trainer.strategy is ddp",
+                where="trainer.strategy",
+                hint="use trainer=fsdp (fine_tune sets FSDP's options itself) and `accelerate launch "
+                "--num_processes N` without an FSDP config",
+            )
+        return
+
+    def refuse(why: str, where: str, hint: str) -> None:
+        raise UserError(f"under trainer.strategy=fsdp, {why}", where=where, hint=hint)
+
+    def refuse_here(why: str, hint: str) -> None:  # about this machine or launch, not the config
+        if not data.get("validate"):
+            raise UserError(why, where="trainer.strategy", hint=hint)
+        checked.notes.append(f"trainer.strategy=fsdp: {why} ({hint})")
+
+    kind = quant["kind"]
+    if kind == "int8":
+        refuse(
+            "bitsandbytes' int8 weights cannot be sharded (their scales are kept outside the weight)",
+            "quant.kind",
+            "use quant=nf4 (4-bit weights, stored in bf16 for FSDP), or trainer=ddp",
+        )
+    if kind in FOUR_BIT and experts_in_4bit(model_shapes(data["model"], hub=False), quant):
+        refuse(
+            "fine_tune's 4-bit experts keep their packed weights in buffers, which FSDP does not shard "
+            "(every GPU would hold all of them)",
+            "quant.quant_experts",
+            "set quant.quant_experts=false (bf16 experts, sharded over the GPUs), or use trainer=ddp "
+            "with 4-bit experts (a whole 4-bit model per GPU)",
+        )
+    stored, need = quant["storage_dtype"], kind in FOUR_BIT and fsdp_storage_dtype(trainer, quant)
+    if need and stored != need:
+        refuse(
+            f"4-bit weights stored as {stored} "
+            + (
+                "are left out of the sharding (every GPU would hold all of them)"
+                if stored == "uint8"
+                else f"would be cast to {need} by FSDP's mixed precision, which corrupts the packed values"
+            ),
+            "quant.storage_dtype",
+            f"quant.storage_dtype={need} (trainer=fsdp sets bfloat16)",
+        )
+    target = str((data["optim"].get("optimizer") or {}).get("_target_", ""))
+    if "bitsandbytes" in target:
+        refuse(
+            "bitsandbytes optimizers (paged or 8-bit) do not take FSDP's sharded parameters",
+            "optim.optimizer._target_",
+            "use optim=adamw_torch (FSDP already splits the optimizer state over the GPUs)",
+        )
+    if not cuda:  # last: what the config says comes first
+        refuse_here(
+            "FSDP runs on GPUs only; on CPU processes accelerate 1.15 would quietly train with DDP",
+            "use trainer.strategy=ddp on CPUs",
+        )
+    elif not launched():
+        refuse_here(
+            "FSDP shards over processes that a launcher started",
+            "torchrun --nproc_per_node N -m fine_tune ..., or accelerate launch --num_processes N -m ...",
+        )
+
+
+def fsdp_storage_dtype(trainer: dict, quant: dict) -> str:
+    """The dtype 4-bit weights must be stored in under FSDP: mixed precision casts every floating
+    shard to the training precision's dtype before gathering it, so the packed bytes survive only
+    if they are stored in that dtype already; in fp32 training, the compute dtype. `auto` resolves
+    as on this machine's GPU, or as on a bf16 GPU where there is none (FSDP runs on GPUs only)."""
+    from fine_tune.hardware import has_cuda, resolve_dtype, resolve_precision
+
+    gpu = has_cuda()
+    precision = resolve_precision(trainer["precision"]) if gpu or trainer["precision"] != "auto" else "bf16"
+    if precision in ("bf16", "fp16"):
+        return {"bf16": "bfloat16", "fp16": "float16"}[precision]
+    compute = quant["compute_dtype"]
+    return str(resolve_dtype(compute)).removeprefix("torch.") if gpu or compute != "auto" else "bfloat16"
+
+
 class _LazyCuda:
     """Truthy when a GPU is there; asks torch (seconds to import) only when first evaluated."""
 
@@ -406,9 +489,8 @@ def check_config(cfg: DictConfig) -> Checked:
 
 
 def planned_steps(trainer: dict, train_rows: int) -> tuple[int, float]:
-    """(optimizer steps, epochs they cover) as the Trainer will compute them, on one process."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    per_step = trainer["per_device_train_batch_size"] * trainer["gradient_accumulation_steps"] * world
+    """(optimizer steps, epochs they cover) as the Trainer will compute them, over every process."""
+    per_step = effective_batch(trainer)[0]
     steps_per_epoch = max(math.ceil(train_rows / per_step), 1) if train_rows else 1
     if trainer["max_steps"] > 0:
         steps = int(trainer["max_steps"])
@@ -487,10 +569,10 @@ def print_validation(cfg: DictConfig) -> None:
     )
 
     steps, epochs = planned_steps(trainer, len(bundle.train))
-    effective = trainer["per_device_train_batch_size"] * trainer["gradient_accumulation_steps"]
+    effective, how = effective_batch(trainer)
     node = tree.add(
-        f"[bold]training[/bold]: {steps} steps ({epochs:.2f} epochs), effective batch {effective}, "
-        f"max_length {dataset['max_length']}, precision {trainer['precision']}"
+        f"[bold]training[/bold]: {steps} steps ({epochs:.2f} epochs), effective batch {effective} ({how}, "
+        f"{trainer['strategy']}), max_length {dataset['max_length']}, precision {trainer['precision']}"
     )
     node.add(f"optimizer {optim['optimizer']['_target_']}, lr {optim['lr']}, scheduler {optim['scheduler']}")
     if optim["loraplus_lr_ratio"]:

@@ -23,6 +23,7 @@ from trl import SFTTrainer
 
 from fine_tune.training.checkpoints import STAGING, rotate
 from fine_tune.training.exact_resume import ExactResume
+from fine_tune.training.sharded import ShardedSaves
 from fine_tune.training.throughput import PhaseTimer
 from fine_tune.utils.io import replace_dir
 
@@ -85,7 +86,7 @@ def enable_selective_checkpointing(model: Any) -> None:
     enable_selective_activation_checkpointing(inner)
 
 
-class FineTuneTrainer(ExactResume, SFTTrainer):
+class FineTuneTrainer(ExactResume, ShardedSaves, SFTTrainer):
     def __init__(
         self,
         model: Any,
