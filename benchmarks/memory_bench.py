@@ -10,7 +10,8 @@ model, clip, optimizer step.
   python benchmarks/memory_bench.py --model mixtral --configs 4:ckpt:paged8,8:ckpt:paged8 \
       --max-batch ckpt:paged8 --json out.json
 
-Each config is `batch:ckpt|nockpt:paged8|adamw8|adamw32|paged32`.
+Each config is `batch:ckpt|nockpt:paged8|adamw8|adamw32|paged32`. `--expert-kernel grouped|loop`
+picks how the 4-bit experts compute (`quant.expert_kernel`; default auto: grouped on an H100).
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ def cfg_for(args: argparse.Namespace, batch: int, ckpt: bool, optim: str) -> dic
             "double_quant": not args.no_double_quant,
             "compute_dtype": "bfloat16",
             "quant_experts": True,
+            "expert_kernel": args.expert_kernel,
         },
         "lora": {
             "r": args.r,
@@ -107,7 +109,7 @@ def build(args: argparse.Namespace):
 
     from fine_tune.families import get_family
     from fine_tune.models.moe import attach_expert_lora, build_random_model
-    from fine_tune.models.moe.experts4bit import format_counts
+    from fine_tune.models.moe.experts4bit import format_counts, set_expert_kernel
 
     cfg = cfg_for(args, 1, True, "paged8")
     config = get_family(MODELS[args.model]["family"]).config()
@@ -123,6 +125,7 @@ def build(args: argparse.Namespace):
         device="cuda",
         dtype=torch.bfloat16,
     )
+    set_expert_kernel(model, args.expert_kernel)
     torch.cuda.synchronize()
     built_s = time.perf_counter() - t0
     weights = torch.cuda.memory_allocated()
@@ -252,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--targets", choices=["attn", "attn_experts", "all"], default=None)
     ap.add_argument("--dropout", type=float, default=None)
+    ap.add_argument("--expert-kernel", choices=["auto", "grouped", "loop"], default="auto")
     ap.add_argument(
         "--no-kbit-prep", action="store_true", help="skip PEFT's fp32 upcast of non-4-bit weights"
     )

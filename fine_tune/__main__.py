@@ -63,8 +63,11 @@ def before_training(cfg: DictConfig, run_dir: Path, multirun: bool) -> tuple[boo
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
+    from fine_tune.distributed import adopt_slurm_tasks, quiet_other_ranks
     from fine_tune.quiet import quiet_libraries
 
+    adopt_slurm_tasks()  # srun / submitit tasks become torch ranks before anything distributed starts
+    quiet_other_ranks()  # under torchrun: rank 0 says where the run is and how it went
     quiet_libraries()  # before anything imports transformers, peft or bitsandbytes
     from fine_tune import run_dir as run_dirs
     from fine_tune import sweep

@@ -1,12 +1,20 @@
 """LoRA adapters: the `lora` group becomes a `peft.LoraConfig` plus the choices PEFT cannot express
-safely on its own (experts of fused MoE layers at exactly the requested rank)."""
+safely on its own (experts of fused MoE layers at exactly the requested rank, LoftQ on a model
+already loaded in 4 bits).
+
+The variants (conf/lora/*.yaml headers say what each costs): DoRA (`use_dora`) and the PiSSA /
+OLoRA / gaussian initialisations are PEFT's own; LoftQ is fine_tune's (fine_tune/loftq.py says
+why); rsLoRA is a scaling. PiSSA and OLoRA train on a residual base, which fine_tune/residual_init.py
+turns back into a plain LoRA on the original base when the adapter is saved. What cannot combine is
+refused by fine_tune/validate.py before anything loads.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +29,27 @@ class AdapterSpec:
     lora: Any  # peft.LoraConfig for the dense (nn.Linear) targets
     experts: bool  # also adapt fused MoE expert weights (same rank and alpha)
     expert_dropout: float = 0.0
+    # LoftQ: PEFT builds plain LoRA, fine_tune.loftq sets A and B once the 4-bit model is wrapped
+    loftq: bool = False
+
+
+def changes_base(init: Any) -> bool:
+    """PiSSA and OLoRA move the adapted weight's principal part into the adapter: the model trains on
+    base - scaling * B0 @ A0, a residual, not the checkpoint."""
+    return isinstance(init, str) and (init.startswith("pissa") or init == "olora")
+
+
+def variant_name(lora: Mapping[str, Any]) -> str:
+    """What a `lora` node trains besides plain LoRA, for logs, plans and model cards ("" for none)."""
+    init = lora.get("init_lora_weights", True)
+    parts = ["DoRA"] if lora.get("use_dora") else []
+    if init is not True:
+        kind, _, niter = str(init).partition("_niter_")
+        label = {"pissa": "PiSSA", "olora": "OLoRA", "loftq": "LoftQ"}.get(kind, kind)
+        parts.append(f"{label} init" + (f" ({init})" if niter else ""))
+    if lora.get("use_rslora"):
+        parts.append("rsLoRA")
+    return ", ".join(parts)
 
 
 def build_lora_config(
@@ -30,6 +59,8 @@ def build_lora_config(
     target_modules: Sequence[str] | str = LORA_TARGETS,
     bias: str = default(LoraSchema, "bias"),
     use_rslora: bool = default(LoraSchema, "use_rslora"),
+    use_dora: bool = default(LoraSchema, "use_dora"),
+    init_lora_weights: bool | str = default(LoraSchema, "init_lora_weights"),
     experts: bool = default(LoraSchema, "experts"),
     expert_dropout: float = default(LoraSchema, "expert_dropout"),
     modules_to_save: list[str] | None = None,
@@ -44,18 +75,28 @@ def build_lora_config(
         target_modules=target_modules if isinstance(target_modules, str) else list(target_modules),
         bias=bias,
         use_rslora=use_rslora,
+        use_dora=use_dora,
+        init_lora_weights=True if init_lora_weights == "loftq" else init_lora_weights,
         modules_to_save=modules_to_save,
         task_type="CAUSAL_LM",
     )
-    return AdapterSpec(lora=config, experts=experts, expert_dropout=expert_dropout)
+    loftq = init_lora_weights == "loftq"
+    return AdapterSpec(lora=config, experts=experts, expert_dropout=expert_dropout, loftq=loftq)
 
 
-def prepare_for_adapter(model: Any, gradient_checkpointing: bool, quantized: bool) -> Any:
+def prepare_for_adapter(
+    model: Any, gradient_checkpointing: bool, quantized: bool, sharded: bool = False
+) -> Any:
     """What the base needs before an adapter trains on it: PEFT's k-bit preparation on a quantized
-    model, else checkpointing with gradients flowing from the (frozen) input embeddings."""
+    model, else checkpointing with gradients flowing from the (frozen) input embeddings.
+
+    `sharded` (trainer.strategy=fsdp): no k-bit preparation. It would upcast every frozen weight
+    that is not 4-bit to fp32 (twice the memory of Mixtral's bf16 experts) for compute that FSDP's
+    mixed precision casts back to bf16. The adapters still end up fp32 (PEFT's
+    autocast_adapter_dtype), the one dtype FSDP2 asks of the trainable weights of a shard group."""
     from peft import prepare_model_for_kbit_training
 
-    if quantized:
+    if quantized and not sharded:
         return prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=gradient_checkpointing,
@@ -67,12 +108,15 @@ def prepare_for_adapter(model: Any, gradient_checkpointing: bool, quantized: boo
     return model
 
 
-def attach_adapter(model: Any, spec: AdapterSpec, gradient_checkpointing: bool, quantized: bool) -> Any:
+def attach_adapter(
+    model: Any, spec: AdapterSpec, gradient_checkpointing: bool, quantized: bool, sharded: bool = False
+) -> Any:
     """Wrap the base model with LoRA; only adapter weights remain trainable (fine_tune.validate has
-    checked that expert adapters have experts to go on)."""
+    checked that expert adapters have experts to go on, and that the variant fits the base)."""
     from peft import get_peft_model
 
-    model = prepare_for_adapter(model, gradient_checkpointing, quantized)
+    checkpoint = getattr(model, "name_or_path", None)  # LoftQ reads the full-precision weights there
+    model = prepare_for_adapter(model, gradient_checkpointing, quantized, sharded)
     experts_4bit = spec.experts and any(type(m).__name__ == "Experts4bit" for m in model.modules())
     lora = spec.lora
     if spec.experts and not experts_4bit:
@@ -87,6 +131,10 @@ def attach_adapter(model: Any, spec: AdapterSpec, gradient_checkpointing: bool, 
             where="lora.target_modules",
             hint="use module names of the model, e.g. q_proj, v_proj, or 'all-linear'",
         ) from None
+    if spec.loftq:
+        from fine_tune.loftq import checkpoint_weights, loftq_initialise
+
+        loftq_initialise(peft_model, checkpoint_weights(checkpoint, peft_model.config))
     if experts_4bit:
         from fine_tune.models.moe import attach_expert_lora
 

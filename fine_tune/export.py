@@ -28,6 +28,10 @@ from fine_tune.inference import adapter_dir_of, load_config, load_run, parse_arg
 from fine_tune.utils.format import format_metric
 from fine_tune.utils.io import publish_dir
 
+RESIDUAL_NOTE = (
+    " (trained on a residual base; saved as the equal plain LoRA of rank 2r on the original base, "
+    "so it loads like any adapter)"
+)
 UNQUANTIZED = {"_target_": "fine_tune.models.quant.build_quant_config", "kind": "none"}  # quant node
 
 ARGS: dict[str, Any] = {
@@ -49,6 +53,7 @@ def model_card(
     code that loads it; `adapter` ({config, numbers}) is what an adapter export holds."""
     from omegaconf import OmegaConf
 
+    from fine_tune.adapters import changes_base, variant_name
     from fine_tune.tracking.redact import redact
     from fine_tune.training.methods import method_of
     from fine_tune.utils.io import read_json
@@ -81,7 +86,9 @@ def model_card(
         f"{report.get('train_examples', '?')} train / {report.get('eval_examples', '?')} eval examples)",
         f"- **Prompt template**: {template or report.get('template') or dataset.get('template')}",
         f"- **LoRA**: r={cfg.lora.r}, alpha={cfg.lora.lora_alpha}, targets {targets}"
-        + (", experts" if cfg.lora.get("experts") else ""),
+        + (", experts" if cfg.lora.get("experts") else "")
+        + (f", {variant_name(cfg.lora)}" if variant_name(cfg.lora) else "")
+        + (RESIDUAL_NOTE if changes_base(cfg.lora.get("init_lora_weights", True)) and not merged else ""),
         "",
         "## Final metrics",
         "",
@@ -141,10 +148,11 @@ def export_adapter(run_dir: Path, cfg: Any, adapter: Path, out: Path) -> Path:
     """PEFT's two files (runs from before the expert format are converted), tokenizer, card."""
     from fine_tune.inference import recipe_of, template_of
     from fine_tune.models.moe import read_peft_adapter, write_peft_adapter
+    from fine_tune.residual_init import INITIAL, to_plain_lora
 
     tokenizer = recipe_of(cfg).tokenizer
     template = template_of(run_dir, cfg, tokenizer)
-    config, tensors = read_peft_adapter(adapter)
+    config, tensors = to_plain_lora(*read_peft_adapter(adapter), run_dir / INITIAL)  # PiSSA/OLoRA checkpoints
     numbers = sum(t.numel() for t in tensors.values())
 
     def fill(tmp: Path) -> None:

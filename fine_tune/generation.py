@@ -28,6 +28,8 @@ def generate_batch(
     `max_new_tokens` tokens, cut at the first EOS (rows that finish early are padded by generate)."""
     import torch
 
+    from fine_tune.distributed import is_sharded
+
     if not prompts:
         return []
     eos = tokenizer.eos_token_id
@@ -39,9 +41,13 @@ def generate_batch(
         if ids:
             input_ids[row, width - len(ids) :] = torch.as_tensor(list(ids), dtype=torch.long)
             attention_mask[row, width - len(ids) :] = 1
-    sampling: dict[str, Any] = {"do_sample": temperature > 0}
+    options: dict[str, Any] = {"do_sample": temperature > 0}
     if temperature > 0:
-        sampling.update(temperature=float(temperature), top_p=float(top_p))
+        options.update(temperature=float(temperature), top_p=float(top_p))
+    # FSDP: each generated token gathers weights from every rank, so all ranks go on until all are
+    # done; transformers would not know (it asks PEFT's inner model, which is not FSDP's module).
+    if is_sharded(model):
+        options["synced_gpus"] = True
     device = next(model.parameters()).device
     with torch.no_grad():
         output = model.generate(
@@ -53,7 +59,7 @@ def generate_batch(
             pad_token_id=pad,
             eos_token_id=eos,
             streamer=streamer,
-            **sampling,
+            **options,
         )
     return [decode_completion(tokenizer, row[width:].tolist()) for row in output]
 

@@ -78,20 +78,55 @@ def peak_flops(precision: str) -> float | None:
     return next((tflops * 1e12 for key, tflops in PEAK_TFLOPS if key.lower() in name), None)
 
 
-def local_device() -> str:
-    """This process's device: its own GPU under torchrun/accelerate (LOCAL_RANK), else the CPU."""
-    if has_cuda():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    return "cpu"
+# How each launcher tells a process where it stands: (global rank, rank on its node, processes in the
+# job). torchrun and `accelerate launch` first; then SLURM's srun tasks (SLURM_STEP_NUM_TASKS counts
+# the tasks of this step: an sbatch script run with --ntasks=4 but no srun is still one process);
+# then a launcher that announces only the local rank.
+LAUNCHER_VARIABLES = (
+    ("RANK", "LOCAL_RANK", "WORLD_SIZE"),
+    ("SLURM_PROCID", "SLURM_LOCALID", "SLURM_STEP_NUM_TASKS"),
+    ("LOCAL_RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"),
+)
+
+
+def _from_launcher(position: int) -> int | None:
+    """The value at `position` of the first launcher whose rank variable is set."""
+    for names in LAUNCHER_VARIABLES:
+        if os.environ.get(names[0], "").isdigit():
+            value = os.environ.get(names[position], "")
+            return int(value) if value.isdigit() else None
+    return None
+
+
+def launched() -> bool:
+    """Started by torchrun, accelerate launch or srun (even as a single process)."""
+    return _from_launcher(0) is not None
 
 
 def rank() -> int:
     """Global rank under torchrun / accelerate / SLURM (srun tasks); 0 when not distributed."""
-    for name in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
-        value = os.environ.get(name, "")
-        if value.isdigit():
-            return int(value)
-    return 0
+    return _from_launcher(0) or 0
+
+
+def local_rank() -> int:
+    """This process's rank on its node: which of the node's GPUs it takes."""
+    return _from_launcher(1) or 0
+
+
+def world_size() -> int:
+    """Processes in the job as the launcher announced them (1 when not launched by one); without a
+    launcher `WORLD_SIZE` still counts, for `WORLD_SIZE=4 python -m fine_tune plan=true`."""
+    found = _from_launcher(2)
+    if found is None and os.environ.get("WORLD_SIZE", "").isdigit():
+        found = int(os.environ["WORLD_SIZE"])
+    return max(found or 1, 1)
+
+
+def local_device() -> str:
+    """This process's device: its own GPU under torchrun/accelerate/srun (its local rank), else the CPU."""
+    if has_cuda():
+        return f"cuda:{local_rank()}"
+    return "cpu"
 
 
 def is_main_process() -> bool:

@@ -158,6 +158,6 @@ def load_run(
     path, cfg = load_config(run_dir)
     adapter = adapter_dir_of(path, checkpoint)
     recipe = recipe_of(cfg, quant=quant, dtype=dtype)
-    model = recipe.with_adapter(adapter, dequantize, dtype)  # PEFT's files, expert adapters included
+    model = recipe.with_adapter(adapter, dequantize, dtype, run_dir=path)  # expert adapters included
     tokenizer = recipe.tokenizer
     return LoadedRun(path, cfg, model, tokenizer, template_of(path, cfg, tokenizer), adapter)

@@ -52,6 +52,18 @@ CALIBRATION = {
         ("mixtral", "fp32"): 1.64,
         ("mixtral", "bf16"): 1.64,
     },
+    # DoRA (PEFT's DoraLinearLayer), derived from its code, NOT measured (benchmarks/variants_bench.py
+    # measures it): per token per output feature of each adapted linear, the base and the LoRA output
+    # kept for the magnitude's gradient and a wider (fp32) sum after them; per forward of each adapted
+    # linear, its weight norm: an [in x in] identity (fp32 + autocast's bf16 copy, kept for A's
+    # gradient) pushed through the LoRA, B @ A (bf16 + fp32), the dequantized weight (bf16 + fp32),
+    # the scaled sum (bytes per in^2 and per in x out, the largest adapted linear counted); with
+    # lora_dropout > 0 on a quantized base, autocast's bf16 copy of each dequantized weight (2 B per
+    # element) is kept for the backward of PEFT's second base matmul
+    "dora_per_out": 6.0,
+    "dora_norm_identity": 6.0,
+    "dora_norm_weight": 18.0,
+    "dora_dropout_weight": 2.0,
     # loss phase: logits bf16, fp32 upcast, log-softmax and its backward, per token per vocab entry
     "loss_per_vocab": 11.5,
     # cuBLAS workspace: allocated through the caching allocator at the first matmul, kept
@@ -114,6 +126,9 @@ class MemoryPlan:
     params_4bit: int = 0
     params_other: int = 0
     trainable_params: int = 0
+    load_bytes: int = 0  # FSDP loading onto the GPU: the whole model there before it is sharded
+    world_size: int = 1  # processes (GPUs) the plan assumed: WORLD_SIZE
+    strategy: str = "ddp"  # trainer.strategy: every figure is per GPU
 
     @property
     def static_bytes(self) -> int:
@@ -160,6 +175,8 @@ class MemoryPlan:
     def format(self, gpu_gib: float | None = None) -> str:
         lines = [
             f"memory plan: {self.description}",
+            f"  per GPU, with {self.world_size} GPU{'s' if self.world_size > 1 else ''} ({self.strategy}; "
+            "the count from WORLD_SIZE, e.g. WORLD_SIZE=4 python -m fine_tune plan=true)",
             f"  batch {self.batch_size} x {self.seq_len} tokens, gradient checkpointing "
             f"{'on' if self.gradient_checkpointing else 'off'}",
             f"  {'':2}{'part':<44}{'GiB':>8}   how",
@@ -180,11 +197,15 @@ class MemoryPlan:
                 f"{self.trainable_params / 1e6:.1f}M trainable"
             )
         if gpu_gib:
-            fits = "fits" if self.device_bytes() <= gpu_gib * GIB else "does NOT fit"
-            lines.append(
-                f"  on {gpu_gib:.0f} GiB: {fits}; largest batch that fits: {self.max_batch_size(gpu_gib)}"
-            )
+            lines.append(f"  on {self.fit(gpu_gib)}; largest batch that fits: {self.max_batch_size(gpu_gib)}")
         return "\n".join(lines)
+
+    def fit(self, gpu_gib: float) -> str:
+        """Whether the run fits a `gpu_gib` GPU and by how much: the room a recipe can count on."""
+        room = gpu_gib - self.device_bytes() / GIB
+        if room >= 0:
+            return f"{gpu_gib:.0f} GiB: fits, {room:.1f} GiB to spare"
+        return f"{gpu_gib:.0f} GiB: does NOT fit, {-room:.1f} GiB short"
 
     def to_dict(self) -> dict:
         return {
@@ -200,11 +221,15 @@ class MemoryPlan:
 def plan_memory(cfg: Any) -> MemoryPlan:
     """The memory plan of the composed config `cfg` (DictConfig or plain dict, groups may be partial:
     the schema's defaults fill them); loads no weights."""
+    from fine_tune.adapters import variant_name
     from fine_tune.families import shapes as fs
+    from fine_tune.hardware import world_size
     from fine_tune.schema import complete
     from fine_tune.training.methods import method_of
 
     cfg = complete(cfg)
+    world, strategy = world_size(), cfg["trainer"]["strategy"]
+    shards = world if strategy == "fsdp" else 1  # DDP: a whole copy per GPU
     quant, lora, trainer = cfg["quant"], cfg["lora"], cfg["trainer"]
     method = method_of(cfg["method"])
     # a preference "sample" is a pair: chosen and rejected go through one forward, twice the rows
@@ -216,56 +241,79 @@ def plan_memory(cfg: Any) -> MemoryPlan:
     base_bytes = 4 if cfg["model"]["dtype"] in ("float32", "fp32") else 2
     h, v, n_layers = s.hidden_size, s.vocab_size, s.num_hidden_layers
     quantized, experts_4bit = kind in ("nf4", "fp4", "int8"), fs.experts_in_4bit(s, quant)
+    # PEFT's prepare_model_for_kbit_training (the quantized path, not under FSDP: adapters.py)
+    # upcasts every weight that is not quantized to fp32, which also makes the residual stream fp32.
+    kbit_prep = quantized and strategy != "fsdp"
     counts = fs.parameter_counts(s, lora, experts_4bit)
     items: list[tuple[str, int, str]] = []
+    sharded = f", / {shards} GPUs (FSDP shards)" if strategy == "fsdp" else ""
 
     def add(what: str, size: float, how: str) -> None:
         items.append((what, int(size), how))
 
-    if quantized:
-        q_bytes = sum(
-            layers * _quant_bytes(fs.layer_linears(s, sparse), kind, double_quant)
-            + (
-                layers * s.num_experts * _quant_bytes(fs.expert_matrices(s), kind, double_quant)
-                if sparse and experts_4bit
-                else 0
-            )
-            for sparse, layers in fs.layer_kinds(s)
+    def layer_quant_bytes(sparse: bool) -> int:
+        experts = s.num_experts * _quant_bytes(fs.expert_matrices(s), kind, double_quant)
+        return _quant_bytes(fs.layer_linears(s, sparse), kind, double_quant) + (
+            experts if sparse and experts_4bit else 0
         )
+
+    q_bytes = sum(layers * layer_quant_bytes(sp) for sp, layers in fs.layer_kinds(s)) if quantized else 0
+    if quantized:
         add(
             f"quantized weights ({kind}) + constants",
-            q_bytes,
-            f"{n_layers} layers; double quant {'on' if double_quant else 'off'}",
+            q_bytes / shards,
+            f"{n_layers} layers; double quant {'on' if double_quant else 'off'}{sharded}",
         )
-    # The linears when not quantized and the experts when not 4-bit (int8 too) stay in the model dtype;
-    # PEFT's prepare_model_for_kbit_training (the core's quantized path) upcasts every other weight to
-    # fp32, which also makes the residual stream fp32 under autocast.
+    # The linears when not quantized and the experts when not 4-bit (int8 too) stay in the model dtype.
     large = (0 if quantized else counts.linear) + (0 if experts_4bit else counts.experts)
     small = counts.total - counts.linear - counts.experts  # embeddings, lm_head, norms, routers, biases
-    small_in = "fp32 (kbit prep)" if quantized else ("fp32" if base_bytes == 4 else "bf16")
+    small_in = "fp32 (kbit prep)" if kbit_prep else ("fp32" if base_bytes == 4 else "bf16")
     bf16_experts = ", experts in bf16 (not 4-bit)" if s.moe and not experts_4bit else ""
-    how = f"embeddings, lm_head, norms{', router' if s.moe else ''} in {small_in}{bf16_experts}"
-    add("non-quantized weights", large * base_bytes + small * (4 if quantized else base_bytes), how)
+    how = f"embeddings, lm_head, norms{', router' if s.moe else ''} in {small_in}{bf16_experts}{sharded}"
+    unquantized = large * base_bytes + small * (4 if kbit_prep else base_bytes)
+    add("non-quantized weights", unquantized / shards, how)
 
     lora_n, lora_experts = counts.trainable, lora["experts"] and s.moe
     target, state_per_param, paged = _optimizer_kind(cfg["optim"])
-    add("LoRA parameters (fp32)", 4 * lora_n, f"{lora_n / 1e6:.1f}M, rank {lora['r']}")
-    optim_bytes = state_per_param * lora_n
+    add("LoRA parameters (fp32)", 4 * lora_n / shards, f"{lora_n / 1e6:.1f}M, rank {lora['r']}{sharded}")
+    optim_bytes = state_per_param * lora_n / shards
     if paged:
         add("optimizer state", 0, f"{target}: {optim_bytes / GIB:.2f} GiB paged (outside allocator)")
     else:
-        add("optimizer state", optim_bytes, f"{target}: {state_per_param} B/param")
+        add("optimizer state", optim_bytes, f"{target}: {state_per_param} B/param{sharded}")
+    if strategy == "fsdp":
+        # Gathered for compute in the model dtype: the layer running and the next one (prefetched),
+        # or every layer from its forward to its backward without resharding; the final norm and
+        # lm_head stay gathered from the end of the forward to the start of the backward.
+        def gathered_layer(sparse: bool) -> int:
+            linears = 0 if quantized else sum(i * o for i, o in fs.layer_linears(s, sparse).values())
+            stacked = s.num_experts * sum(i * o for i, o in fs.expert_matrices(s).values())
+            experts = stacked if sparse and not experts_4bit else 0
+            return (layer_quant_bytes(sparse) if quantized else 0) + (linears + experts) * base_bytes
+
+        layer = max(gathered_layer(sparse) for sparse, _ in fs.layer_kinds(s)) + 2 * lora_n // n_layers
+        held = 2 if cfg["trainer"]["fsdp"]["reshard_after_forward"] else n_layers
+        add(
+            "weights gathered by FSDP",
+            held * layer + base_bytes * v * h,
+            f"{held} decoder layers of {layer / 2**20:.0f} MiB + lm_head, all-gathered",
+        )
+    elif world > 1:
+        add("DDP gradient buckets", 4 * lora_n, "a second fp32 copy of the LoRA gradients, for all-reduce")
 
     # activations, per token, of one typical layer (an MoE layer in an MoE model)
     k = s.num_experts_per_tok if s.moe else 1
     width = h + (
         k * s.expert_intermediate_size + s.shared_expert_intermediate_size if s.moe else s.intermediate_size
     )
-    residual = 4 if quantized else base_bytes
+    residual = 4 if kbit_prep else base_bytes
     key = (s.family.calibration, "fp32" if residual == 4 else "bf16")
     adapted = fs.lora_targets(s, lora, s.moe)
     per_in = CALIBRATION["lora_dense"] + (CALIBRATION["lora_dropout"] if lora["lora_dropout"] > 0 else 0.0)
     layer = CALIBRATION["layer_base"][key] * width + sum(per_in * i for i, _ in adapted.values())
+    dora = bool(lora.get("use_dora"))
+    if dora:
+        layer += CALIBRATION["dora_per_out"] * sum(o for _, o in adapted.values())
     if lora_experts:
         # the core attaches expert adapters without dropout unless `lora.expert_dropout` says otherwise
         dropout = CALIBRATION["lora_experts_dropout"] if lora["expert_dropout"] > 0 else 0.0
@@ -277,7 +325,7 @@ def plan_memory(cfg: Any) -> MemoryPlan:
     else:
         saved, recompute = n_layers * layer, 0.0
         how = f"{n_layers} layers x {layer / 1024:.0f} KiB per token"
-    lm_head_cast = 2 * v * h if quantized else 0  # autocast's bf16 copy of the fp32 lm_head (forward only)
+    lm_head_cast = 2 * v * h if kbit_prep else 0  # autocast's bf16 copy of the fp32 lm_head (forward only)
     tokens = sequences * seq  # per sample (per pair for preference methods)
     plan_args = {
         "saved_per_sample": int(tokens * saved),
@@ -293,13 +341,24 @@ def plan_memory(cfg: Any) -> MemoryPlan:
     transient = act - probe.saved_per_sample * batch
     # gradients of the adapters exist in full only after the backward, when the activations are gone:
     # they add to the peak only where they outweigh the activation peak (tiny batches)
-    grads = 4 * lora_n
+    grads = 4 * lora_n // shards
     add("cuBLAS workspace", CALIBRATION["fixed_workspace"], "kept by the allocator after step 1")
     add(
         "LoRA gradients (fp32), beyond activations",
         max(grads - act, 0),
         f"{grads / GIB:.2f} GiB at the optimizer step, after activations are freed",
     )
+    if dora:
+        norms = {
+            (i, o): CALIBRATION["dora_norm_identity"] * i * i + CALIBRATION["dora_norm_weight"] * i * o
+            for i, o in adapted.values()
+        }
+        (i, o), norm = max(norms.items(), key=lambda item: item[1])
+        add("DoRA weight norm (one linear at a time)", norm, f"largest: {o}x{i}; derived, not measured")
+        if lora["lora_dropout"] > 0 and quantized:
+            per_layer = CALIBRATION["dora_dropout_weight"] * sum(i * o for i, o in adapted.values())
+            kept = per_layer * (1 if ckpt else n_layers)
+            add("DoRA weights kept (lora_dropout > 0)", kept, "bf16 copies of the dequantized weights")
     shape = f"batch {batch}{' pairs x 2' if method.pairs else ''} x {seq}"
     add(f"activations ({shape})", probe.saved_per_sample * batch, how)
     if transient == probe.loss_per_sample * batch + probe.loss_fixed:
@@ -310,7 +369,10 @@ def plan_memory(cfg: Any) -> MemoryPlan:
         peak = "the reference forward (no gradients), one layer at a time"
     add("logits/loss, recompute or reference peak", transient, peak)
 
+    load_whole = strategy == "fsdp" and not cfg["trainer"]["fsdp"]["load_on_cpu"]
     on = f"r={lora['r']} on {'+'.join(sorted(adapted)) or 'nothing'}{' + experts' if lora_experts else ''}"
+    variant = variant_name(lora)
+    on += f" ({variant})" if variant else ""
     params_4bit = (counts.linear if kind in fs.FOUR_BIT else 0) + (counts.experts if experts_4bit else 0)
     return MemoryPlan(
         description=f"{s.family.name} {counts.total / 1e9:.1f}B, {n_layers} layers, quant {kind}, LoRA {on}"
@@ -324,11 +386,22 @@ def plan_memory(cfg: Any) -> MemoryPlan:
         params_4bit=params_4bit,
         params_other=counts.total - params_4bit,
         trainable_params=lora_n,
+        # FSDP shards a model each rank loaded whole onto its GPU, unless it loads into host RAM
+        load_bytes=int(q_bytes + unquantized + CUDA_CONTEXT) if load_whole else 0,
+        world_size=world,
+        strategy=strategy,
     )
 
 
 def check_fits(plan: MemoryPlan, gpu_gib: float) -> None:
     """Raise UserError with concrete advice when `plan` will not fit a `gpu_gib` GPU."""
+    if plan.load_bytes > gpu_gib * GIB:
+        raise UserError(
+            f"each GPU must hold the whole model ({plan.load_bytes / GIB:.1f} GiB) while it loads, before "
+            f"FSDP shards it; the GPU has {gpu_gib:.1f} GiB",
+            where="trainer.fsdp.load_on_cpu",
+            hint="set trainer.fsdp.load_on_cpu=true (each rank loads into host RAM; FSDP moves the shards)",
+        )
     need = plan.device_bytes()
     if need <= gpu_gib * GIB:
         return None
@@ -404,10 +477,9 @@ def print_plan(cfg: Any, gpu_gib: float | None = None) -> MemoryPlan:
         gib = COMMON_GPUS["80 GB (A100/H100)"]
     else:
         gib = gpu_gib
-    fits = plan.device_bytes() <= gib * GIB
     print(
-        f"plan: {plan.device_bytes() / GIB:.1f} GiB needed, {'fits' if fits else 'does NOT fit'} "
-        f"{gib:.0f} GiB, batch {plan.batch_size} (max {plan.max_batch_size(gib)}) x {plan.seq_len}"
+        f"plan: {plan.device_bytes() / GIB:.1f} GiB needed per GPU ({plan.world_size} x {plan.strategy}), "
+        f"on {plan.fit(gib)}, batch {plan.batch_size} (max {plan.max_batch_size(gib)}) x {plan.seq_len}"
     )
     return plan
 

@@ -11,7 +11,10 @@ correct run of fine_tune triggers inside a library:
 - bitsandbytes 0.50 logs, when it is imported on a CPU with AVX512-BF16, that it could not load an
   optional kernel from the `kernels` package; the CPU code it falls back to is the one it uses
   everywhere else;
-- the hub client's HTTP library logs every request at INFO (Hydra shows INFO).
+- the hub client's HTTP library logs every request at INFO (Hydra shows INFO), and accelerate's
+  FSDP helpers every checkpoint file they write;
+- transformers advises FSDP's own activation checkpointing on every FSDP run; fine_tune uses the
+  Trainer's on purpose (training/arguments.py: with FSDP's, PEFT saves empty adapters).
 
 Must run before those libraries are imported (logging filters are attached to named loggers, which
 exist before their modules do); importing this module imports nothing heavy.
@@ -27,9 +30,12 @@ import warnings
 LIBRARIES = r"(transformers|peft|accelerate|bitsandbytes|datasets|huggingface_hub|torch)(\.|$)"
 
 # (logger, start of the message) of log records that are dropped.
-DROPPED_LOG_LINES = (("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward from kernels"),)
-# Loggers that speak at INFO about every request: the hub client's HTTP libraries.
-WARNINGS_ONLY = ("httpx", "httpx2", "httpcore")
+DROPPED_LOG_LINES = (
+    ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward from kernels"),
+    ("transformers.training_args", "When using FSDP, prefer `fsdp_config['activation_checkpointing']`"),
+)
+# Loggers that speak at INFO about every request or file: the hub client's HTTP libraries, accelerate's FSDP.
+WARNINGS_ONLY = ("httpx", "httpx2", "httpcore", "accelerate.utils.fsdp_utils")
 
 
 class DropMessages(logging.Filter):

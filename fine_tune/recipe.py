@@ -98,6 +98,7 @@ class Recipe:
 
     def arguments(self, output_dir: str | Path, has_eval: bool) -> Any:
         """The method's TRL config from the `trainer` and `optim` nodes."""
+        from fine_tune.families.shapes import model_shapes
         from fine_tune.utils.build import build
 
         cfg = self.cfg
@@ -111,6 +112,7 @@ class Recipe:
             has_eval=has_eval,
             optim=OmegaConf.to_container(cfg.optim, resolve=True),
             method=method,
+            decoder_layer=model_shapes(cfg.model, hub=False).family.decoder_layer,  # what FSDP shards by
             _convert_="all",
         )
 
@@ -123,7 +125,9 @@ class Recipe:
         cfg = self.cfg
         # The quant node is instantiated by Hydra as a nested `_target_` (a dataclass passed in directly
         # would be turned back into a config).
-        return build(cfg.model, quant=cfg.quant, seed=cfg.seed, tokenizer=self.tokenizer)
+        # FSDP with load_on_cpu: each rank loads into host RAM and FSDP moves its shards to the GPU.
+        device = "cpu" if cfg.trainer.strategy == "fsdp" and cfg.trainer.fsdp.load_on_cpu else None
+        return build(cfg.model, quant=cfg.quant, seed=cfg.seed, tokenizer=self.tokenizer, device=device)
 
     @functools.cached_property
     def model(self) -> Any:
@@ -149,17 +153,26 @@ class Recipe:
             log.info("starting from the adapter in %s", directory)
             return load_trained_adapter(base, directory, checkpointing, quantized)
         set_seed(cfg.seed)  # adapter init must not depend on how many random numbers loading drew
-        return attach_adapter(base, spec, checkpointing, quantized)
+        return attach_adapter(base, spec, checkpointing, quantized, sharded=cfg.trainer.strategy == "fsdp")
 
-    def with_adapter(self, directory: str | Path, dequantize: bool = False, dtype: str | None = None) -> Any:
+    def with_adapter(
+        self,
+        directory: str | Path,
+        dequantize: bool = False,
+        dtype: str | None = None,
+        run_dir: str | Path | None = None,
+    ) -> Any:
         """The base with a saved adapter (expert adapters included), in eval mode, for inference;
-        `dequantize=True` turns a 4-bit base into plain float weights first (in `dtype`)."""
+        `dequantize=True` turns a 4-bit base into plain float weights first (in `dtype`). A PiSSA/OLoRA
+        checkpoint is loaded as plain LoRA, converted with its run's initial adapter (`run_dir`)."""
         from fine_tune.models.moe import dequantize_model, load_adapter
+        from fine_tune.residual_init import plain_adapter_dir
 
         base = self.base.model
         if dequantize:
             base = dequantize_model(base, None if dtype in (None, "auto") else dtype)
-        model = load_adapter(base, directory)
+        with plain_adapter_dir(Path(directory), Path(run_dir or Path(directory).parent)) as plain:
+            model = load_adapter(base, plain)
         model.eval()
         return model
 
@@ -170,7 +183,7 @@ class Recipe:
         from hydra.utils import get_class
         from transformers.trainer_callback import PrinterCallback
 
-        from fine_tune.hardware import peak_flops
+        from fine_tune.hardware import peak_flops, world_size
         from fine_tune.training.callbacks import MetricsLogCallback
         from fine_tune.training.methods import SFT_DATA
         from fine_tune.training.optim import build_optimizer_factory
@@ -183,12 +196,13 @@ class Recipe:
         precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
         reference = self.method.reference and not getattr(args, "precompute_ref_log_probs", False)
         flops = model_flops_per_token(model, reference_forward=reference)
+        peak = peak_flops(precision)
         metrics = MetricsLogCallback(
             run_dir,
             tracker,
             timer,
             flops_per_token=flops,
-            peak_flops=peak_flops(precision),
+            peak_flops=peak and peak * world_size(),  # one GPU's peak; the tokens are every process's
             perplexity=self.method.data_kind == SFT_DATA,
         )
         generation = cfg.trainer.generation
@@ -210,7 +224,7 @@ class Recipe:
             eval_dataset=data.eval,
             processing_class=self.tokenizer,
             callbacks=[metrics, samples, preemption],
-            optimizer_factory=build_optimizer_factory(cfg.optim.optimizer),
+            optimizer_factory=build_optimizer_factory(cfg.optim.optimizer, cfg.optim.loraplus_lr_ratio),
             timer=timer,
         )
         trainer.remove_callback(PrinterCallback)  # our callback prints one concise line per step

@@ -19,13 +19,14 @@ from typing import Any
 from omegaconf import DictConfig
 
 from fine_tune.errors import Preempted
+from fine_tune.residual_init import INITIAL
 from fine_tune.utils.io import atomic_write_json, publish_dir, remove_partial_publishes
 
 log = logging.getLogger("fine_tune")
 
 
 # The directories of a run written with `publish_dir` (the checkpoints have their own scheme).
-SAVED_DIRS = ("adapter", "tokenizer")
+SAVED_DIRS = ("adapter", "tokenizer", INITIAL)
 
 
 def remove_partial_saves(run_dir: Path) -> None:
@@ -34,12 +35,16 @@ def remove_partial_saves(run_dir: Path) -> None:
         remove_partial_publishes(run_dir / name)
 
 
-def save_adapter(model: Any, directory: Path) -> None:
-    """PEFT's files, plus the 4-bit expert adapters PEFT cannot hold (generate/export load both)."""
+def save_adapter(model: Any, directory: Path, run_dir: Path, state_dict: dict | None = None) -> None:
+    """PEFT's files, plus the 4-bit expert adapters PEFT cannot hold (generate/export load both); a
+    PiSSA/OLoRA adapter as plain LoRA on the original base (fine_tune/residual_init.py);
+    `state_dict`: the adapter gathered from FSDP's shards (`distributed.sharded_trainable_state`)."""
+    from fine_tune.residual_init import convert_saved_adapter
     from fine_tune.training.trainer import save_expert_adapters_if_any
 
-    model.save_pretrained(directory)
+    model.save_pretrained(directory, state_dict=state_dict)
     save_expert_adapters_if_any(model, directory)
+    convert_saved_adapter(directory, run_dir / INITIAL)
 
 
 def save_tokenizer(tokenizer: Any, directory: Path) -> None:
@@ -67,8 +72,10 @@ def _train(cfg: DictConfig, run_dir: Path, tracker: Any, job: dict, preemption: 
     from transformers import set_seed
 
     from fine_tune.adapters import count_parameters
-    from fine_tune.hardware import is_main_process
+    from fine_tune.distributed import effective_batch, sharded_trainable_state
+    from fine_tune.hardware import is_main_process, world_size
     from fine_tune.recipe import Recipe
+    from fine_tune.residual_init import save_initial_adapter
     from fine_tune.training.checkpoints import prepare_resume
     from fine_tune.training.progress import ProgressBar
     from fine_tune.training.trainer import restore_expert_adapters
@@ -84,6 +91,8 @@ def _train(cfg: DictConfig, run_dir: Path, tracker: Any, job: dict, preemption: 
     if is_main_process():  # generate/export read the template the run trained with
         atomic_write_json(run_dir / "data_report.json", data.report.to_dict())
     model = recipe.model
+    if is_main_process():  # PiSSA/OLoRA: the adapter as initialised, which the saved adapter subtracts
+        save_initial_adapter(model, run_dir)
     if checkpoint is not None:
         restore_expert_adapters(model, checkpoint)  # HF's resume restores PEFT's weights only
     trainable, total = count_parameters(model)
@@ -93,6 +102,7 @@ def _train(cfg: DictConfig, run_dir: Path, tracker: Any, job: dict, preemption: 
         f"{total:,}",
         100 * trainable / max(total, 1),
     )
+    log.info("effective batch %d (%s, %s)", *effective_batch(cfg.trainer), cfg.trainer.strategy)
     trainer, metrics_cb = recipe.trainer(run_dir, tracker, preemption)
     trainer.add_callback(ProgressBar())  # shown only when stderr is a terminal
     metrics_cb.resume_from(logged)
@@ -105,12 +115,14 @@ def _train(cfg: DictConfig, run_dir: Path, tracker: Any, job: dict, preemption: 
         saved = list_checkpoints(run_dir / "checkpoints")
         raise Preempted(preemption.signum, str(saved[-1]) if saved else None, preemption.previous_handler)
     eval_loss = final_eval_loss(trainer, metrics_cb, data)
+    gathered = sharded_trainable_state(model)  # under FSDP every rank sends its shard of the adapter
     if is_main_process():
-        publish_dir(run_dir / "adapter", lambda d: save_adapter(model, d))
+        publish_dir(run_dir / "adapter", lambda d: save_adapter(model, d, run_dir, gathered))
         publish_dir(run_dir / "tokenizer", lambda d: save_tokenizer(recipe.tokenizer, d))
     metrics = final_metrics(
         trainer.state, metrics_cb, eval_loss, trainable, total, time.perf_counter() - started
     )
+    metrics.update(world_size=world_size(), effective_batch=effective_batch(cfg.trainer)[0])
     if is_main_process():
         atomic_write_json(run_dir / "metrics.json", metrics)
         tracker.summary(metrics)

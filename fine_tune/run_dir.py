@@ -9,7 +9,7 @@ job log there before the task function runs. Left alone, that gives
   re-applies, the config generate and export rebuild the model from), and appends to the log of a
   run that has long finished.
 
-`RunDirCallback` (hydra.callbacks, on_run_start: single runs only) changes that before it happens
+`RunDirCallback` (hydra.callbacks, on_run_start: single runs) changes that before it happens
 and remembers whether the directory existed; `discard_if_unused` then removes a directory this
 process created and trained nothing in. Sweep jobs keep theirs in every case: the sweep summary
 reads their status.json.
@@ -91,21 +91,34 @@ class RunDirCallback(Callback):
       afterwards);
     - a directory that holds a run: its .hydra/ files stay as they were; the log is appended to
       only by a resume that continues the run (not for a finished run, nor a refused new one);
-    - anything else: Hydra's defaults.
+    - anything else: Hydra's defaults;
+    - under torchrun / accelerate launch: one directory for all ranks, rank 0's.
     """
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from fine_tune.distributed import share_run_dir
         from fine_tune.modes import MODES
         from fine_tune.sweep import should_skip
         from fine_tune.training.checkpoints import requested
 
-        run_dir = Path(str(OmegaConf.select(config, "hydra.run.dir"))).resolve()  # ${now:} is cached
+        # ${now:} is cached; under torchrun every rank takes rank 0's directory
+        shared = share_run_dir(str(OmegaConf.select(config, "hydra.run.dir")))
+        run_dir = Path(shared).resolve()
         _created[:] = _missing_dirs(run_dir)
         inspecting = any(config.get(mode) is True for mode in MODES)
         existing = saved_config(run_dir).is_file() and holds_training(run_dir)
         continuing = existing and requested(config.get("resume")) and not should_skip(run_dir)
         with read_write(config.hydra), open_dict(config.hydra):
+            config.hydra.run.dir = shared
             if inspecting or existing:
                 config.hydra.output_subdir = None
             if inspecting or (existing and not continuing):
                 _drop_log_file(config.hydra.job_logging)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """A sweep under torchrun: every rank's jobs go into rank 0's sweep directory."""
+        from fine_tune.distributed import share_run_dir
+
+        shared = share_run_dir(str(OmegaConf.select(config, "hydra.sweep.dir")))
+        with read_write(config.hydra), open_dict(config.hydra):
+            config.hydra.sweep.dir = shared

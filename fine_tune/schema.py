@@ -11,6 +11,7 @@ one key against another are in fine_tune/validate.py.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING as NO_DEFAULT
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -28,8 +29,12 @@ DTYPES = ("auto", "bfloat16", "bf16", "float16", "fp16", "float32", "fp32")
 ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
 QUANT_KINDS = ("none", "nf4", "fp4", "int8")
 STORAGE_DTYPES = ("uint8", "bfloat16", "float16", "float32")
+EXPERT_KERNELS = ("auto", "grouped", "loop")  # how 4-bit MoE experts compute (docs/speed.md, "MoE")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# lora.init_lora_weights besides `true` (PEFT's: A Kaiming-uniform, B zero); pissa_niter_<n> too
+LORA_INITS = ("gaussian", "pissa", "olora", "loftq")
 SKIP_MODULES = ("lm_head",)  # kept in full precision, as bitsandbytes' from_pretrained does
+STRATEGIES = ("ddp", "fsdp")  # how several processes share the work (docs/scaling.md)
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 # Keys that moved to the group that uses them; the old spelling still works, with a warning, until
 # the release after 0.x (then: delete these and the `null` placeholders in conf/trainer/default.yaml).
@@ -58,6 +63,12 @@ def at_least(default: Any, low: int, hint: str | None = None) -> Any:
 
 def fraction(default: float) -> Any:
     return _rule(default, lambda v: 0 <= v < 1, "must be in [0, 1)")
+
+
+def _lora_init(value: Any) -> bool:
+    if value is True or value in LORA_INITS:
+        return True
+    return isinstance(value, str) and re.fullmatch(r"pissa_niter_[1-9][0-9]*", value) is not None
 
 
 def _scheduler(name: str) -> bool:
@@ -91,6 +102,7 @@ class QuantSchema:
     double_quant: bool = True
     compute_dtype: str = one_of("auto", DTYPES)
     quant_experts: bool = True
+    expert_kernel: str = one_of("auto", EXPERT_KERNELS)
     skip_modules: list[str] = field(default_factory=lambda: list(SKIP_MODULES))
     storage_dtype: str = one_of("uint8", STORAGE_DTYPES)
     threshold: float = positive(6.0)
@@ -105,6 +117,11 @@ class LoraSchema:
     lora_dropout: float = fraction(0.05)
     bias: str = one_of("none", ("none", "all", "lora_only"))
     use_rslora: bool = False
+    use_dora: bool = False  # DoRA: a trained magnitude per output feature (conf/lora/dora.yaml)
+    # true | gaussian | pissa | pissa_niter_<n> | olora | loftq (OmegaConf has no bool | str union)
+    init_lora_weights: Any = _rule(
+        True, _lora_init, f"must be true or one of {[*LORA_INITS, 'pissa_niter_<n>']}", "see conf/lora/"
+    )
     target_modules: Any = field(default_factory=lambda: list(LORA_TARGETS))  # names, or "all-linear"
     experts: bool = False
     expert_dropout: float = fraction(0.0)
@@ -127,6 +144,19 @@ class CheckpointingSchema:
 
 
 @dataclass
+class FsdpSchema:
+    """How `trainer.strategy=fsdp` shards (PyTorch's FSDP2, through accelerate; docs/scaling.md)."""
+
+    # true: free each decoder layer's gathered weights after its forward and gather them again for its
+    # backward (least memory); false: keep them until the backward (one all-gather less, more memory)
+    reshard_after_forward: bool = True
+    cpu_offload: bool = False  # the shards of weights, gradients and optimizer state wait in CPU RAM
+    # true: every rank loads the model into host RAM and FSDP moves each layer's shard to its GPU as
+    # it wraps it (a model larger than one GPU); false: each rank loads it whole onto its own GPU first
+    load_on_cpu: bool = False
+
+
+@dataclass
 class TrainerSchema:
     _target_: str = "fine_tune.training.build_training_arguments"
     max_steps: int = _rule(60, lambda v: v == -1 or v > 0, "must be > 0 (or -1 to train num_train_epochs)")
@@ -145,6 +175,9 @@ class TrainerSchema:
     save_total_limit: int | None = positive(2)
     dataloader_num_workers: int = at_least(0, 0)
     torch_compile: bool = False
+    # ddp: every process holds the whole model | fsdp: weights, gradients, optimizer state sharded
+    strategy: str = one_of("ddp", STRATEGIES)
+    fsdp: FsdpSchema = field(default_factory=FsdpSchema)
     generation: GenerationSchema = field(default_factory=GenerationSchema)
 
 
@@ -155,6 +188,10 @@ class OptimSchema:
     scheduler: str = _rule("cosine", _scheduler, "not a transformers scheduler", f"e.g. {list(SCHEDULERS)}")
     warmup_ratio: float = fraction(0.03)
     max_grad_norm: float = 0.3
+    # LoRA+: B matrices at lr x this; null = off (conf/optim/loraplus.yaml)
+    loraplus_lr_ratio: float | None = _rule(
+        None, lambda v: v is None or v > 0, "must be positive", "null turns LoRA+ off; the paper suggests 16"
+    )
     optimizer: dict[str, Any] = MISSING  # a `_partial_` factory: called with the trainable parameters
 
 

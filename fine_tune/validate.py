@@ -23,6 +23,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from fine_tune.distributed import effective_batch
 from fine_tune.errors import UserError
 
 HYDRA_KEYS = {"_target_", "_convert_", "_partial_", "_recursive_", "_args_"}
@@ -149,6 +150,8 @@ def cross_checks(data: dict, checked: Checked) -> None:
         checked.notes.append("fp16 requested on CPU: training runs in fp32")
 
     _check_experts(model, quant, lora)
+    _check_lora_targets(lora)
+    _check_variant(model, quant, lora, checked)
 
     attn = model["attn_implementation"]
     if attn in ("flash_attention_2", "flash_attention_3"):
@@ -159,17 +162,17 @@ def cross_checks(data: dict, checked: Checked) -> None:
                 where="model.attn_implementation",
                 hint="use sdpa (packing works with it too)",
             )
+    if attn == "flex_attention" and not cuda:
+        raise UserError(
+            "flex_attention trains on a GPU only (torch has no FlexAttention backward on CPU)",
+            where="model.attn_implementation",
+            hint="use sdpa on CPU",
+        )
     if dataset.get("packing") and attn == "eager":
         checked.notes.append("packing with eager attention builds a full mask per pack: sdpa is faster")
 
     target = str((optim.get("optimizer") or {}).get("_target_", ""))
-    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
-    if "Paged" in target and fsdp:
-        raise UserError(
-            "paged optimizers do not work with FSDP",
-            where="optim.optimizer._target_",
-            hint="use optim=adamw_torch",
-        )
+    _check_strategy(data, checked, cuda)
     if ("bitsandbytes" in target) and importlib.util.find_spec("bitsandbytes") is None:
         raise UserError(f"{target} needs bitsandbytes", where="optim.optimizer._target_")
 
@@ -287,7 +290,7 @@ def _check_model(model: dict, dataset: dict, checked: Checked) -> None:
 
 
 def _check_experts(model: dict, quant: dict, lora: dict) -> None:
-    """LoRA on experts needs experts, in 4 bits; PEFT's all-linear on the router takes no dropout."""
+    """LoRA on experts needs experts; PEFT's all-linear on the router takes no dropout."""
     from fine_tune.families.shapes import experts_in_4bit, model_shapes
 
     shapes = model_shapes(model, hub=False)
@@ -298,11 +301,13 @@ def _check_experts(model: dict, quant: dict, lora: dict) -> None:
             where="lora.experts",
             hint="use an MoE model (model=mixtral, tiny_mixtral, qwen2_moe), or set lora.experts=false",
         )
-    if lora["experts"] and not four_bit:
+    # 4-bit experts take our expert LoRA; bf16 experts (quant=none, or quant_experts=false) PEFT's
+    # target_parameters, at rank r per expert. Next to int8 layers that has never been run.
+    if lora["experts"] and not four_bit and quant["kind"] == "int8":
         raise UserError(
-            "expert adapters train on 4-bit experts",
+            "expert adapters are not supported next to int8 layers",
             where="lora.experts",
-            hint="use quant=nf4 (with quant.quant_experts=true), or lora.experts=false",
+            hint="use quant=nf4 (experts in 4 bits too) or quant=none (bf16 experts), or lora.experts=false",
         )
     # PEFT adapts the router (and bf16 fused experts) of these families as bare parameters
     remapped = shapes.moe and shapes.family.peft_remaps_moe and lora["target_modules"] == "all-linear"
@@ -312,6 +317,204 @@ def _check_experts(model: dict, quant: dict, lora: dict) -> None:
             where="lora.lora_dropout",
             hint="set lora.lora_dropout=0 (lora=all does), or list target_modules explicitly",
         )
+
+
+def _check_lora_targets(lora: dict) -> None:
+    """LoRA on the output layer would never train: TRL's loss (its fused LM head) multiplies the hidden
+    states by `lm_head.weight` itself. TRL refuses it too, but only after the model has loaded."""
+    targets = lora["target_modules"]
+    if "lm_head" in ([targets] if isinstance(targets, str) else targets or []):
+        raise UserError(
+            "LoRA on lm_head would never be trained: the loss reads lm_head.weight directly",
+            where="lora.target_modules",
+            hint="remove lm_head from lora.target_modules, or train the whole head with "
+            "lora.modules_to_save=[lm_head]",
+        )
+
+
+def _check_variant(model: dict, quant: dict, lora: dict, checked: Checked) -> None:
+    """DoRA and the initialisations (conf/lora/*.yaml): refused where PEFT cannot apply them, where
+    the saved adapter could not reproduce the trained model, or where they need what is missing."""
+    from fine_tune.adapters import changes_base
+    from fine_tune.families.shapes import model_shapes, parameter_counts
+    from fine_tune.models.loading import MATERIALISE_LIMIT
+
+    init, dora, kind = lora["init_lora_weights"], lora["use_dora"], quant["kind"]
+    if not dora and init is True:
+        return
+    where = "lora.use_dora" if dora else "lora.init_lora_weights"
+    name = "DoRA" if dora else f"init_lora_weights={init}"
+    if dora and init not in (True, "gaussian"):
+        raise UserError(
+            f"DoRA with init_lora_weights={init}: one variant at a time",
+            where=where,
+            hint="sweep them as separate options, e.g. -m lora=dora,pissa",
+        )
+    if lora["experts"]:
+        raise UserError(
+            f"{name} applies to PEFT's adapters only; fine_tune's 4-bit expert adapters are plain LoRA",
+            where=where,
+            hint=f"lora.experts=false ({name} on attention and MLP), or lora=attn_experts without {name}",
+        )
+    shapes = model_shapes(model, hub=False)
+    if shapes.moe and shapes.family.peft_remaps_moe and lora["target_modules"] == "all-linear":
+        raise UserError(
+            f"all-linear on this MoE model adapts the router as a bare parameter, which takes no {name}",
+            where=where,
+            hint="list target_modules, e.g. [q_proj,k_proj,v_proj,o_proj]",
+        )
+    if changes_base(init) and kind != "none":
+        why = (
+            "PEFT computes PiSSA's SVD on float weights only"
+            if str(init).startswith("pissa")
+            else "OLoRA would re-quantize the residual base, so no base users can load would reproduce "
+            "the trained model"
+        )
+        raise UserError(
+            f"init_lora_weights={init} on a quant={kind} base: {why}",
+            where=where,
+            hint="quant=none, or lora=loftq (the initialisation made for 4-bit bases)",
+        )
+    if init == "loftq" and kind not in ("nf4", "fp4"):
+        raise UserError(
+            f"LoftQ starts the adapter from the error of 4-bit quantization, and quant={kind}",
+            where=where,
+            hint="quant=nf4, or lora=pissa / lora=default without quantization",
+        )
+    built_on_device = parameter_counts(shapes).total > MATERIALISE_LIMIT
+    if init == "loftq" and model["init"] == "random" and built_on_device:
+        raise UserError(
+            "LoftQ reads the full-precision weights from the checkpoint; model.init=random at real "
+            "shapes is built on the GPU and keeps none",
+            where=where,
+            hint="model.init=pretrained (benchmarks/variants_bench.py times LoftQ on random weights)",
+        )
+    checked.notes.extend(variant_notes(shapes, lora, kind))
+
+
+def variant_notes(shapes: Any, lora: dict, kind: str) -> list[str]:
+    """What a variant costs beyond plain LoRA (docs/memory.md, "LoRA variants")."""
+    from fine_tune.adapters import changes_base
+    from fine_tune.families.shapes import layer_kinds, lora_targets
+
+    adapted = [
+        dims
+        for sparse, layers in layer_kinds(shapes)
+        for dims in lora_targets(shapes, lora, sparse).values()
+        for _ in range(layers)
+    ]
+    largest = max(adapted, key=lambda d: d[0] * d[1], default=(0, 0))
+    each = f"each of the {len(adapted)} adapted weight matrices (largest {largest[1]}x{largest[0]})"
+    init, notes = lora["init_lora_weights"], []
+    if lora["use_dora"]:
+        dequantized = " dequantized" if kind != "none" else ""
+        notes.append(
+            f"DoRA: every step recomputes the norm of {each},{dequantized} in fp32: slower steps, more memory"
+            + (
+                "; with lora_dropout > 0 also kept for the backward"
+                if lora["lora_dropout"] and dequantized
+                else ""
+            )
+        )
+    if changes_base(init):
+        how = (
+            "a QR decomposition" if init == "olora" else "a randomized SVD" if "_niter_" in init else "an SVD"
+        )
+        notes.append(f"{init} init: {how} of {each} before the first step")
+    if init == "loftq":
+        notes.append(
+            f"LoftQ init: reads {each} in full precision from the checkpoint and takes an SVD of "
+            "its quantization error"
+        )
+    return notes
+
+
+def _check_strategy(data: dict, checked: Checked, cuda: Any) -> None:
+    """What FSDP cannot shard or run with; each refusal names the way that works (docs/scaling.md).
+    In `validate=true` the checks of how the job was launched are notes: a laptop may validate a
+    config meant for torchrun on GPUs."""
+    from fine_tune.families.shapes import FOUR_BIT, experts_in_4bit, model_shapes
+    from fine_tune.hardware import launched
+
+    trainer, quant = data["trainer"], data["quant"]
+    accelerate_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
+    if trainer["strategy"] != "fsdp":
+        if accelerate_fsdp:
+            raise UserError(
+                "accelerate's config turns FSDP on (ACCELERATE_USE_FSDP) but trainer.strategy is ddp",
+                where="trainer.strategy",
+                hint="use trainer=fsdp (fine_tune sets FSDP's options itself) and `accelerate launch "
+                "--num_processes N` without an FSDP config",
+            )
+        return
+
+    def refuse(why: str, where: str, hint: str) -> None:
+        raise UserError(f"under trainer.strategy=fsdp, {why}", where=where, hint=hint)
+
+    def refuse_here(why: str, hint: str) -> None:  # about this machine or launch, not the config
+        if not data.get("validate"):
+            raise UserError(why, where="trainer.strategy", hint=hint)
+        checked.notes.append(f"trainer.strategy=fsdp: {why} ({hint})")
+
+    kind = quant["kind"]
+    if kind == "int8":
+        refuse(
+            "bitsandbytes' int8 weights cannot be sharded (their scales are kept outside the weight)",
+            "quant.kind",
+            "use quant=nf4 (4-bit weights, stored in bf16 for FSDP), or trainer=ddp",
+        )
+    if kind in FOUR_BIT and experts_in_4bit(model_shapes(data["model"], hub=False), quant):
+        refuse(
+            "fine_tune's 4-bit experts keep their packed weights in buffers, which FSDP does not shard "
+            "(every GPU would hold all of them)",
+            "quant.quant_experts",
+            "set quant.quant_experts=false (bf16 experts, sharded over the GPUs), or use trainer=ddp "
+            "with 4-bit experts (a whole 4-bit model per GPU)",
+        )
+    stored, need = quant["storage_dtype"], kind in FOUR_BIT and fsdp_storage_dtype(trainer, quant)
+    if need and stored != need:
+        refuse(
+            f"4-bit weights stored as {stored} "
+            + (
+                "are left out of the sharding (every GPU would hold all of them)"
+                if stored == "uint8"
+                else f"would be cast to {need} by FSDP's mixed precision, which corrupts the packed values"
+            ),
+            "quant.storage_dtype",
+            f"quant.storage_dtype={need} (trainer=fsdp sets bfloat16)",
+        )
+    target = str((data["optim"].get("optimizer") or {}).get("_target_", ""))
+    if "bitsandbytes" in target:
+        refuse(
+            "bitsandbytes optimizers (paged or 8-bit) do not take FSDP's sharded parameters",
+            "optim.optimizer._target_",
+            "use optim=adamw_torch (FSDP already splits the optimizer state over the GPUs)",
+        )
+    if not cuda:  # last: what the config says comes first
+        refuse_here(
+            "FSDP runs on GPUs only; on CPU processes accelerate 1.15 would quietly train with DDP",
+            "use trainer.strategy=ddp on CPUs",
+        )
+    elif not launched():
+        refuse_here(
+            "FSDP shards over processes that a launcher started",
+            "torchrun --nproc_per_node N -m fine_tune ..., or accelerate launch --num_processes N -m ...",
+        )
+
+
+def fsdp_storage_dtype(trainer: dict, quant: dict) -> str:
+    """The dtype 4-bit weights must be stored in under FSDP: mixed precision casts every floating
+    shard to the training precision's dtype before gathering it, so the packed bytes survive only
+    if they are stored in that dtype already; in fp32 training, the compute dtype. `auto` resolves
+    as on this machine's GPU, or as on a bf16 GPU where there is none (FSDP runs on GPUs only)."""
+    from fine_tune.hardware import has_cuda, resolve_dtype, resolve_precision
+
+    gpu = has_cuda()
+    precision = resolve_precision(trainer["precision"]) if gpu or trainer["precision"] != "auto" else "bf16"
+    if precision in ("bf16", "fp16"):
+        return {"bf16": "bfloat16", "fp16": "float16"}[precision]
+    compute = quant["compute_dtype"]
+    return str(resolve_dtype(compute)).removeprefix("torch.") if gpu or compute != "auto" else "bfloat16"
 
 
 class _LazyCuda:
@@ -347,9 +550,8 @@ def check_config(cfg: DictConfig) -> Checked:
 
 
 def planned_steps(trainer: dict, train_rows: int) -> tuple[int, float]:
-    """(optimizer steps, epochs they cover) as the Trainer will compute them, on one process."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    per_step = trainer["per_device_train_batch_size"] * trainer["gradient_accumulation_steps"] * world
+    """(optimizer steps, epochs they cover) as the Trainer will compute them, over every process."""
+    per_step = effective_batch(trainer)[0]
     steps_per_epoch = max(math.ceil(train_rows / per_step), 1) if train_rows else 1
     if trainer["max_steps"] > 0:
         steps = int(trainer["max_steps"])
@@ -373,6 +575,8 @@ def print_validation(cfg: DictConfig) -> None:
     """Validate everything that can be checked without weights, then print the plan of the run."""
     from rich.console import Console
     from rich.tree import Tree
+
+    from fine_tune.adapters import variant_name
 
     checked = check_config(cfg)
     data = _plain(cfg)
@@ -406,7 +610,9 @@ def print_validation(cfg: DictConfig) -> None:
     node.add(f"quantization: {quant['kind']}")
     node = tree.add(
         f"[bold]adapter[/bold]: LoRA r={lora['r']} alpha={lora['lora_alpha']} "
-        f"on {lora['target_modules']}" + (" + experts" if lora["experts"] else "")
+        f"on {lora['target_modules']}"
+        + (" + experts" if lora["experts"] else "")
+        + (f" ({variant_name(lora)})" if variant_name(lora) else "")
     )
     if plan is not None:
         node.add(
@@ -436,14 +642,16 @@ def print_validation(cfg: DictConfig) -> None:
     )
 
     steps, epochs = planned_steps(trainer, len(bundle.train))
-    effective = trainer["per_device_train_batch_size"] * trainer["gradient_accumulation_steps"]
+    effective, how = effective_batch(trainer)
     node = tree.add(
         f"[bold]training[/bold]: {steps} steps ({epochs:.2f} epochs), effective batch {effective}"
         + (" pairs (chosen + rejected: twice the sequences)" if method.pairs else "")
-        + ", "
+        + f" ({how}, {trainer['strategy']}), "
         f"max_length {dataset['max_length']}, precision {trainer['precision']}"
     )
     node.add(f"optimizer {optim['optimizer']['_target_']}, lr {optim['lr']}, scheduler {optim['scheduler']}")
+    if optim["loraplus_lr_ratio"]:
+        node.add(f"LoRA+: B matrices at lr x {optim['loraplus_lr_ratio']} (their own parameter group)")
     node.add(
         f"eval every {trainer['eval_steps']} steps, checkpoint every {trainer['save_steps']} "
         f"(keep {trainer['save_total_limit']}), resume={data.get('resume')}"
@@ -472,6 +680,6 @@ def instantiate_light(cfg: DictConfig) -> list[str]:
     build(cfg.quant)
     with tempfile.TemporaryDirectory() as tmp:
         Recipe(cfg).arguments(tmp, has_eval=True)
-    build_optimizer_factory(cfg.optim.optimizer)
+    build_optimizer_factory(cfg.optim.optimizer, cfg.optim.loraplus_lr_ratio)
     build(cfg.logger)
     return ["lora", "quant", "method + trainer", "optim.optimizer", "logger"]

@@ -81,3 +81,13 @@ def tiny_mixtral_config(**overrides):
         use_cache=False,
     )
     return MixtralConfig(**{**args, **overrides})
+
+
+def tiny_qwen2_moe_config(**overrides):
+    """Qwen2-MoE's own layout: a shared expert, q/k/v biases, experts saved as mlp.experts.{e}.*_proj."""
+    from transformers import Qwen2MoeConfig
+
+    args = dict(vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32)
+    args.update(shared_expert_intermediate_size=48, num_hidden_layers=2, num_attention_heads=4)
+    args.update(num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, use_cache=False)
+    return Qwen2MoeConfig(**{**args, **overrides})

@@ -4,14 +4,17 @@
 
 Loads the model in float32 (plus the PEFT adapter, if any), writes its logits on the saved inputs,
 and prints one JSON line: how many adapter numbers PEFT holds, how many the file has, whether they
-are the file's, the warnings raised while loading, and whether `fine_tune` was imported.
+are the file's, the warnings raised while loading, and whether `fine_tune` was imported. Tests call
+`in_plain_process`, which runs this file in a fresh interpreter.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -49,6 +52,18 @@ def main(model_dir: str, adapter_dir: str, inputs_path: str, logits_path: str) -
     report["fine_tune_imported"] = any(name.split(".")[0] == "fine_tune" for name in sys.modules)
     assert not report["fine_tune_imported"]
     print(json.dumps(report))
+
+
+def in_plain_process(model_dir: Path, adapter_dir: Path | None, inputs: Path) -> tuple[dict, torch.Tensor]:
+    """Load report and logits of `model_dir` (+ adapter) on the saved `inputs`, computed by this file
+    in a process that never imports fine_tune."""
+    out = inputs.with_name(f"logits-{model_dir.name}-{adapter_dir.name if adapter_dir else 'none'}.pt")
+    args = [str(model_dir), str(adapter_dir or "-"), str(inputs), str(out)]
+    result = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["fine_tune_imported"] is False
+    return report, torch.load(out)
 
 
 if __name__ == "__main__":

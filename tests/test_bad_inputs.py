@@ -30,6 +30,7 @@ CASES = [
     ("bad_precision", ["trainer.precision=fp64"], "trainer.precision"),
     ("bad_dtype", ["model.dtype=float8"], "model.dtype"),
     ("bad_attention", ["model.attn_implementation=magic"], "model.attn_implementation"),
+    ("flex_attention_on_cpu", ["model.attn_implementation=flex_attention"], "model.attn_implementation"),
     ("unknown_optimizer", ["optim.optimizer._target_=torch.optim.NoSuchAdam"], "optim.optimizer"),
     ("optimizer_bad_argument", ["+optim.optimizer.momentum_decay=3"], "optim.optimizer.momentum_decay"),
     ("experts_on_dense_model", ["lora.experts=true"], "lora.experts"),

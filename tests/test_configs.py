@@ -43,12 +43,14 @@ def test_defaults_compose():
 @pytest.mark.parametrize(("group", "option"), all_options())
 def test_option_composes_and_target_binds(group: str, option: str):
     """Its `_target_`s import and take its keys (the arguments the run adds are left to the run)."""
+    from fine_tune.schema import check_types
     from fine_tune.validate import Checked, check_targets
 
     overrides = [f"{group}={option}"]
     if group == "model" and option == "local":
         overrides.append("model.name_or_path=/models/any")
     cfg = compose(overrides)
+    check_types(cfg)  # as every run and validate=true do first (it also moves deprecated keys)
     node = OmegaConf.to_container(cfg[group], resolve=True)  # every interpolation resolves
     checked = Checked()
     check_targets({group: node}, checked)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from lifecycle_helpers import cli, tiny_run
+from plain_load import in_plain_process as plain_load
 
 from fine_tune.export import UNQUANTIZED
 from fine_tune.utils.io import umask
@@ -125,9 +126,6 @@ def test_qlora_run_merges_into_the_unquantized_base(tmp_path: Path):
 
 
 # ---- Mixtral with LoRA on attention and experts: everything loads without fine_tune ------------------
-PLAIN_LOAD = Path(__file__).with_name("plain_load.py")
-
-
 @pytest.fixture(scope="module")
 def mixtral(tmp_path_factory):
     """A tiny Mixtral QLoRA run (4-bit attention and experts, LoRA on both), fine_tune's model of it
@@ -140,22 +138,6 @@ def mixtral(tmp_path_factory):
     inputs = loaded.tokenizer(PROMPTS, return_tensors="pt", padding=True, add_special_tokens=False)
     torch.save(dict(inputs), root / "inputs.pt")
     return run, loaded, root / "inputs.pt", logits(loaded.model, loaded.tokenizer)
-
-
-def plain_load(model_dir: Path, adapter_dir: Path | None, inputs: Path) -> tuple[dict, torch.Tensor]:
-    """Logits and load report of `model_dir` (+ adapter) in a process that never imports fine_tune."""
-    import subprocess
-    import sys
-
-    out = inputs.with_name(f"logits-{model_dir.name}-{adapter_dir.name if adapter_dir else 'none'}.pt")
-    args = [str(model_dir), str(adapter_dir or "-"), str(inputs), str(out)]
-    result = subprocess.run(
-        [sys.executable, str(PLAIN_LOAD), *args], capture_output=True, text=True, timeout=600
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report["fine_tune_imported"] is False
-    return report, torch.load(out)
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ import bitsandbytes as bnb
 import pytest
 import torch
 import transformers
-from conftest import tiny_mixtral_config
+from conftest import tiny_mixtral_config, tiny_qwen2_moe_config
 
 from fine_tune.errors import UserError
 from fine_tune.families.shapes import config_shapes, parameter_counts
@@ -70,14 +70,6 @@ def _fused_checkpoint(model, path):
 
     model.config.save_pretrained(path)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path / "model.safetensors"))
-
-
-def tiny_qwen2_moe_config(**kw):
-    """Qwen2-MoE's own layout: a shared expert, q/k/v biases, experts saved as mlp.experts.{e}.*_proj."""
-    args = dict(vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32)
-    args.update(shared_expert_intermediate_size=48, num_hidden_layers=2, num_attention_heads=4)
-    args.update(num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, use_cache=False)
-    return transformers.Qwen2MoeConfig(**{**args, **kw})
 
 
 @pytest.mark.parametrize(

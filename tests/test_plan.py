@@ -216,7 +216,9 @@ def test_print_plan_lists_fit_and_max_batch(capsys, monkeypatch):
     monkeypatch.setenv("FINE_TUNE_GPU_GIB", "79.2")
     plan = print_plan(cfg())
     out = capsys.readouterr().out
-    assert f"max {plan.max_batch_size(79.2)})" in out and "fits 79 GiB" in out
+    room = 79.2 - plan.device_bytes() / 2**30
+    assert f"max {plan.max_batch_size(79.2)})" in out and f"on 79 GiB: fits, {room:.1f} GiB to spare" in out
     monkeypatch.setenv("FINE_TUNE_GPU_GIB", "20")
+    short = plan.device_bytes() / 2**30 - 20
     print_plan(cfg())
-    assert "does NOT fit 20 GiB" in capsys.readouterr().out
+    assert f"on 20 GiB: does NOT fit, {short:.1f} GiB short" in capsys.readouterr().out

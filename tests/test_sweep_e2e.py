@@ -187,3 +187,25 @@ def test_examples_are_valid_scripts_that_say_what_they_answer(script):
     text = (ROOT / "multirun_examples" / script).read_text()
     assert text.startswith("#!/usr/bin/env bash") and "# Question:" in text
     assert subprocess.run(["bash", "-n", str(ROOT / "multirun_examples" / script)]).returncode == 0
+
+
+@pytest.mark.slow
+def test_sweep_over_lora_variants_gives_one_tracked_run_per_variant(tmp_path):
+    """`-m lora=default,dora,pissa`: three W&B runs, each named by its variant and recording it."""
+    sweep_dir = tmp_path / "sweep"
+    args = ["-m", "lora=default,dora,pissa", "logger=wandb", f"hydra.sweep.dir={sweep_dir}"]
+    result = fine_tune(tmp_path, *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = {}
+    for overrides_file in sweep_dir.glob("*/.hydra/overrides.yaml"):
+        (wandb_file,) = find_runs(overrides_file.parent.parent)
+        run = read_run(wandb_file)
+        runs[run["name"]] = run
+    assert set(runs) == {"lora=default", "lora=dora", "lora=pissa"}
+    for name, run in runs.items():
+        assert run["config"]["choices.lora"] == name.removeprefix("lora=")
+        assert run["summary"]["status"] == "finished" and run["exit_code"] == 0
+    assert runs["lora=dora"]["config"]["lora.use_dora"] is True
+    assert runs["lora=pissa"]["config"]["lora.init_lora_weights"] == "pissa"
+    trainable = {name: run["summary"]["trainable_params"] for name, run in runs.items()}
+    assert trainable["lora=dora"] > trainable["lora=default"] == trainable["lora=pissa"]  # + magnitudes

@@ -177,7 +177,7 @@ def read_sources(opts: dict[str, Any], sources: Sources, skips: Skips) -> RawSpl
     validation = None
     if sources.validation is not None:
         validation = _read(opts, sources.validation, None, skips)
-    elif opts["hub_name"] and opts["validation_split"]:
+    elif sources.train is None and opts["validation_split"]:  # training rows from the hub: its split too
         validation = _read(opts, None, opts["validation_split"], skips)
     test = _read(opts, sources.test, None, skips) if sources.test else []
     read = len(rows) + len(validation or []) + len(test) + sum(skips.counts.values())

@@ -237,7 +237,7 @@ def build_preference_data(
         max_prompt_length=max_prompt_length,
     )
     fingerprint = template_fingerprint(template, tokenizer, encoder)
-    entry = cache_entry(cache_dir, KIND, opts, sources.files, fingerprint, max_length=max_length, seed=seed)
+    entry = cache_entry(cache_dir, KIND, opts, sources.files, fingerprint, seed=seed)  # max_length: in opts
     cached = load_cache(entry)
     if cached is not None:
         splits, meta = cached

@@ -46,6 +46,7 @@ class Family:
     model_types: tuple[str, ...]  # the `model_type` of its config.json
     reference: dict[str, Any]  # config fields of the reference checkpoint (shape-relevant ones)
     calibration: str  # whose measured activation coefficients fine_tune.plan applies
+    decoder_layer: str  # the transformers class of one decoder layer: FSDP shards (and gathers) by it
     expert_intermediate_key: str = "intermediate_size"  # config field: width of one expert
     checkpoint_experts: CheckpointExperts | None = None
     # PEFT maps transformers-4 names onto this family's fused layout, so `all-linear` also adapts the

@@ -16,4 +16,5 @@ FAMILY = Family(
         "tie_word_embeddings": False,
     },
     calibration="mistral",
+    decoder_layer="MistralDecoderLayer",
 )

@@ -10,6 +10,7 @@ FAMILY = Family(
     model_types=("mixtral",),
     reference={**MISTRAL.reference, "num_local_experts": 8, "num_experts_per_tok": 2},
     calibration="mixtral",
+    decoder_layer="MixtralDecoderLayer",
     checkpoint_experts=CheckpointExperts(block="block_sparse_moe", gate="w1", up="w3", down="w2"),
     peft_remaps_moe=True,
 )

@@ -25,6 +25,7 @@ FAMILY = Family(
         "tie_word_embeddings": False,
     },
     calibration="mixtral",
+    decoder_layer="Qwen2MoeDecoderLayer",
     expert_intermediate_key="moe_intermediate_size",
     checkpoint_experts=CheckpointExperts(block="mlp", gate="gate_proj", up="up_proj", down="down_proj"),
 )

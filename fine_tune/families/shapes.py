@@ -151,9 +151,10 @@ def parameter_counts(
 ) -> ParameterCounts:
     """Parameters of the base model and of the LoRA adapters `lora` (a lora node) puts on it.
 
-    LoRA: r * (in + out) per adapted linear; the expert adapters r * (in + out) per expert and
-    fused tensor; PEFT's `all-linear` on bf16 fused experts (families it remaps) rank r per
-    expert, twice for gate_up_proj. `experts_4bit`: the experts are fine_tune's 4-bit ones.
+    LoRA: r * (in + out) per adapted linear (+ out with DoRA: its magnitudes); the expert adapters
+    r * (in + out) per expert and fused tensor; PEFT's `all-linear` on bf16 fused experts (families
+    it remaps) rank r per expert, twice for gate_up_proj. `experts_4bit`: the experts are
+    fine_tune's 4-bit ones.
     """
     h = s.hidden_size
     total = linear = experts = trainable = 0
@@ -176,6 +177,8 @@ def _lora_per_layer(s: Shapes, lora: Mapping[str, Any], sparse: bool, experts_4b
     r = int(lora["r"])
     adapted = lora_targets(s, lora, sparse)
     n = sum(r * (i + o) for i, o in adapted.values())
+    if lora.get("use_dora"):  # DoRA: one trained magnitude per output feature of each adapted linear
+        n += sum(o for _, o in adapted.values())
     if s.attention_bias and lora["bias"] != "none":  # PEFT trains the biases too (q/k/v have them)
         with_bias = ("q_proj", "k_proj", "v_proj")
         n += sum(layer_linears(s, sparse)[k][1] for k in with_bias if lora["bias"] == "all" or k in adapted)

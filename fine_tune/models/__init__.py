@@ -34,16 +34,18 @@ def build_model(
     *,
     seed: int,
     lr: float = default(ModelSchema, "lr"),
+    device: str | None = None,
 ) -> LoadedModel:
     """Tokenizer first (cheap, catches a wrong path early), then the architecture, then the weights.
 
     `quant` is the quant node (or its QuantSpec), `seed` the run's; `lr` is the model's suggested
-    learning rate, read by `optim.lr`, accepted and unused here.
+    learning rate, read by `optim.lr`, accepted and unused here; `device`: where the weights load
+    (default: this process's GPU, or the CPU), set by the run (trainer.fsdp.load_on_cpu).
     """
     from fine_tune.hardware import resolve_dtype
     from fine_tune.models.architecture import load_architecture
     from fine_tune.models.loading import load_weights
-    from fine_tune.models.quant import build_quant_config
+    from fine_tune.models.quant import build_quant_config, pin_portable_4bit_layout
     from fine_tune.models.tokenizer import build_tokenizer
 
     quant = quant if quant is not None else build_quant_config()
@@ -61,8 +63,17 @@ def build_model(
             hint="make them match (Mistral v1: 32000)",
         )
     model = load_weights(
-        shape, name_or_path, init, quant, resolve_dtype(dtype), attn_implementation, trust_remote_code, seed
+        shape,
+        name_or_path,
+        init,
+        quant,
+        resolve_dtype(dtype),
+        attn_implementation,
+        trust_remote_code,
+        seed,
+        device,
     )
+    pin_portable_4bit_layout(model)  # the same 4-bit numerics on every CPU (fine_tune/models/quant.py)
     # Both configs, as the Trainer would align them (with a warning) on finding them unset.
     model.config.pad_token_id = tok.pad_token_id
     if getattr(model, "generation_config", None) is not None:

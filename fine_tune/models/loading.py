@@ -24,9 +24,10 @@ from fine_tune.utils.io import publish_dir
 MATERIALISE_LIMIT = 500_000_000
 
 
-def device_map_for(quant: QuantSpec) -> Any:
-    """Quantized weights must be placed while loading; each rank takes its own GPU."""
-    device = local_device()
+def device_map_for(quant: QuantSpec, device: str | None = None) -> Any:
+    """Quantized weights must be placed while loading; each rank takes its own GPU (`device`: a
+    placement the run chose instead, e.g. the CPU for FSDP to shard from)."""
+    device = device or local_device()
     if device != "cpu":
         return {"": device}
     return "cpu" if quant.enabled else None
@@ -64,7 +65,12 @@ def weights_from(path: str | Path) -> Iterator[None]:
 
 
 def from_pretrained(
-    path: str | Path, quant: QuantSpec, dtype: Any, attn_implementation: str, trust_remote_code: bool
+    path: str | Path,
+    quant: QuantSpec,
+    dtype: Any,
+    attn_implementation: str,
+    trust_remote_code: bool,
+    device: str | None = None,
 ) -> Any:
     from transformers import AutoModelForCausalLM
 
@@ -73,7 +79,7 @@ def from_pretrained(
             path,
             dtype=dtype,
             quantization_config=quant.bnb_config,
-            device_map=device_map_for(quant),
+            device_map=device_map_for(quant, device),
             attn_implementation=attn_implementation,
             trust_remote_code=trust_remote_code,
             use_safetensors=True,
@@ -89,28 +95,12 @@ def load_weights(
     attn_implementation: str,
     trust_remote_code: bool,
     seed: int,
-) -> Any:
-    """Weights in memory, every 4-bit layer pinned to the layout all CPUs compute alike."""
-    from fine_tune.models.quant import pin_portable_4bit_layout
-
-    model = _load_weights(
-        architecture, name_or_path, init, quant, dtype, attn_implementation, trust_remote_code, seed
-    )
-    return pin_portable_4bit_layout(model)
-
-
-def _load_weights(
-    architecture: Any,
-    name_or_path: str | None,
-    init: str,
-    quant: QuantSpec,
-    dtype: Any,
-    attn_implementation: str,
-    trust_remote_code: bool,
-    seed: int,
+    device: str | None = None,
 ) -> Any:
     """The weights of a validated `model` node (fine_tune.validate checked init and the path)."""
     from fine_tune.families.shapes import config_shapes, parameter_counts
+
+    device = device or local_device()
 
     if init == "random" and parameter_counts(config_shapes(architecture)).total > MATERIALISE_LIMIT:
         # Real shapes: built and quantized layer by layer on the device, never written to disk.
@@ -123,7 +113,7 @@ def _load_weights(
             dtype=dtype,
             attn_implementation=attn_implementation,
             seed=seed,
-            device=local_device(),
+            device=device,
         )
     path = name_or_path if init == "pretrained" else materialise_random(architecture, seed)
     if quant.is_4bit and quant.quant_experts and is_moe(architecture.to_dict()):
@@ -132,6 +122,6 @@ def _load_weights(
         from fine_tune.models.moe import load_pretrained_moe_4bit
 
         with weights_from(path):
-            kwargs = {"dtype": dtype, "attn_implementation": attn_implementation, "device": local_device()}
+            kwargs = {"dtype": dtype, "attn_implementation": attn_implementation, "device": device}
             return load_pretrained_moe_4bit(path, quant=quant, **kwargs)
-    return from_pretrained(path, quant, dtype, attn_implementation, trust_remote_code)
+    return from_pretrained(path, quant, dtype, attn_implementation, trust_remote_code, device)

@@ -20,6 +20,7 @@ class QuantSpec:
     kind: str
     bnb_config: Any  # transformers.BitsAndBytesConfig | None
     quant_experts: bool = False
+    expert_kernel: str = default(QuantSchema, "expert_kernel")  # Experts4bit.kernel
     double_quant: bool = False
     compute_dtype: Any = None
     skip_modules: tuple[str, ...] = ()  # kept in full precision ((): as from_pretrained chooses)
@@ -39,6 +40,7 @@ def build_quant_config(
     double_quant: bool = default(QuantSchema, "double_quant"),
     compute_dtype: str = default(QuantSchema, "compute_dtype"),
     quant_experts: bool = default(QuantSchema, "quant_experts"),
+    expert_kernel: str = default(QuantSchema, "expert_kernel"),
     skip_modules: Sequence[str] = default(QuantSchema, "skip_modules"),
     storage_dtype: str = default(QuantSchema, "storage_dtype"),
     threshold: float = default(QuantSchema, "threshold"),
@@ -71,6 +73,7 @@ def build_quant_config(
         kind=kind,
         bnb_config=config,
         quant_experts=quant_experts,
+        expert_kernel=expert_kernel,
         double_quant=double_quant,
         compute_dtype=dtype,
         skip_modules=skip,

@@ -21,6 +21,10 @@ def _default(name: str) -> Any:
     return default(TrainerSchema, name)
 
 
+DEFAULT_CHECKPOINTING = _default("checkpointing")
+DEFAULT_GENERATION = _default("generation")
+
+
 def build_training_arguments(
     output_dir: str,
     seed: int,
@@ -33,7 +37,7 @@ def build_training_arguments(
     per_device_eval_batch_size: int = _default("per_device_eval_batch_size"),
     gradient_accumulation_steps: int = _default("gradient_accumulation_steps"),
     gradient_checkpointing: bool = _default("gradient_checkpointing"),
-    checkpointing: Any = None,
+    checkpointing: Any = DEFAULT_CHECKPOINTING,
     precision: str = _default("precision"),
     use_liger_kernel: bool | str = _default("use_liger_kernel"),
     logging_steps: int = _default("logging_steps"),
@@ -42,7 +46,10 @@ def build_training_arguments(
     save_total_limit: int | None = _default("save_total_limit"),
     dataloader_num_workers: int = _default("dataloader_num_workers"),
     torch_compile: bool = _default("torch_compile"),
-    generation: Any = None,  # read by the samples callback; accepted so the node passes through whole
+    strategy: str = _default("strategy"),
+    fsdp: Any = None,
+    decoder_layer: str | None = None,  # the model family's, passed by the run: what FSDP shards by
+    generation: Any = DEFAULT_GENERATION,  # read by the samples callback; the node passes through whole
 ) -> Any:
     """Values come checked by `fine_tune.schema.TrainerSchema` / `OptimSchema` (ranges, allowed values);
     here they are only translated. `method` is `Method.trl_arguments(...)` of the run's method: the
@@ -93,9 +100,40 @@ def build_training_arguments(
         report_to="none",  # our own trackers log; HF's WandbCallback would open a second run
         disable_tqdm=True,
         use_cpu=not has_cuda(),
-        ddp_find_unused_parameters=False,
+        **parallel_kwargs(strategy, fsdp, decoder_layer),
         **method,
     )
+
+
+def parallel_kwargs(strategy: str, fsdp: Any, decoder_layer: str | None) -> dict[str, Any]:
+    """`trainer.strategy` and `trainer.fsdp` -> the Trainer's DDP or FSDP arguments (docs/scaling.md).
+
+    DDP: every parameter an adapter has is used in every step (no search for unused ones), and no
+    buffers are broadcast before each forward: ours never change during training, and the 4-bit
+    experts keep their packed weights in buffers (~23 GiB for Mixtral-8x7B, sent every step).
+
+    FSDP2 (transformers' default version): one shard group per decoder layer (`decoder_layer`, named
+    by the model's family), whole-model state dicts (adapters are small; training/sharded.py gathers
+    only the trainable part). Checkpointing stays the Trainer's (non-reentrant, as on one GPU), at
+    the cost of a second all-gather of each layer in the backward: FSDP's own wraps every layer in
+    a `_checkpoint_wrapped_module`, and PEFT 0.21.2 then finds no adapter in the gathered state
+    dict (it strips only FSDP1's module prefix), so every saved adapter would be empty.
+    """
+    if strategy != "fsdp":
+        return {"ddp_find_unused_parameters": False, "ddp_broadcast_buffers": False}
+    from fine_tune.schema import FsdpSchema
+
+    options = {**vars(FsdpSchema()), **dict(fsdp or {})}  # checked by the schema
+    config = {
+        "version": 2,
+        "reshard_after_forward": options["reshard_after_forward"],
+        "cpu_offload": options["cpu_offload"],
+        "activation_checkpointing": False,
+        "state_dict_type": "FULL_STATE_DICT",
+    }
+    if decoder_layer:
+        config["transformer_layer_cls_to_wrap"] = [decoder_layer]
+    return {"fsdp": True, "fsdp_config": config}
 
 
 def resolve_liger(value: bool | str) -> bool:
@@ -132,7 +170,8 @@ def checkpointing_kwargs(checkpointing: Any) -> dict[str, Any]:
     from fine_tune.hardware import has_cuda
     from fine_tune.schema import CheckpointingSchema
 
-    options = {**vars(CheckpointingSchema()), **dict(checkpointing or {})}  # checked by the schema
+    given = vars(checkpointing) if isinstance(checkpointing, CheckpointingSchema) else checkpointing
+    options = {**vars(CheckpointingSchema()), **dict(given or {})}  # values checked by the schema
     kwargs: dict[str, Any] = {"use_reentrant": False}
     if options["every_n_layers"] > 1:
         kwargs["every_n_layers"] = options["every_n_layers"]

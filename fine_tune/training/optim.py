@@ -8,7 +8,11 @@ key set to null is not passed, so the class's own default applies (`conf/optim/s
 
 When the optimizer is created (the first training step), a bitsandbytes optimizer that does less
 than its name says on this machine (no paging on CPU, 32-bit states for small tensors) says so in
-one line, so an optimizer comparison is not misread."""
+one line, so an optimizer comparison is not misread.
+
+`optim.loraplus_lr_ratio` (LoRA+, conf/optim/loraplus.yaml) splits the trainable parameters into two
+groups here, where the optimizer is built, so it works with any optimizer class and with fine_tune's
+4-bit expert adapters, whose B matrices PEFT's `create_loraplus_optimizer` does not recognise."""
 
 from __future__ import annotations
 
@@ -62,7 +66,27 @@ def passed_arguments(target: Any, kwargs: dict[str, Any], note: bool = True) -> 
     return {key: value for key, value in kwargs.items() if key not in unknown}
 
 
-def build_optimizer_factory(optimizer_node: Any) -> Callable[[list], Any]:
+def raises_lr(name: str, param: Any) -> bool:
+    """LoRA+'s faster group: PEFT's rule (`create_loraplus_optimizer`: `lora_B`, and every 1-D tensor:
+    biases, DoRA magnitudes) plus the B of fine_tune's 4-bit expert adapters (`...adapters.<tensor>.B`,
+    [experts, out, r]: fine_tune/models/moe/lora.py), which PEFT's rule would leave at the base rate."""
+    return "lora_B" in name or param.ndim == 1 or (".adapters." in name and name.endswith(".B"))
+
+
+def loraplus_groups(named: list[tuple[str, Any]], ratio: float) -> list[tuple[list[Any], float]]:
+    """(parameters, lr multiplier) groups of (name, parameter) pairs: the rest at 1, B at `ratio`."""
+    fast = [p for n, p in named if raises_lr(n, p)]
+    rest = [p for n, p in named if not raises_lr(n, p)]
+    return [(group, scale) for group, scale in ((rest, 1.0), (fast, ratio)) if group]
+
+
+def build_optimizer_factory(
+    optimizer_node: Any, loraplus_lr_ratio: float | None = None
+) -> Callable[[list], Any]:
+    """`make(params)`: the configured optimizer over `params`, trainable parameters or (name,
+    parameter) pairs. With `loraplus_lr_ratio` (LoRA+, Hayou et al. 2024) the pairs are needed: the
+    B matrices get their own parameter group at lr x ratio (the weight decay, scheduler and the
+    logged learning rate stay those of the rest; PEFT's version resets the weight decay to 0)."""
     from hydra.utils import get_object
     from omegaconf import DictConfig, OmegaConf
 
@@ -90,7 +114,23 @@ def build_optimizer_factory(optimizer_node: Any) -> Callable[[list], Any]:
         )
 
     def make(params: list) -> Any:
-        optimizer = factory(params)
+        named = [p if isinstance(p, tuple) else (None, p) for p in params]
+        if not loraplus_lr_ratio:
+            optimizer = factory([p for _, p in named])
+        else:
+            if any(name is None for name, _ in named):
+                raise ValueError("LoRA+ groups parameters by name: pass (name, parameter) pairs")
+            groups = loraplus_groups(named, loraplus_lr_ratio)
+            optimizer = factory([{"params": group} for group, _ in groups])
+            for group, (_, scale) in zip(optimizer.param_groups, groups, strict=True):
+                group["lr"] *= scale
+            fast = sum(raises_lr(n, p) for n, p in named)
+            log.info(
+                "optim: LoRA+: %d B tensors at lr x %g, %d others at lr",
+                fast,
+                loraplus_lr_ratio,
+                len(named) - fast,
+            )
         for note in fallback_notes(optimizer):
             log.warning("optim: %s", note)
         return optimizer

@@ -17,6 +17,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from fine_tune.distributed import max_over_ranks
 from fine_tune.errors import Preempted  # noqa: F401  raised by run.py with this handler's signal
 
 log = logging.getLogger("fine_tune")
@@ -70,7 +71,11 @@ class PreemptionHandler(TrainerCallback):
         return self.signum is not None
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.requested:
+        # Under torchrun or srun the signal may reach one rank a step before the others: every rank
+        # stops at the first step any of them saw it (one all-reduce of an integer per step).
+        signum = max_over_ranks(self.signum or 0)
+        if signum:
+            self.signum = self.signum or signum
             control.should_save = True
             control.should_training_stop = True
         return control

@@ -24,6 +24,7 @@ from trl import SFTTrainer
 
 from fine_tune.training.checkpoints import STAGING, rotate
 from fine_tune.training.exact_resume import ExactResume
+from fine_tune.training.sharded import ShardedSaves
 from fine_tune.training.throughput import PhaseTimer
 from fine_tune.utils.io import replace_dir
 
@@ -86,7 +87,7 @@ def enable_selective_checkpointing(model: Any) -> None:
     enable_selective_activation_checkpointing(inner)
 
 
-class EngineMixin(ExactResume):
+class EngineMixin(ExactResume, ShardedSaves):
     """Our behaviour on top of a TRL trainer; place it before the TRL class in the bases."""
 
     def __init__(
@@ -119,10 +120,11 @@ class EngineMixin(ExactResume):
         """TRL writes a README.md into checkpoints/ at every save; `fine_tune.export` writes the card."""
 
     def create_optimizer(self, model=None):
-        """The configured optimizer over the trainable (adapter) parameters, nothing else."""
+        """The configured optimizer over the trainable (adapter) parameters, nothing else; named, so
+        that LoRA+ can tell the B matrices apart."""
         if self.optimizer is None:
             opt_model = self.model if model is None else model
-            params = [p for p in opt_model.parameters() if p.requires_grad]
+            params = [(n, p) for n, p in opt_model.named_parameters() if p.requires_grad]
             self.optimizer = self.optimizer_factory(params)
         return self.optimizer
 

@@ -24,6 +24,7 @@ from torch import nn
 from fine_tune.models.quant import pin_portable_4bit_layout
 
 from .experts4bit import (
+    DEFAULT_KERNEL,
     count_parameters,
     find_fused_experts,
     format_counts,
@@ -200,7 +201,7 @@ def _materialize(
             def read(name: str, e: int, shape: Sequence[int], path: str = mod_name) -> torch.Tensor:
                 return source.expert(path, name, e, shape, dtype, device)
 
-            kinds = {k: quant[k] for k in ("quant_type", "double_quant", "compute_dtype")}
+            kinds = {k: quant[k] for k in ("quant_type", "double_quant", "compute_dtype", "kernel")}
             set_submodule(model, mod_name, quantize_experts_module(module, device=device, read=read, **kinds))
             continue
         if quant and isinstance(module, nn.Linear) and not is_skipped(mod_name):
@@ -256,11 +257,15 @@ def _quant(
     too, as they do for bitsandbytes' from_pretrained) into what `_materialize` reads."""
     from fine_tune.schema import SKIP_MODULES
 
-    storage = None
+    storage, kernel = None, DEFAULT_KERNEL
     if hasattr(quant_type, "kind"):  # fine_tune.models.quant.QuantSpec
         spec = quant_type
         quant_type, double_quant, compute_dtype = spec.kind, spec.double_quant, spec.compute_dtype
-        skip_modules, storage = skip_modules or spec.skip_modules, spec.storage_dtype
+        skip_modules, storage, kernel = (
+            skip_modules or spec.skip_modules,
+            spec.storage_dtype,
+            getattr(spec, "expert_kernel", kernel),
+        )
     if quant_type in (None, "none", False):
         return None
     if quant_type not in ("nf4", "fp4"):
@@ -277,6 +282,7 @@ def _quant(
         "compute_dtype": _dtype(compute_dtype),
         "skip_modules": tuple(skip_modules or SKIP_MODULES),  # empty: what from_pretrained skips
         "storage": _dtype(storage, torch.uint8),
+        "kernel": kernel,
     }
 
 
@@ -337,6 +343,15 @@ def _checkpoint_files(name_or_path: str | Path, revision: str | None) -> tuple[P
             hint="layer-by-layer 4-bit loading reads .safetensors checkpoints only",
         )
     return path, files
+
+
+def checkpoint_tensors(
+    name_or_path: str | Path, config: Any, revision: str | None = None
+) -> _CheckpointSource:
+    """The tensors of a safetensors checkpoint, each read when asked for (LoftQ's full-precision
+    weights: `tensors.tensor(key, shape, dtype, device, "normal")`)."""
+    _, files = _checkpoint_files(name_or_path, revision)
+    return _CheckpointSource(files, config)
 
 
 def load_pretrained_moe_4bit(

@@ -70,7 +70,6 @@ def dequantize_model(
         device=torch.device(device),
         dtype=dtype,
         quant=None,
-        skip_modules=(),
     )
     if getattr(model, "generation_config", None) is not None:
         plain.generation_config = copy.deepcopy(model.generation_config)

@@ -7,6 +7,12 @@ Mixtral-8x7B). Each expert matrix is quantized on its own with `bitsandbytes.fun
 expert, and dequantized one hit expert at a time in the forward *and again in the backward*, so no
 bf16 copy of an expert outlives the matmul that needs it (autograd would otherwise keep every
 dequantized weight alive until the backward: the full bf16 model again).
+
+Two kernels compute the same function (`quant.expert_kernel`, docs/speed.md "MoE"): `loop`, one hit
+expert at a time (transformers' eager loop: least memory, one host sync per expert), and `grouped`
+(grouped.py: tokens sorted by expert once, all experts dequantized by one kernel, one grouped GEMM
+per projection, no host sync). `auto` takes `grouped` where `torch._grouped_mm` is one fused kernel
+(bf16 on sm90/sm100) and the batch has rows for every expert, `loop` elsewhere.
 """
 
 from __future__ import annotations
@@ -20,11 +26,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fine_tune.schema import EXPERT_KERNELS, QuantSchema, default
+
+from .grouped import GroupedDequant4bitLinear, SortedRouting, fused_grouped_mm
+
 log = logging.getLogger(__name__)
 
 #: the fused expert tensors we know how to quantize, with their layout [E, out, in] (not transposed)
 EXPERT_PARAM_NAMES = ("gate_up_proj", "down_proj")
 NESTED_BLOCKSIZE = 256  # bitsandbytes' fixed block size for the second (absmax) quantization
+#: `auto` groups when there are this many routed rows per expert on average: below (generation's
+#: decode steps) dequantizing every expert would cost more than the loop's hit experts only
+GROUPED_MIN_ROWS_PER_EXPERT = 16
+DEFAULT_KERNEL = default(QuantSchema, "expert_kernel")
+_MAX_KERNEL_NUMEL = 2**31 - 1  # bitsandbytes' dequantization kernels count elements in an int
 
 
 def _bnb_functional():
@@ -77,11 +92,13 @@ class Experts4bit(nn.Module):
         compute_dtype: torch.dtype = torch.bfloat16,
         blocksize: int = 64,
         is_concatenated: bool = True,
+        kernel: str = DEFAULT_KERNEL,
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
         if quant_type not in ("nf4", "fp4"):
             raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
+        self.kernel = check_kernel(kernel)
         self.num_experts = num_experts
         self.shapes = dict(shapes)
         self.act_fn = act_fn
@@ -131,6 +148,7 @@ class Experts4bit(nn.Module):
         double_quant: bool,
         compute_dtype: torch.dtype,
         blocksize: int = 64,
+        kernel: str = DEFAULT_KERNEL,
         device: torch.device | str | None = None,
     ) -> Experts4bit:
         """Allocate 4-bit storage shaped for `module` without reading its weights (they may be meta)."""
@@ -148,6 +166,7 @@ class Experts4bit(nn.Module):
             compute_dtype=compute_dtype,
             blocksize=blocksize,
             is_concatenated=bool(getattr(module, "is_concatenated", True)),
+            kernel=kernel,
             device=device,
         )
 
@@ -178,17 +197,11 @@ class Experts4bit(nn.Module):
     # ---- dequantization -----------------------------------------------------------------------
     def quant_state(self, name: str, expert: int, dtype: torch.dtype):
         """bitsandbytes QuantState for one expert, built as views on the stacked buffers."""
-        bnbf = _bnb_functional()
         state2 = offset = None
         if self.double_quant:
-            state2 = bnbf.QuantState(
-                absmax=self._f32(f"{name}_absmax2")[expert],
-                code=self._f32("nested_code"),
-                blocksize=NESTED_BLOCKSIZE,
-                dtype=torch.float32,
-            )
+            state2 = self._nested_state(name, expert)
             offset = self._f32(f"{name}_offset")[expert]
-        return bnbf.QuantState(
+        return _bnb_functional().QuantState(
             absmax=self._f32(f"{name}_absmax")[expert],
             shape=torch.Size(self.shapes[name]),
             code=self._f32("quant_code"),
@@ -197,6 +210,17 @@ class Experts4bit(nn.Module):
             dtype=dtype,
             offset=offset,
             state2=state2,
+        )
+
+    def _nested_state(self, name: str, expert: int | None):
+        """QuantState of the absmax quantization (double quant): one expert's, or with None all
+        experts' one after the other."""
+        absmax2 = self._f32(f"{name}_absmax2")
+        return _bnb_functional().QuantState(
+            absmax=absmax2[expert] if expert is not None else absmax2.reshape(-1),
+            code=self._f32("nested_code"),
+            blocksize=NESTED_BLOCKSIZE,
+            dtype=torch.float32,
         )
 
     def dequantize_expert(self, name: str, expert: int, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -208,6 +232,58 @@ class Experts4bit(nn.Module):
     def dequantize(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """All experts stacked as [E, out, in] (for tests and merging; needs the full bf16 size)."""
         return torch.stack([self.dequantize_expert(name, e, dtype) for e in range(self.num_experts)])
+
+    def dequantize_stack(
+        self, name: str, dtype: torch.dtype | None = None, rows: tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        """Output rows `rows` (default: all) of every expert as [E, n, in], in as few kernels as the
+        layout allows: experts are quantized one by one, but when each one's rows fill whole blocks
+        their blocks follow each other as if the stack had been quantized at once, so one
+        dequantization of the stacked buffers gives the same numbers as E of them."""
+        dtype = dtype or self.compute_dtype
+        out_f, in_f = self.shapes[name]
+        start, stop = rows or (0, out_f)
+        n_rows = stop - start
+        if not self._stackable(name, start, stop):
+            return torch.stack(
+                [self.dequantize_expert(name, e, dtype)[start:stop] for e in range(self.num_experts)]
+            )
+        packed = getattr(self, f"{name}_qweight")
+        absmax = self._absmax(name)
+        if (start, stop) != (0, out_f):
+            packed = packed[:, start * in_f // 2 : stop * in_f // 2]
+            absmax = absmax[:, start * in_f // self.blocksize : stop * in_f // self.blocksize]
+        bnbf = _bnb_functional()
+        state = bnbf.QuantState(
+            absmax=absmax.reshape(-1),
+            shape=torch.Size((self.num_experts * n_rows, in_f)),
+            code=self._f32("quant_code"),
+            blocksize=self.blocksize,
+            quant_type=self.quant_type,
+            dtype=dtype,
+        )
+        weight = bnbf.dequantize_4bit(packed.reshape(-1), state)
+        return weight.view(self.num_experts, n_rows, in_f)
+
+    def _stackable(self, name: str, start: int, stop: int) -> bool:
+        out_f, in_f = self.shapes[name]
+        whole_blocks = all(n % self.blocksize == 0 for n in (out_f * in_f, start * in_f, stop * in_f))
+        return whole_blocks and self.num_experts * (stop - start) * in_f <= _MAX_KERNEL_NUMEL
+
+    def _absmax(self, name: str) -> torch.Tensor:
+        """Every expert's float32 block scales [E, n_blocks] (nested ones dequantized by the same
+        bitsandbytes call and offset add that `dequantize_4bit` makes for one expert)."""
+        if not self.double_quant:
+            return self._f32(f"{name}_absmax")
+        codes = getattr(self, f"{name}_absmax")  # uint8 [E, n_blocks]
+        dequantize = _bnb_functional().dequantize_blockwise
+        if codes.shape[1] % NESTED_BLOCKSIZE == 0:  # nested blocks of all experts follow each other
+            scales = dequantize(codes.reshape(-1), self._nested_state(name, None)).view(codes.shape)
+        else:
+            scales = torch.stack(
+                [dequantize(codes[e], self._nested_state(name, e)) for e in range(self.num_experts)]
+            )
+        return scales + self._f32(f"{name}_offset")[:, None]
 
     # ---- forward ------------------------------------------------------------------------------
     def _project(self, name: str, x: torch.Tensor, expert: int) -> torch.Tensor:
@@ -227,8 +303,25 @@ class Experts4bit(nn.Module):
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
-        final_hidden_states = torch.zeros_like(hidden_states)
         x_all = hidden_states.to(self.compute_dtype)
+        if self.uses_grouped(x_all, top_k_index.numel()):
+            return self._forward_grouped(x_all, top_k_index, top_k_weights, hidden_states.dtype)
+        return self._forward_loop(x_all, top_k_index, top_k_weights, hidden_states.dtype)
+
+    def uses_grouped(self, x: torch.Tensor, pairs: int) -> bool:
+        """Which kernel a forward on `x` with `pairs` routed (token, expert) pairs takes."""
+        if self.kernel != "auto":
+            return self.kernel == "grouped"
+        return fused_grouped_mm(x) and pairs >= GROUPED_MIN_ROWS_PER_EXPERT * self.num_experts
+
+    def _forward_loop(
+        self,
+        x_all: torch.Tensor,
+        top_k_index: torch.Tensor,
+        top_k_weights: torch.Tensor,
+        out_dtype: torch.dtype,
+    ) -> torch.Tensor:
+        final_hidden_states = torch.zeros_like(x_all, dtype=out_dtype)
         with torch.no_grad():
             expert_mask = F.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
             expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
@@ -243,13 +336,72 @@ class Experts4bit(nn.Module):
             final_hidden_states.index_add_(0, token_idx, hidden.to(final_hidden_states.dtype))
         return final_hidden_states
 
+    def _forward_grouped(
+        self,
+        x_all: torch.Tensor,
+        top_k_index: torch.Tensor,
+        top_k_weights: torch.Tensor,
+        out_dtype: torch.dtype,
+    ) -> torch.Tensor:
+        routing = SortedRouting.sort(top_k_index, top_k_weights, self.num_experts)
+        x = routing.gather(x_all)
+        parts = self._project_grouped("gate_up_proj", x, routing, self._gate_up_ranges())
+        hidden = self.act_fn(parts[0]) * parts[1] if len(parts) == 2 else self._apply_gate(parts[0])
+        (down,) = self._project_grouped("down_proj", hidden, routing, [None])
+        return routing.combine(down, out_dtype)
+
+    def _gate_up_ranges(self) -> list[tuple[int, int] | None]:
+        """The gate and the up rows apart where they are the two halves and each is one stackable
+        dequantization (half the transient bf16 weight of the whole stack), else all rows at once."""
+        out_f = self.shapes["gate_up_proj"][0]
+        halves = [(0, out_f // 2), (out_f // 2, out_f)]
+        if (
+            self.is_concatenated
+            and out_f % 2 == 0
+            and all(self._stackable("gate_up_proj", *h) for h in halves)
+        ):
+            return halves
+        return [None]
+
+    def _project_grouped(
+        self, name: str, x: torch.Tensor, routing: SortedRouting, row_ranges: list[tuple[int, int] | None]
+    ) -> list[torch.Tensor]:
+        """`x @ W^T (+ LoRA)` for the output rows in each of `row_ranges`, all experts at once; the
+        adapter's `x A^T` is computed once and shared by the ranges."""
+        adapter = self.adapters[name] if name in self.adapters else None  # noqa: SIM401
+        low_rank = adapter.grouped_down(x, routing) if adapter is not None else None
+        outs = []
+        for rows in row_ranges:
+            out = GroupedDequant4bitLinear.apply(x, routing.offsets, self, name, rows)
+            if adapter is not None:
+                out = out + adapter.grouped_up(low_rank, routing, rows).to(out.dtype)
+            outs.append(out)
+        return outs
+
     def extra_repr(self) -> str:
         shapes = ", ".join(f"{k}={self.num_experts}x{v[0]}x{v[1]}" for k, v in self.shapes.items())
-        return f"{shapes}, quant_type={self.quant_type}, double_quant={self.double_quant}"
+        return (
+            f"{shapes}, quant_type={self.quant_type}, double_quant={self.double_quant}, kernel={self.kernel}"
+        )
 
     def logical_numel(self) -> int:
         """Parameters this module stands for (what the bf16 model would have)."""
         return sum(self.num_experts * o * i for o, i in self.shapes.values())
+
+
+def check_kernel(kernel: str) -> str:
+    if kernel not in EXPERT_KERNELS:
+        raise ValueError(f"expert kernel must be one of {list(EXPERT_KERNELS)}, got {kernel!r}")
+    return kernel
+
+
+def set_expert_kernel(model: nn.Module, kernel: str) -> int:
+    """Switch every `Experts4bit` of `model` to `kernel` (auto | grouped | loop); returns how many."""
+    check_kernel(kernel)
+    modules = [m for m in model.modules() if isinstance(m, Experts4bit)]
+    for module in modules:
+        module.kernel = kernel
+    return len(modules)
 
 
 # ---- discovery / replacement ----------------------------------------------------------------------
@@ -293,6 +445,7 @@ def quantize_experts_module(
     blocksize: int = 64,
     device: torch.device | str | None = None,
     read: Callable[[str, int, tuple[int, ...]], torch.Tensor] | None = None,
+    kernel: str = DEFAULT_KERNEL,
 ) -> Experts4bit:
     """Quantize one fused-experts module expert by expert, onto `device` (default: where it lives).
 
@@ -305,6 +458,7 @@ def quantize_experts_module(
         double_quant=double_quant,
         compute_dtype=compute_dtype,
         blocksize=blocksize,
+        kernel=kernel,
         device=device,
     )
     transposed = bool(getattr(module, "is_transposed", False))
@@ -325,6 +479,7 @@ def quantize_fused_experts(
     blocksize: int = 64,
     device: torch.device | str | None = None,
     strict: bool = False,
+    kernel: str = DEFAULT_KERNEL,
 ) -> dict:
     """Replace every fused 3-D experts module of `model` by `Experts4bit`, one module at a time.
 
@@ -333,12 +488,13 @@ def quantize_fused_experts(
     CPU can be moved expert by expert onto `device`. Returns the parameter counts for the log
     (see `count_parameters`) plus `quantized_modules` and `skipped` (name -> reason). Already
     quantized modules are left alone, so calling it after `build_random_model` is harmless.
-    `quant_type` may also be the core's `QuantSpec`.
+    `quant_type` may also be the core's `QuantSpec`; `kernel` is the modules' `Experts4bit.kernel`.
     """
     if hasattr(quant_type, "kind"):  # the core's QuantSpec
         spec = quant_type
         quant_type, double_quant = spec.kind, spec.double_quant
         compute_dtype = spec.compute_dtype or torch.bfloat16
+        kernel = getattr(spec, "expert_kernel", kernel)
     if quant_type not in ("nf4", "fp4"):
         raise ValueError(f"fused experts are quantized to nf4 or fp4, not {quant_type!r}")
     if isinstance(compute_dtype, str):
@@ -358,6 +514,7 @@ def quantize_fused_experts(
             compute_dtype=compute_dtype,
             blocksize=blocksize,
             device=device,
+            kernel=kernel,
         )
         set_submodule(model, name, new)
         del module

@@ -5,7 +5,9 @@ the full [E, out, in] delta to the weight, which needs the weight as a real floa
 experts are packed 4-bit buffers) and materializes the whole expert stack per forward; PEFT's
 older `target_modules=["w1","w2","w3"]` remap on fused models doubles the rank silently. Here each
 expert e gets its own rank-r pair and the update is computed on the tokens routed to it:
-`y_e += scaling * B_e @ A_e @ dropout(x_e)` -- dropout is exact in this form, unlike PEFT's.
+`y_e += scaling * B_e @ A_e @ dropout(x_e)` -- dropout is exact in this form, unlike PEFT's --
+as `x A^T` then `B`, never the [out, in] product: per expert (`forward`, the loop kernel) or for all
+experts in two grouped matmuls (`grouped_down` / `grouped_up`, the grouped kernel).
 
 Tensor layout per adapted tensor: `A` [E, r, in], `B` [E, out, r]. PEFT's `ParamWrapper` holds the
 same numbers as lora_A.weight [E*r, in] and lora_B.weight [out, r*E] (`to_peft` / `from_peft`), and
@@ -23,6 +25,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from .experts4bit import Experts4bit
+from .grouped import SortedRouting, grouped_mm, pad_for_grouped_mm
+
+
+def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The adapter's matmul dtype: autocast's where it is on (as `F.linear` would pick), else the
+    adapter weights' own (float32 adapters on bf16 activations compute in float32, unrounded)."""
+    device = x.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return weight.dtype
 
 
 class ExpertLoRA(nn.Module):
@@ -55,8 +67,28 @@ class ExpertLoRA(nn.Module):
         self.dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, expert: int) -> torch.Tensor:
-        h = self.dropout(x).to(self.A.dtype)
+        h = self.dropout(x).to(compute_dtype(x, self.A))
         return F.linear(F.linear(h, self.A[expert]), self.B[expert]) * self.scaling
+
+    def grouped_down(self, x: torch.Tensor, routing: SortedRouting) -> torch.Tensor:
+        """`scaling * dropout(x) A_e^T` for rows sorted by expert: [S, r'] (r' = r padded to the
+        grouped kernel's alignment with zeros). The scaling sits on A (E x r x in numbers) rather
+        than on the [S, out] result. An expert with no rows gets exactly zero gradient (a guard for
+        grouped kernels that write garbage into empty groups' weight gradients, pytorch#172439)."""
+        dtype = compute_dtype(x, self.A)
+        a = torch.where(routing.routed[:, None, None], self.A, self.A.detach()) * self.scaling
+        a = pad_for_grouped_mm(a.to(dtype), dim=1)
+        return grouped_mm(self.dropout(x).to(dtype), a.transpose(1, 2), routing.offsets)
+
+    def grouped_up(
+        self, low_rank: torch.Tensor, routing: SortedRouting, rows: tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        """`low_rank B_e^T` for the output rows `rows` (default: all) of each expert: [S, n]."""
+        b = torch.where(routing.routed[:, None, None], self.B, self.B.detach())
+        if rows is not None:
+            b = b[:, rows[0] : rows[1]]
+        b = pad_for_grouped_mm(b.to(low_rank.dtype), dim=2)
+        return grouped_mm(low_rank, b.transpose(1, 2), routing.offsets)
 
     def peft_layout(self) -> dict[str, torch.Tensor]:
         """The same adapter as PEFT `ParamWrapper` stores it (lora_A.weight, lora_B.weight)."""
