@@ -79,7 +79,7 @@ def overrides_of(system: str, args: argparse.Namespace, data: dict[str, Path]) -
             f"model={'mixtral' if mixtral else 'mistral_7b'}",
             "model.init=random",
             "model.name_or_path=null",
-            "model.tokenizer=mistral_v1",
+            f"model.tokenizer={args.tokenizer or 'mistral_v1'}",
         ]
     )
     method = system.split("_")[0]
@@ -118,9 +118,9 @@ def make_data(work: Path, args: argparse.Namespace) -> dict[str, Path]:
     """Pairs whose every sequence is exactly prompt + answer tokens long, and the same sequences as
     SFT examples. The template's own tokens are measured through fine_tune's data pipeline first."""
     from fine_tune.data import build_preference_data
-    from fine_tune.models.tokenizer import mistral_v1_tokenizer
+    from fine_tune.models.tokenizer import build_tokenizer
 
-    tokenizer = mistral_v1_tokenizer()
+    tokenizer = build_tokenizer(args.tokenizer or "mistral_v1", None)
     for word in WORDS:  # each word (after a space) must be one token for the lengths to add up
         assert len(tokenizer(f" {word}", add_special_tokens=False)["input_ids"]) == 1, word
     rng = random.Random(0)
@@ -215,6 +215,11 @@ def main() -> None:
     parser.add_argument("--answer-tokens", type=int, default=512, help="of every sequence, EOS included")
     parser.add_argument("--work", default="/tmp/dpo_bench")
     parser.add_argument("--json", default=None)
+    parser.add_argument(
+        "--tokenizer",
+        default=None,
+        help="a saved mistral_v1 tokenizer dir (where mistral-common is not installed)",
+    )
     parser.add_argument("--tiny", action="store_true", help="tiny models on CPU: check the harness")
     parser.add_argument("--overrides", nargs="*", default=[], help="extra fine_tune overrides for every run")
     args = parser.parse_args()

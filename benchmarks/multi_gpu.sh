@@ -32,8 +32,9 @@ DATA="dataset=shared_alpaca dataset.path=[$D/gsm8k_train.alpaca.json,$D/gpteache
 RUN="logger=none trainer.max_steps=$STEPS trainer.per_device_train_batch_size=4
      trainer.gradient_accumulation_steps=1 trainer.logging_steps=10 trainer.eval_steps=100000
      trainer.save_steps=100000 trainer.generation.num_prompts=0 optim=adamw_torch"
-MISTRAL="model=mistral_7b model.init=random model.tokenizer=mistral_v1 quant=nf4 lora=default"
-MIXTRAL="model=mixtral model.init=random model.tokenizer=mistral_v1 quant=nf4 quant.quant_experts=false lora=attn_only"
+TOKENIZER=${TOKENIZER:-mistral_v1}  # or a saved tokenizer dir, where mistral-common is not installed
+MISTRAL="model=mistral_7b model.init=random model.tokenizer=$TOKENIZER quant=nf4 lora=default"
+MIXTRAL="model=mixtral model.init=random model.tokenizer=$TOKENIZER quant=nf4 quant.quant_experts=false lora=attn_only"
 
 gpu_gib() { nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1 | awk '{print int($1/1024)}'; }
 
