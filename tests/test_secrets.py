@@ -70,3 +70,13 @@ def test_find_secret(data, key):
 def test_remote_code_is_off_in_every_model_preset(model):
     overrides = [f"model={model}"] + (["model.name_or_path=/x"] if model == "local" else [])
     assert composed(overrides).model.trust_remote_code is False
+
+
+def test_a_tokenizer_path_in_the_environment_is_not_a_credential(monkeypatch):
+    """A launcher script exporting TOKENIZER=<dir> and passing model.tokenizer=<dir> is not leaking a
+    token (the device's multi-GPU run was refused for exactly that); HF_TOKEN's value still is."""
+    path = "/work/main/.bench_data/tokenizer_mistral_v1"
+    monkeypatch.setenv("TOKENIZER", path)
+    assert find_secret({"model": {"tokenizer": path}}) is None
+    monkeypatch.setenv("HF_TOKEN", "an-odd-shaped-token-value")
+    assert find_secret({"model": {"tokenizer": "an-odd-shaped-token-value"}}) == "model.tokenizer"

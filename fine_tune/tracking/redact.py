@@ -53,7 +53,8 @@ _TOKEN_PATTERNS = [
     re.compile(r"(?i)\bbearer\s+[A-Za-z0-9._~+/-]{16,}=*"),
 ]
 _HEX40 = re.compile(r"(?<![0-9A-Fa-f])[0-9a-f]{40}(?![0-9A-Fa-f])")  # classic W&B API key
-_ENV_SECRET_NAME = re.compile(r"(TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|APIKEY|ACCESS_KEY|PRIVATE_KEY)")
+# TOKENIZER / TOKENIZERS_PARALLELISM name tokenizers, not tokens: their values (paths) are not secrets.
+_ENV_SECRET_NAME = re.compile(r"(TOKEN(?!IZER)|SECRET|PASSWORD|PASSWD|API_KEY|APIKEY|ACCESS_KEY|PRIVATE_KEY)")
 
 
 def is_secret_key(key: object) -> bool:
