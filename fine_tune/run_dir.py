@@ -119,6 +119,13 @@ class RunDirCallback(Callback):
         """A sweep under torchrun: every rank's jobs go into rank 0's sweep directory."""
         from fine_tune.distributed import share_run_dir
 
-        shared = share_run_dir(str(OmegaConf.select(config, "hydra.sweep.dir")))
+        own = str(OmegaConf.select(config, "hydra.sweep.dir"))
+        shared = share_run_dir(own)
         with read_write(config.hydra), open_dict(config.hydra):
             config.hydra.sweep.dir = shared
+            if shared != own:
+                # Each job's config is composed anew from these overrides (with this process's own
+                # `${now:}`): without the override a rank that started a second later than rank 0
+                # would still put its jobs in a directory of its own.
+                quoted = shared.replace("\\", "\\\\").replace("'", "\\'")
+                config.hydra.overrides.hydra.append(f"hydra.sweep.dir='{quoted}'")

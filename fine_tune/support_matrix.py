@@ -65,7 +65,7 @@ class Feature:
         return all(status(cell) == "planned" for cell in self.cells)
 
 
-DDP = "reasoned: DDP not run on GPUs here, scaling.md"
+DDP = "reasoned: DDP ran on 2 H100s with Mistral-7B nf4 only, scaling.md"
 DATA = "reasoned: prepared on the CPU before training, whatever the device"
 SAME = "reasoned: the same code on every device"
 PLANNED = ("planned", "planned", "planned")
@@ -98,7 +98,7 @@ FEATURES: list[Feature] = [
     F("Quantization", "Mixtral's fused experts in 4 bits", "quant.quant_experts=true", {},
       "tested", "ran: Mixtral-8x7B, memory.md", DDP),
     F("Quantization", "4-bit weights stored as bf16 (what FSDP needs)", "quant.storage_dtype=bfloat16", {},
-      "tested: experiment=journal_qa_fsdp", "reasoned", "reasoned: with trainer=fsdp, scaling.md"),
+      "tested: experiment=journal_qa_fsdp", "reasoned", "ran: with trainer=fsdp, scaling.md"),
 
     F("Adapters", "LoRA on attention + MLP", "lora=default", {"lora": ("default",)},
       "tested", "ran: Mistral-7B, memory.md", DDP),
@@ -157,7 +157,8 @@ FEATURES: list[Feature] = [
     F("Methods", "Supervised fine-tuning (TRL's SFTTrainer on our data)", "method=sft (default)",
       {"method": ("sft",)}, "tested", "ran: memory.md, scaling.md", DDP),
     F("Methods", "DPO (TRL's DPOTrainer; reference = the base with adapters off)", "method=dpo",
-      {"method": ("dpo",)}, "tested: test_preference", "reasoned: not run on a GPU yet, dpo_bench.py", DDP),
+      {"method": ("dpo",)}, "tested: test_preference",
+      "ran: Mistral-7B nf4 on an H100, 0.83x SFT's tokens/s, benchmarks.md", DDP),
     F("Methods", "ORPO (TRL's ORPOTrainer, no reference model)", "method=orpo", {"method": ("orpo",)},
       "tested: test_preference", "reasoned: not run on a GPU yet", DDP),
     F("Methods", "Start from another run's adapter (SFT, then DPO)", "init_adapter=<run dir>", {},
@@ -182,12 +183,13 @@ FEATURES: list[Feature] = [
 
     F("Several GPUs", "Data parallel (DDP) under torchrun / accelerate",
       "FINE_TUNE_RUN_DIR=<dir> torchrun --nproc_per_node N -m fine_tune", {},
-      "tested: 2 gloo processes", "ran: torchrun, 1 process, scaling.md", DDP),
+      "tested: 2 gloo processes", "ran: torchrun, 1 process, scaling.md",
+      "ran: 2 H100s, torchrun, scaling.md"),
     F("Several GPUs", "DDP preset", "trainer=ddp", {"trainer": ("ddp",)},
-      "tested: 2 gloo processes (test_multigpu)", "n/a", DDP),
+      "tested: 2 gloo processes (test_multigpu)", "n/a", "ran: 2 H100s, Mistral-7B nf4, scaling.md"),
     F("Several GPUs", "FSDP2 (sharded 4-bit weights, adapters, optimizer state)", "trainer=fsdp",
       {"trainer": ("fsdp",)}, "tested: 2 gloo processes, CPU shim (test_multigpu)", "n/a",
-      "reasoned: not run on GPUs here, scaling.md"),
+      "ran: 2 H100s, Mistral-7B QLoRA (Mixtral not run), scaling.md"),
 
     F("Runs and sweeps", "Presets for CPU / one GPU", "trainer=cpu", {"trainer": ("default", "cpu", "gpu")},
       "tested", "ran: trainer=gpu, scaling.md", DDP),
@@ -242,7 +244,8 @@ COMBINATIONS: list[tuple[str, str, str, str]] = [
 ]
 # fmt: on
 COMBINATION_NOTES = """\
-\\* written and reasoned through, not run here: no multi-GPU machine was lent ({scaling}).
+\\* ran on 2 H100s for Mistral-7B nf4 with `trainer=ddp` and `trainer=fsdp` ({scaling}); the other
+combinations are written and reasoned through, not run on several GPUs.
 \\*\\* bitsandbytes 0.50.2 pages optimizer states only on CUDA (on CPU they are ordinary tensors), and
 keeps 8-bit states only for tensors of at least 4096 elements, so on the tiny models every one of these
 runs 32-bit AdamW math; a run logs an `optim:` line when either happens. Compare optimizers on a GPU

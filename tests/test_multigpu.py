@@ -522,6 +522,8 @@ def test_fsdp_over_two_processes_trains_as_one_process_and_saves_the_whole_adapt
 def test_a_sweep_under_torchrun_writes_one_sweep_dir(tmp_path: Path):
     args = ["--standalone", "--nproc_per_node", "2", "-m", "fine_tune", "-m", "lora.r=4", *FAST]
     args += ["trainer.max_steps=2", "trainer.eval_steps=2", "trainer.save_steps=2"]
+    # microseconds: the ranks' own `${now:}` always differ, so only sharing rank 0's dir gives one
+    args += ["hydra.sweep.dir=multirun/train/${now:%Y-%m-%d_%H-%M-%S-%f}"]
     result = run_cli(args, cwd=tmp_path, env=pythonpath(), timeout=600, module="torch.distributed.run")
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     sweeps = list((tmp_path / "multirun" / "train").iterdir())
