@@ -266,11 +266,25 @@ def test_a_kill_during_an_atomic_save_leaves_a_partial_save_the_next_start_remov
 
 def test_preemption_signal_is_deferred_then_forwarded_to_the_previous_handler():
     """SIGUSR2 (SLURM via submitit) only raises a flag during training; after the checkpoint the
-    handler that was installed before (submitit's requeue) gets it."""
+    handler that was installed before (submitit's requeue) gets it. The signal handler logs nothing
+    (it may interrupt a write to the log file: a reentrant write raises); the step end does."""
+    import logging
     import os
+    from types import SimpleNamespace
 
     from fine_tune.training.preemption import Preempted, PreemptionHandler
 
+    class Records(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__(logging.DEBUG)
+            self.messages: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.messages.append(record.getMessage())
+
+    records = Records()
+    logger = logging.getLogger("fine_tune")
+    logger.addHandler(records)
     received = []
     before = signal.signal(signal.SIGUSR2, lambda signum, frame: received.append(signum))
     try:
