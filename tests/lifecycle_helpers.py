@@ -109,15 +109,19 @@ def tiny_run() -> Path:
     return trained_run("tiny", tuple(TINY))
 
 
-# Keys of metrics.jsonl that measure the machine (time, memory), not the training: they differ
-# between any two runs, resumed or not.
-MEASURED = ("perf/tokens_per_second", "perf/peak_memory_gib")
+# Keys of metrics.jsonl that measure the machine (speed, memory, and every perf/*_seconds wall-clock
+# time), not the training: they differ between any two runs, resumed or not.
+MEASURED = ("perf/tokens_per_second", "perf/mfu", "perf/peak_memory_gib")
+
+
+def measured(key: str) -> bool:
+    return key in MEASURED or (key.startswith("perf/") and key.endswith("_seconds"))
 
 
 def logged(run_dir: Path) -> list[dict]:
     """Every metrics.jsonl row without the measured keys: what a resumed run must reproduce exactly."""
     return [
-        {k: v for k, v in row.items() if k not in MEASURED} for row in read_jsonl(run_dir / "metrics.jsonl")
+        {k: v for k, v in row.items() if not measured(k)} for row in read_jsonl(run_dir / "metrics.jsonl")
     ]
 
 

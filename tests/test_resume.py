@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import tempfile
 import time
 from pathlib import Path
 
@@ -175,13 +174,13 @@ def test_resume_at_the_last_checkpoint_trains_no_step_past_the_end(tmp_path: Pat
     of 8 and no adapter. Resume finishes from the checkpoint's weights without training."""
     reference = trained_run("constant", CONSTANT)
     run = stopped_copy(reference, tmp_path / "run")
-    partial = Path(tempfile.mkdtemp(prefix=".adapter.", dir=run))  # save_atomically's, killed
+    partials = killed_during_save(run / "adapter")
     result = cli(["resume=true", f"hydra.run.dir={run}"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert logged(run) == logged(reference)  # no step 9; the final eval as uninterrupted
     assert_same_adapter(run, reference)
     assert json.loads((run / "metrics.json").read_text())["steps"] == 8 and status(run) == "finished"
-    assert not partial.exists()
+    assert partials and not any(p.exists() for p in partials)
     assert f"run directory: {run}" in result.stdout and f"everything is in {run}" in result.stdout
 
 
@@ -239,27 +238,51 @@ def test_a_new_run_does_not_overwrite_one_in_the_same_directory(tmp_path: Path):
     assert snapshot(run) == before
 
 
-def test_a_kill_during_an_atomic_save_leaves_a_partial_save_the_next_start_removes(tmp_path: Path):
+def killed_during_save(target: Path, replacing: bool = False) -> list[Path]:
+    """Leftovers of a process SIGKILLed inside `publish_dir(target, ...)` (how the run saves its
+    adapter and tokenizer), made by the real helper rather than imitated: killed while writing the
+    new copy, or (`replacing`) while deleting the `target` it replaces."""
     import subprocess
     import sys
 
     from lifecycle_helpers import ROOT, env
 
-    from fine_tune.run import remove_partial_saves
-
     killed = (
-        "import os, signal, sys\n"
-        "from pathlib import Path\n"
-        "from fine_tune.run import save_atomically\n"
+        "import os, shutil, signal, sys\n"
+        "from fine_tune.utils.io import publish_dir\n"
+        "def kill(*args, **kwargs):\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
         "def save(directory):\n"
         "    (directory / 'adapter_model.safetensors').write_text('half')\n"
-        "    os.kill(os.getpid(), signal.SIGKILL)\n"
-        "save_atomically(save, Path(sys.argv[1]) / 'adapter')\n"
+        "    if sys.argv[2] == 'replacing':\n"
+        "        shutil.rmtree = kill  # the old copy's deletion is where this process dies\n"
+        "    else:\n"
+        "        kill()\n"
+        "publish_dir(sys.argv[1], save)\n"
     )
-    result = subprocess.run([sys.executable, "-c", killed, str(tmp_path)], cwd=ROOT, env=env(), timeout=120)
-    assert result.returncode == -signal.SIGKILL
-    leftovers = [p for p in tmp_path.iterdir() if p.name != "adapter"]
-    assert leftovers and not (tmp_path / "adapter").exists()
+    if replacing:
+        target.mkdir(parents=True)
+        (target / "adapter_model.safetensors").write_text("old")
+    before = set(target.parent.iterdir()) if target.parent.is_dir() else set()
+    result = subprocess.run(
+        [sys.executable, "-c", killed, str(target), "replacing" if replacing else "writing"],
+        cwd=ROOT,
+        env=env(),
+        capture_output=True,
+        timeout=120,
+    )
+    assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
+    assert not target.exists()
+    return sorted(set(target.parent.iterdir()) - before)
+
+
+@pytest.mark.parametrize("replacing", [False, True], ids=["writing", "replacing"])
+def test_a_kill_during_an_atomic_save_leaves_a_partial_save_the_next_start_removes(replacing, tmp_path: Path):
+    from fine_tune.run import remove_partial_saves
+
+    leftovers = killed_during_save(tmp_path / "adapter", replacing)
+    assert len(leftovers) == 1 + replacing  # the new copy (and the old one being deleted)
+    assert all(p.name.startswith(".") for p in leftovers)  # hidden, never under the save's name
     (tmp_path / "adapter").mkdir()  # a finished save of the same run is kept
     remove_partial_saves(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
@@ -267,11 +290,25 @@ def test_a_kill_during_an_atomic_save_leaves_a_partial_save_the_next_start_remov
 
 def test_preemption_signal_is_deferred_then_forwarded_to_the_previous_handler():
     """SIGUSR2 (SLURM via submitit) only raises a flag during training; after the checkpoint the
-    handler that was installed before (submitit's requeue) gets it."""
+    handler that was installed before (submitit's requeue) gets it. The signal handler logs nothing
+    (it may interrupt a write to the log file: a reentrant write raises); the step end does."""
+    import logging
     import os
+    from types import SimpleNamespace
 
     from fine_tune.training.preemption import Preempted, PreemptionHandler
 
+    class Records(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__(logging.DEBUG)
+            self.messages: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.messages.append(record.getMessage())
+
+    records = Records()
+    logger = logging.getLogger("fine_tune")
+    logger.addHandler(records)
     received = []
     before = signal.signal(signal.SIGUSR2, lambda signum, frame: received.append(signum))
     try:
@@ -279,14 +316,17 @@ def test_preemption_signal_is_deferred_then_forwarded_to_the_previous_handler():
             os.kill(os.getpid(), signal.SIGUSR2)
             time.sleep(0.01)
             assert handler.requested and received == []  # deferred: training goes on to the step end
-            control = handler.on_step_end(None, None, type("C", (), {})())
+            assert records.messages == []
+            control = handler.on_step_end(None, SimpleNamespace(global_step=3), SimpleNamespace())
             assert control.should_save and control.should_training_stop
+            assert records.messages == ["SIGUSR2 received: saving a checkpoint at step 3, then stopping"]
             error = Preempted(handler.signum, "ckpt", handler.previous_handler)
         assert signal.getsignal(signal.SIGUSR2) is not handler._handle  # restored on exit
         error.forward_signal()
         assert received == [signal.SIGUSR2]
     finally:
         signal.signal(signal.SIGUSR2, before)
+        logger.removeHandler(records)
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,7 @@ import yaml
 
 from fine_tune import compare
 from fine_tune.tracking.wandb_offline import find_runs, read_run
+from fine_tune.utils.format import format_metric
 
 ROOT = Path(__file__).resolve().parents[1]
 FAKE_WANDB_KEY = "0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c"
@@ -148,12 +149,15 @@ def test_failing_job_is_reported_rerun_skips_finished_and_compare_matches(tmp_pa
     out = tmp_path / "compare"
     shown = compare.compare([sweep_dir], out=out)
     assert shown["differing"] == ["lora.r"]
-    for row in shown["rows"]:
+    saved = json.loads((out / "compare.json").read_text())["rows"]  # full precision, for programs
+    table = (out / "compare.md").read_text()  # for people: rounded by the rule every table uses
+    for row, saved_row in zip(shown["rows"], saved, strict=True):
         metrics = sweep_dir / row["job"] / "metrics.json"
         if row["status"] == "finished":
             expected = json.loads(metrics.read_text())
-            assert row["eval_loss"] == expected["eval_loss"] and row["train_loss"] == expected["train_loss"]
-            assert f"| {expected['eval_loss']!r} |" in (out / "compare.md").read_text()
+            for key in ("eval_loss", "train_loss"):
+                assert row[key] == saved_row[key] == expected[key]
+            assert f"| {format_metric('eval_loss', expected['eval_loss'])} |" in table
     assert shown["rows"][-1]["status"] == "failed"
     png = (out / "loss_curves.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000

@@ -5,12 +5,18 @@ on the spot loses everything since the last periodic checkpoint; instead the han
 flag, and the callback turns it into "save now, stop" at the next step boundary, where the model,
 optimizer and data position are consistent. A second signal means "now": the default handler is
 restored, so pressing Ctrl-C twice still interrupts at once.
+
+The handler runs between two bytecodes of whatever the main thread was doing, possibly in the
+middle of a write to the log file: logging there (or writing through any buffered stream) raises
+"reentrant call inside <_io.BufferedWriter>". So the handler records the signal and acknowledges it
+with one unbuffered write to stderr; the step end (or, before training, the run) logs it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 from types import FrameType
 from typing import Any
@@ -19,6 +25,7 @@ from transformers import TrainerCallback
 
 from fine_tune.distributed import max_over_ranks
 from fine_tune.errors import Preempted  # noqa: F401  raised by run.py with this handler's signal
+from fine_tune.hardware import is_main_process
 
 log = logging.getLogger("fine_tune")
 
@@ -61,10 +68,11 @@ class PreemptionHandler(TrainerCallback):
             signal.raise_signal(signum)
             return
         self.signum = signum
-        log.warning(
-            "%s received: saving a checkpoint at the end of this step, then stopping",
-            signal.Signals(signum).name,
-        )
+        if is_main_process():  # an answer now: a step can take minutes; not a log call (see above)
+            name = signal.Signals(signum).name
+            text = f"\n{name} received: stopping after this step, with a checkpoint (again: stop now)\n"
+            with contextlib.suppress(OSError):  # stderr closed: the step end still logs it
+                os.write(2, text.encode())
 
     @property
     def requested(self) -> bool:
@@ -76,6 +84,11 @@ class PreemptionHandler(TrainerCallback):
         signum = max_over_ranks(self.signum or 0)
         if signum:
             self.signum = self.signum or signum
+            log.warning(
+                "%s received: saving a checkpoint at step %d, then stopping",
+                signal.Signals(self.signum).name,
+                state.global_step,
+            )
             control.should_save = True
             control.should_training_stop = True
         return control

@@ -73,12 +73,16 @@ def atomic_write_json(path: str | os.PathLike, data: Any) -> Path:
     return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
 
+def _trash_prefix(path: Path) -> str:
+    return f".deleting-{path.name}-"
+
+
 def remove_dir(path: Path) -> None:
     """Rename first, delete second: a kill during deletion leaves a hidden leftover, never a
     half-deleted directory under its real name (which a reader would trust)."""
     if not path.exists():
         return
-    trash = path.with_name(f".deleting-{path.name}-{os.getpid()}")
+    trash = path.with_name(f"{_trash_prefix(path)}{os.getpid()}")
     os.replace(path, trash)
     shutil.rmtree(trash, ignore_errors=True)
 
@@ -94,10 +98,12 @@ def _partial_prefix(target: Path) -> str:
 
 
 def remove_partial_publishes(target: str | os.PathLike) -> None:
-    """The hidden temporary siblings of `target` that a kill during `publish_dir` leaves behind."""
+    """The hidden siblings of `target` that a kill during `publish_dir` leaves behind: the copy being
+    written, and the previous `target` killed while being deleted (`remove_dir`)."""
     target = Path(target)
-    for leftover in target.parent.glob(f"{_partial_prefix(target)}*.tmp"):
-        shutil.rmtree(leftover, ignore_errors=True)
+    for pattern in (f"{_partial_prefix(target)}*.tmp", f"{_trash_prefix(target)}*"):
+        for leftover in target.parent.glob(pattern):
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def publish_dir(target: str | os.PathLike, fill: Callable[[Path], Any], replace: bool = True) -> Path:
