@@ -91,3 +91,18 @@ def tiny_qwen2_moe_config(**overrides):
     args.update(shared_expert_intermediate_size=48, num_hidden_layers=2, num_attention_heads=4)
     args.update(num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, use_cache=False)
     return Qwen2MoeConfig(**{**args, **overrides})
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:  # noqa: ARG001 - pytest's hook
+    """Which CPU kind the suite ran on (printed even with -q): bitsandbytes' 4-bit CPU path differs
+    with AVX512-BF16 (README, "CPUs: what changes numerics"), so a log should say which one passed."""
+    info = Path("/proc/cpuinfo")
+    text = info.read_text() if info.is_file() else ""
+    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if "model name" in line), "?")
+    flags = set(
+        next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    )
+    features = ", ".join(
+        f"{f}={'yes' if f in flags else 'no'}" for f in ("avx512f", "avx512_bf16", "amx_bf16")
+    )
+    terminalreporter.write_line(f"CPU: {model} ({os.cpu_count()} cores; {features})")
