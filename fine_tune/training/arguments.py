@@ -23,6 +23,7 @@ def _default(name: str) -> Any:
 
 DEFAULT_CHECKPOINTING = _default("checkpointing")
 DEFAULT_GENERATION = _default("generation")
+DEFAULT_FSDP = _default("fsdp")
 
 
 def build_training_arguments(
@@ -47,7 +48,7 @@ def build_training_arguments(
     dataloader_num_workers: int = _default("dataloader_num_workers"),
     torch_compile: bool = _default("torch_compile"),
     strategy: str = _default("strategy"),
-    fsdp: Any = None,
+    fsdp: Any = DEFAULT_FSDP,
     decoder_layer: str | None = None,  # the model family's, passed by the run: what FSDP shards by
     generation: Any = DEFAULT_GENERATION,  # read by the samples callback; the node passes through whole
 ) -> Any:
@@ -123,7 +124,8 @@ def parallel_kwargs(strategy: str, fsdp: Any, decoder_layer: str | None) -> dict
         return {"ddp_find_unused_parameters": False, "ddp_broadcast_buffers": False}
     from fine_tune.schema import FsdpSchema
 
-    options = {**vars(FsdpSchema()), **dict(fsdp or {})}  # checked by the schema
+    given = vars(fsdp) if isinstance(fsdp, FsdpSchema) else fsdp
+    options = {**vars(FsdpSchema()), **dict(given or {})}  # values checked by the schema
     config = {
         "version": 2,
         "reshard_after_forward": options["reshard_after_forward"],
