@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Several GPUs, measured: the real CLI under torchrun on a machine with >= 2 GPUs (not run yet: no
-# multi-GPU machine was lent to the session that wrote it; docs/scaling.md has the table to fill).
+# Several GPUs, measured: the real CLI under torchrun on a machine with >= 2 GPUs (ran one, ddp and
+# fsdp with STEPS=8 on 2 x H100, 2026-11-25: docs/scaling.md; mixtral not run yet).
 #
 #   one      Mistral-7B shape (32 layers, random weights, nf4, LoRA r=16 on all projections), 1 GPU
 #   ddp      the same on 2 GPUs, trainer=ddp (a whole model per GPU)              -> scaling vs one
