@@ -315,7 +315,7 @@ def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step(tmp_path: Path):
         "if dist.get_rank() == 1:\n"
         "    handler.signum = signal.SIGUSR2\n"
         "control = SimpleNamespace(should_save=False, should_training_stop=False)\n"
-        "handler.on_step_end(None, None, control)\n"
+        "handler.on_step_end(None, SimpleNamespace(global_step=3), control)\n"
         "stopped = control.should_training_stop, control.should_save, int(handler.signum)\n"
         "print(f'rank {dist.get_rank()} ' + ' '.join(map(str, stopped)), flush=True)  # one write per rank\n"
         "dist.destroy_process_group()\n"
