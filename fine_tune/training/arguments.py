@@ -21,6 +21,13 @@ def _default(name: str) -> Any:
     return default(TrainerSchema, name)
 
 
+def _options(schema: type, node: Any) -> dict[str, Any]:
+    """A nested trainer node (the schema's dataclass default, or a dict from the config) over the
+    schema's defaults, as a plain dict; its values were checked by the schema."""
+    given = vars(node) if isinstance(node, schema) else node
+    return {**vars(schema()), **dict(given or {})}
+
+
 DEFAULT_CHECKPOINTING = _default("checkpointing")
 DEFAULT_GENERATION = _default("generation")
 DEFAULT_FSDP = _default("fsdp")
@@ -124,8 +131,7 @@ def parallel_kwargs(strategy: str, fsdp: Any, decoder_layer: str | None) -> dict
         return {"ddp_find_unused_parameters": False, "ddp_broadcast_buffers": False}
     from fine_tune.schema import FsdpSchema
 
-    given = vars(fsdp) if isinstance(fsdp, FsdpSchema) else fsdp
-    options = {**vars(FsdpSchema()), **dict(given or {})}  # values checked by the schema
+    options = _options(FsdpSchema, fsdp)
     config = {
         "version": 2,
         "reshard_after_forward": options["reshard_after_forward"],
@@ -172,8 +178,7 @@ def checkpointing_kwargs(checkpointing: Any) -> dict[str, Any]:
     from fine_tune.hardware import has_cuda
     from fine_tune.schema import CheckpointingSchema
 
-    given = vars(checkpointing) if isinstance(checkpointing, CheckpointingSchema) else checkpointing
-    options = {**vars(CheckpointingSchema()), **dict(given or {})}  # values checked by the schema
+    options = _options(CheckpointingSchema, checkpointing)
     kwargs: dict[str, Any] = {"use_reentrant": False}
     if options["every_n_layers"] > 1:
         kwargs["every_n_layers"] = options["every_n_layers"]
