@@ -12,7 +12,8 @@
 #   OUT=/tmp/mg SHARED_DATA=../shared/data bash benchmarks/multi_gpu.sh one ddp fsdp
 #   OUT=/tmp/mg bash benchmarks/multi_gpu.sh mixtral
 # Per case it keeps <case>.log, <case>_metrics.json, <case>_nvidia_smi.csv (memory.used of every
-# GPU every second) and prints tokens/s (training tokens of all GPUs per second of training), the
+# GPU every second) and prints tokens/s (training tokens of all GPUs per second of training: steady =
+# the mean of the logging windows after the first, and over the whole run), the
 # per-GPU peak (rank 0's max_memory_allocated, and the largest memory.used nvidia-smi saw on any
 # GPU, CUDA context and allocator cache included) and, for ddp/fsdp, the ratio to `one`.
 # Mixtral loads into host RAM first on GPUs under 100 GiB (trainer.fsdp.load_on_cpu=true: every
@@ -50,6 +51,7 @@ run_case() {  # name, processes, overrides...
   kill "$sampler" 2>/dev/null
   echo "$name: exit $code after $((SECONDS - start)) s (nproc $nproc)"
   cp "$FINE_TUNE_RUN_DIR/metrics.json" "$OUT/${name}_metrics.json" 2>/dev/null
+  cp "$FINE_TUNE_RUN_DIR/metrics.jsonl" "$OUT/${name}_metrics.jsonl" 2>/dev/null
   cp "$FINE_TUNE_RUN_DIR/status.json" "$OUT/${name}_status.json" 2>/dev/null
   grep -E "effective batch|memory plan|fine_tune error|Error" "$OUT/$name.log" | head -5
 }
@@ -62,16 +64,24 @@ out, cases = Path(sys.argv[1]), sys.argv[2:]
 def load(case):
     path = out / f"{case}_metrics.json"
     return json.loads(path.read_text()) if path.is_file() else None
+def steady(case):
+    """Mean tokens/s of the logging windows after the first (warm-up: allocation, autotuning)."""
+    path = out / f"{case}_metrics.jsonl"
+    rows = [json.loads(line) for line in path.open()] if path.is_file() else []
+    speeds = [r["perf/tokens_per_second"] for r in rows if "perf/tokens_per_second" in r][1:]
+    return sum(speeds) / len(speeds) if speeds else None
 one = load("one")
-print(f"{'case':<9}{'GPUs':>5}{'tokens/s':>11}{'ratio':>8}{'peak GiB (rank 0)':>19}{'max used GiB (smi)':>20}{'loss':>9}")
+base = steady("one")
+print(f"{'case':<9}{'GPUs':>5}{'steady tok/s':>13}{'ratio':>8}{'whole-run tok/s':>16}{'peak GiB (rank 0)':>19}{'max used GiB (smi)':>20}{'loss':>9}")
 for case in cases:
     m = load(case)
     if m is None:
         print(f"{case:<9} no metrics.json: see {case}.log"); continue
     used = [int(r[1]) for r in csv.reader((out / f"{case}_nvidia_smi.csv").open()) if len(r) == 2 and r[1].strip().isdigit()]
-    ratio = m["tokens_per_second"] / one["tokens_per_second"] if one and case in ("ddp", "fsdp") else None
-    print(f"{case:<9}{m.get('world_size', 1):>5}{m['tokens_per_second']:>11.0f}"
-          f"{(f'{ratio:.2f}x' if ratio else '-'):>8}{m['peak_memory_gib']:>19.2f}"
+    speed = steady(case)
+    ratio = speed / base if speed and base and case in ("ddp", "fsdp") else None
+    print(f"{case:<9}{m.get('world_size', 1):>5}{(f'{speed:.0f}' if speed else '-'):>13}"
+          f"{(f'{ratio:.2f}x' if ratio else '-'):>8}{m['tokens_per_second']:>16.0f}{m['peak_memory_gib']:>19.2f}"
           f"{(max(used) / 1024 if used else float('nan')):>20.2f}{m['train_loss']:>9.4f}")
 EOF
 }

@@ -136,6 +136,24 @@ def test_quant_node_settings_reach_the_layer_by_layer_loader(tmp_path):
         assert torch.isfinite(model(input_ids=ids, labels=ids).loss)
 
 
+def test_quant_experts_false_keeps_the_experts_in_full_precision():
+    """quant.quant_experts=false (FSDP shards bf16 experts): attention in 4 bits, experts left as
+    parameters of `dtype`, as for bitsandbytes' from_pretrained. The builder once quantized them anyway."""
+    from fine_tune.models.quant import build_quant_config
+
+    spec = build_quant_config("nf4", compute_dtype="float32", quant_experts=False)
+    model = build_random_model(tiny_config(), device="cpu", dtype=torch.float32, quant=spec)
+    experts = model.model.layers[0].mlp.experts
+    assert type(experts).__name__ != "Experts4bit"
+    assert {n: p.dtype for n, p in experts.named_parameters()} == {
+        "gate_up_proj": torch.float32,
+        "down_proj": torch.float32,
+    }
+    assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    ids = torch.randint(0, 128, (1, 6))
+    assert torch.isfinite(model(input_ids=ids, labels=ids).loss)
+
+
 def test_int8_is_refused_with_advice():
     from fine_tune.models.quant import QuantSpec
 

@@ -184,9 +184,10 @@ def _materialize(
 ) -> None:
     """Give every meta tensor of `model` real storage on `device`, module by module."""
     config = model.config
-    expert_paths = {name for name, _, reason in find_fused_experts(model) if quant and reason is None}
+    experts_4bit = bool(quant and quant["experts"])  # quant.quant_experts=false: experts stay `dtype`
+    expert_paths = {name for name, _, reason in find_fused_experts(model) if experts_4bit and reason is None}
     for name, _, reason in find_fused_experts(model):
-        if quant and reason is not None:
+        if experts_4bit and reason is not None:
             log.warning("experts %s stay %s: %s is not supported by Experts4bit", name, dtype, reason)
 
     def is_skipped(mod_name: str) -> bool:
@@ -257,14 +258,15 @@ def _quant(
     too, as they do for bitsandbytes' from_pretrained) into what `_materialize` reads."""
     from fine_tune.schema import SKIP_MODULES
 
-    storage, kernel = None, DEFAULT_KERNEL
+    storage, kernel, experts = None, DEFAULT_KERNEL, True
     if hasattr(quant_type, "kind"):  # fine_tune.models.quant.QuantSpec
         spec = quant_type
         quant_type, double_quant, compute_dtype = spec.kind, spec.double_quant, spec.compute_dtype
-        skip_modules, storage, kernel = (
+        skip_modules, storage, kernel, experts = (
             skip_modules or spec.skip_modules,
             spec.storage_dtype,
             getattr(spec, "expert_kernel", kernel),
+            spec.quant_experts,
         )
     if quant_type in (None, "none", False):
         return None
@@ -283,6 +285,7 @@ def _quant(
         "skip_modules": tuple(skip_modules or SKIP_MODULES),  # empty: what from_pretrained skips
         "storage": _dtype(storage, torch.uint8),
         "kernel": kernel,
+        "experts": bool(experts),
     }
 
 
