@@ -48,6 +48,29 @@ def _bnb_functional():
     return bnbf
 
 
+def dequantize_4bit(packed: torch.Tensor, state: Any) -> torch.Tensor:
+    """bitsandbytes' `dequantize_4bit`, except on CPU where a row is not a whole number of blocks.
+
+    There bitsandbytes 0.50.2's native CPU kernel, on CPUs with AVX512, returns wrong values (errors
+    of 0.2-0.8 on unit-scale weights of shape 8 x 32 or 4 x 96, measured on a Xeon; right on CPUs
+    without AVX512 and for rows of whole blocks, which every real Mistral/Mixtral shape has). Those
+    are computed here as bitsandbytes' generic kernel does: code table value x block scale.
+    """
+    bnbf = _bnb_functional()
+    if packed.device.type != "cpu" or state.shape[-1] % state.blocksize == 0:
+        return bnbf.dequantize_4bit(packed, state)
+    absmax = state.absmax
+    if state.nested:
+        absmax = bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    nibbles = packed.reshape(-1).view(torch.uint8)
+    index = torch.stack((nibbles >> 4, nibbles & 15), dim=-1).reshape(-1)  # high nibble first
+    count = state.shape.numel()
+    values = state.code.float()[index[:count].long()]
+    values = F.pad(values, (0, -count % state.blocksize))
+    values = values.view(-1, state.blocksize) * absmax.float().view(-1, 1)
+    return values.reshape(-1)[:count].view(state.shape).to(state.dtype)
+
+
 class _Dequant4bitLinear(torch.autograd.Function):
     """`F.linear(x, dequant(W_e))` that keeps only the 4-bit weight for the backward.
 
@@ -227,7 +250,7 @@ class Experts4bit(nn.Module):
         """The [out, in] weight of one expert, in `dtype` (default: the compute dtype)."""
         dtype = dtype or self.compute_dtype
         qweight = getattr(self, f"{name}_qweight")[expert]
-        return _bnb_functional().dequantize_4bit(qweight, self.quant_state(name, expert, dtype))
+        return dequantize_4bit(qweight, self.quant_state(name, expert, dtype))
 
     def dequantize(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """All experts stacked as [E, out, in] (for tests and merging; needs the full bf16 size)."""
@@ -262,7 +285,7 @@ class Experts4bit(nn.Module):
             quant_type=self.quant_type,
             dtype=dtype,
         )
-        weight = bnbf.dequantize_4bit(packed.reshape(-1), state)
+        weight = dequantize_4bit(packed.reshape(-1), state)
         return weight.view(self.num_experts, n_rows, in_f)
 
     def _stackable(self, name: str, start: int, stop: int) -> bool:
