@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,13 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("WANDB_SILENT", "true")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:  # pytest -n: each worker, and the CLI runs it starts, gets its share of the cores
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def compose(overrides: list[str] | None = None, return_hydra_config: bool = False):
@@ -41,16 +47,10 @@ def run_cli(
     timeout: int = 600,
     module: str = "fine_tune",
 ) -> subprocess.CompletedProcess:
-    """`python -m fine_tune ARGS` in a subprocess, as a user would type it."""
-    full_env = {**os.environ, **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=cwd or ROOT,
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    """`python -m fine_tune ARGS` in a subprocess (lifecycle_helpers.cli, with conftest's argument names)."""
+    from lifecycle_helpers import cli
+
+    return cli(args, module=module, extra_env=env, timeout=timeout, cwd=cwd)
 
 
 # Small and fast settings for end-to-end runs of the tiny models on CPU.

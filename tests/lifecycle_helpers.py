@@ -45,11 +45,16 @@ def env(extra: dict | None = None) -> dict:
 
 
 def cli(
-    args: list[str], module: str = "fine_tune", extra_env: dict | None = None, timeout: int = 600
+    args: list[str],
+    module: str = "fine_tune",
+    extra_env: dict | None = None,
+    timeout: int = 600,
+    cwd: Path | None = None,
 ) -> subprocess.CompletedProcess:
+    """`python -m <module> ARGS` in a subprocess, as a user would type it (the one CLI runner)."""
     return subprocess.run(
         [sys.executable, "-m", module, *args],
-        cwd=ROOT,
+        cwd=cwd or ROOT,
         env=env(extra_env),
         capture_output=True,
         text=True,

@@ -1,5 +1,13 @@
 """Bad configurations and inputs: each exits non-zero with a short message naming the offending key
-or file, prints no traceback, and leaves no run directory that looks finished."""
+or file, prints no traceback, and leaves no run directory that looks finished.
+
+Every case is refused by one of a few stages (Hydra's composition and the schema's types, the config
+checks of `fine_tune.validate`, secrets, resume, data, model loading). The command line is run for
+one or two cases of each stage (`CLI`): they show how each stage's refusal reaches the user. The
+other cases are refused before anything loads, so they are checked in this process, through the same
+composition and `check_config` the command runs (`IN_PROCESS`): a subprocess each cost seconds of
+imports and told nothing more.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +15,10 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import compose
 from lifecycle_helpers import cli, status
+
+from fine_tune.errors import UserError
 
 TOKEN = "hf_" + "Zq8" * 12  # fake, token-shaped
 
@@ -55,6 +66,23 @@ CASES = [
     ("bad_lora_targets", ["lora.target_modules=[nope_proj]"], "lora.target_modules"),
 ]
 
+# The command line for one or two cases per stage; every other case runs in this process.
+CLI_IDS = {
+    "unknown_group_option",  # Hydra: composition
+    "rank_not_int",  # the schema's types
+    "unknown_top_level_key",  # the schema: a key it does not have
+    "rank_zero",  # fine_tune.validate
+    "missing_data_file",  # data
+    "malformed_jsonl_line",
+    "rows_without_fields",
+    "unknown_model_path",  # model
+    "missing_checkpoint",  # resume
+    "token_in_config",  # secrets
+    "bad_lora_targets",  # the adapter: targets are matched against the built model
+}
+CLI = [c for c in CASES if c[0] in CLI_IDS]
+IN_PROCESS = [c for c in CASES if c[0] not in CLI_IDS]
+
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
@@ -71,7 +99,7 @@ def looks_finished(run_dir: Path) -> bool:
     )
 
 
-@pytest.mark.parametrize(("overrides", "needle"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+@pytest.mark.parametrize(("overrides", "needle"), [c[1:] for c in CLI], ids=[c[0] for c in CLI])
 def test_bad_configuration_fails_cleanly(overrides, needle, data_dir: Path, tmp_path: Path):
     run_dir = tmp_path / "run"
     args = [
@@ -93,6 +121,33 @@ def test_bad_configuration_fails_cleanly(overrides, needle, data_dir: Path, tmp_
     if run_dir.exists():
         for path in run_dir.rglob("*"):
             assert not path.is_file() or TOKEN not in path.read_text(errors="ignore"), path
+
+
+def refusal(overrides: list[str]) -> BaseException | None:
+    """What stops `python -m fine_tune OVERRIDES` before anything loads: an error of the composition
+    (Hydra, the schema's types) or the UserError of `check_config`; None if both accept it."""
+    from fine_tune.validate import check_config
+
+    try:
+        cfg = compose(["logger=none", "trainer=cpu", "trainer.max_steps=2", *overrides])
+    except Exception as error:  # Hydra's and OmegaConf's: the command prints their message alone
+        return error
+    try:
+        check_config(cfg)
+    except UserError as error:
+        return error
+    return None
+
+
+@pytest.mark.parametrize(("overrides", "needle"), [c[1:] for c in IN_PROCESS], ids=[c[0] for c in IN_PROCESS])
+def test_bad_configuration_is_refused_before_anything_loads(overrides, needle):
+    error = refusal(overrides)
+    assert error is not None, f"{overrides} accepted"
+    assert needle in str(error), str(error)
+    if isinstance(error, UserError):  # ours: one short paragraph naming the key
+        assert len(str(error).splitlines()) <= 3, str(error)
+        assert error.where, str(error)
+    assert TOKEN not in str(error)
 
 
 @pytest.mark.parametrize(
