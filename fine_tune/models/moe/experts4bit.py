@@ -51,9 +51,9 @@ def _bnb_functional():
 def dequantize_4bit(packed: torch.Tensor, state: Any) -> torch.Tensor:
     """bitsandbytes' `dequantize_4bit`, except on CPU where a row is not a whole number of blocks.
 
-    There bitsandbytes 0.50.2's native CPU kernel, on CPUs with AVX512, returns wrong values (errors
-    of 0.2-0.8 on unit-scale weights of shape 8 x 32 or 4 x 96, measured on a Xeon; right on CPUs
-    without AVX512 and for rows of whole blocks, which every real Mistral/Mixtral shape has). Those
+    There bitsandbytes 0.50.2's native CPU kernel returned wrong values on a Xeon with AVX512-BF16
+    and AMX (errors of 0.2-0.8 on unit-scale weights of shape 8 x 32 or 4 x 96; right on an AMD CPU
+    without AVX512, and for rows of whole blocks, which every real Mistral/Mixtral shape has). Those
     are computed here as bitsandbytes' generic kernel does: code table value x block scale.
     """
     bnbf = _bnb_functional()
