@@ -29,30 +29,6 @@ def pytest_configure(config: pytest.Config) -> None:
         torch.set_num_threads(threads)
 
 
-# The slowest files (measured: each trains several tiny runs through the CLI) go first: pytest-xdist
-# hands out whole files in collection order (--dist loadfile), so a slow file that started last would
-# keep one worker busy minutes after the others had finished.
-SLOW_FILES_FIRST = (
-    "test_train.py",
-    "test_lora_variants.py",
-    "test_export.py",
-    "test_multigpu.py",
-    "test_preference.py",
-    "test_resume.py",
-    "test_sweep_e2e.py",
-    "test_run_dir.py",
-    "test_recipes.py",
-    "test_distributed.py",
-    "test_resume_experts.py",
-    "test_engine.py",
-)
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:  # noqa: ARG001
-    rank = {name: i for i, name in enumerate(SLOW_FILES_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
-
-
 def compose(overrides: list[str] | None = None, return_hydra_config: bool = False):
     """The real config, composed exactly as `python -m fine_tune` would (without running a job)."""
     from hydra import compose as hydra_compose
