@@ -44,6 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 SYSTEMS = ("plain", "trl", "trl_liger", "unsloth", "fine_tune_nf4", "fine_tune_bf16")
+PROFILED = 2  # steps under the profiler (--profile), after the timed steps
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SHARED = ROOT.parent / "shared" / "data"
 DATA_FILES = ("gsm8k_train.alpaca.json", "gpteacher_roleplay.alpaca.json")
@@ -141,8 +142,8 @@ def build_bundle(alpaca: Path, tokenizer, work: Path):
 class Timer:
     """Step wall times and non-padding tokens per step, for the steady-state figure."""
 
-    def __init__(self, warmup: int) -> None:
-        self.warmup = warmup
+    def __init__(self, warmup: int, until: int) -> None:
+        self.warmup, self.until = warmup, until
         self.pending: list[int] = []
         self.steps: list[tuple[float, int]] = []
         self._start = 0.0
@@ -177,7 +178,7 @@ class Timer:
         return _Callback()
 
     def result(self) -> dict:
-        timed = self.steps[self.warmup :]
+        timed = self.steps[self.warmup : self.until]
         seconds = sum(s for s, _ in timed)
         tokens = sum(t for _, t in timed)
         return {
@@ -219,6 +220,15 @@ def quantized_model(model_dir: str, tiny: bool):
         device_map=device,
         attn_implementation="sdpa",
     )
+
+
+def profiler(args: argparse.Namespace, name: str) -> list:
+    """The profiling callback when `--profile DIR` asks for it (benchmarks/profiling.py)."""
+    if not args.profile:
+        return []
+    from benchmarks.profiling import profile_callback
+
+    return [profile_callback(Path(args.profile), name, start=args.timed, steps=PROFILED)]
 
 
 def lora_config(dropout: float = 0.05):
@@ -271,7 +281,7 @@ def run_plain(prep: dict, args: argparse.Namespace, timer: Timer) -> None:
         args=training,
         train_dataset=Dataset.from_list(rows),
         data_collator=counting(pad, timer),
-        callbacks=[timer.callback()],
+        callbacks=[timer.callback(), *profiler(args, "plain")],
     )
     trainer.train()
 
@@ -336,7 +346,7 @@ def run_trl(prep: dict, args: argparse.Namespace, timer: Timer, liger: bool, uns
         args=config,
         train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer,
-        callbacks=[timer.callback()],
+        callbacks=[timer.callback(), *profiler(args, args.child)],
     )
     trainer.data_collator = counting(trainer.data_collator, timer)
     trainer.train()
@@ -372,16 +382,20 @@ def run_fine_tune(prep: dict, args: argparse.Namespace, quant: str) -> dict:
         *args.fine_tune_overrides,
     ]
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    done = subprocess.run(
-        [sys.executable, "-m", "fine_tune", *overrides], env=env, capture_output=True, text=True
-    )
+    entry = ["-m", "fine_tune"]
+    if args.profile:  # the same CLI run, with the profiler callback added to its trainer
+        entry = [str(ROOT / "benchmarks" / "profiling.py")]
+        name = args.child.replace("@", "__").replace("=", "-").replace("+", "_")[:80]
+        env.update(PROFILE_OUT=args.profile, PROFILE_NAME=name, PROFILE_START=str(args.timed))
+        env.update(PROFILE_STEPS=str(PROFILED))
+    done = subprocess.run([sys.executable, *entry, *overrides], env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"fine_tune exited {done.returncode}: {done.stderr[-3000:]}")
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "perf/step_seconds" in r or "perf/tokens_per_second" in r]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     return {
-        "steady_tokens_per_s": steady_from_log(steps, args.warmup),
+        "steady_tokens_per_s": steady_from_log(steps, args.warmup, args.timed),
         "peak_gib": metrics.get("peak_memory_gib"),
         "metrics_json_tokens_per_second": metrics.get("tokens_per_second"),
         "log_tail": done.stderr[-600:],
@@ -400,9 +414,9 @@ def fine_tune_data_keys(max_length: int) -> list[str]:
     return [f"{group}.max_length={max_length}", f"{group}.packing=true"]
 
 
-def steady_from_log(rows: list[dict], warmup: int) -> float | None:
+def steady_from_log(rows: list[dict], warmup: int, until: int) -> float | None:
     """Per-step rows (logging_steps=1): tokens over time of the steps after the warm-up."""
-    timed = [r for r in rows if r.get("step", 0) > warmup and r.get("perf/tokens_per_second")]
+    timed = [r for r in rows if warmup < r.get("step", 0) <= until and r.get("perf/tokens_per_second")]
     if not timed:
         return None
     if all("perf/step_seconds" in r and "perf/step_tokens" in r for r in timed):
@@ -416,7 +430,9 @@ def child(args: argparse.Namespace) -> None:
     import torch
 
     prep = json.loads(Path(args.prep).read_text())
-    timer = Timer(args.warmup)
+    args.timed = args.steps  # profiled steps come after the timed ones (the profiler slows them)
+    args.steps += PROFILED + 1 if args.profile else 0  # +1: the last step's end-of-run work unprofiled
+    timer = Timer(args.warmup, args.timed)
     started = time.perf_counter()
     if args.child == "plain":
         run_plain(prep, args, timer)
@@ -463,6 +479,7 @@ def main() -> None:
     parser.add_argument(
         "--fine-tune-overrides", nargs="*", default=[], help="extra overrides for fine_tune runs"
     )
+    parser.add_argument("--profile", default=None, help="profile 2 steps after warm-up into DIR")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--prep", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -496,6 +513,7 @@ def main() -> None:
             "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
             "--max-length", str(args.max_length), "--work", str(work),
             *(["--tiny"] if args.tiny else []),
+            *(["--profile", args.profile] if args.profile else []),
             *(["--fine-tune-overrides", *args.fine_tune_overrides] if args.fine_tune_overrides else []),
         ]  # fmt: skip
         done = subprocess.run(command, env=env, capture_output=True, text=True)

@@ -126,7 +126,7 @@ def measure(name: str, overrides: list[str], args: argparse.Namespace) -> dict:
     model = build(cfg, device)
     spec = build_node(cfg.lora)
     started = time.perf_counter()
-    model = attach_adapter(model, dataclasses.replace(spec, loftq=False), True, cfg.quant.kind != "none")
+    model = attach_adapter(model, dataclasses.replace(spec, loftq=False), True)
     if spec.loftq:
         loftq_initialise(model, synthetic_full_precision(model))
     if cuda:

@@ -84,24 +84,27 @@ def build_lora_config(
     return AdapterSpec(lora=config, experts=experts, expert_dropout=expert_dropout, loftq=loftq)
 
 
-def prepare_for_adapter(
-    model: Any, gradient_checkpointing: bool, quantized: bool, sharded: bool = False
-) -> Any:
-    """What the base needs before an adapter trains on it: PEFT's k-bit preparation on a quantized
-    model, else checkpointing with gradients flowing from the (frozen) input embeddings.
+def prepare_for_adapter(model: Any, gradient_checkpointing: bool, upcast_frozen: bool = False) -> Any:
+    """What the base needs before an adapter trains on it: checkpointing with gradients flowing from
+    the (frozen) input embeddings; with `upcast_frozen` (quant.upcast_frozen), PEFT's k-bit
+    preparation instead, which also casts every frozen weight that is not quantized (norms,
+    embeddings, LM head) to fp32.
 
-    `sharded` (trainer.strategy=fsdp): no k-bit preparation. It would upcast every frozen weight
-    that is not 4-bit to fp32 (twice the memory of Mixtral's bf16 experts) for compute that FSDP's
-    mixed precision casts back to bf16. The adapters still end up fp32 (PEFT's
-    autocast_adapter_dtype), the one dtype FSDP2 asks of the trainable weights of a shard group."""
-    from peft import prepare_model_for_kbit_training
+    That cast makes the whole residual stream fp32 (an fp32 norm weight times a bf16 activation is
+    fp32), so every layer casts its inputs back to bf16 for the 4-bit matmuls and the adapters: on an
+    H100 it cost a fifth of a QLoRA step (docs/speed.md). Off by default, as in any bf16 training;
+    never under FSDP, whose mixed precision would cast the fp32 copies back to bf16 (twice the memory
+    of Mixtral's bf16 experts for nothing)."""
+    if upcast_frozen:
+        from peft import prepare_model_for_kbit_training
 
-    if quantized and not sharded:
         return prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
+    for param in model.parameters():
+        param.requires_grad = False
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -109,14 +112,14 @@ def prepare_for_adapter(
 
 
 def attach_adapter(
-    model: Any, spec: AdapterSpec, gradient_checkpointing: bool, quantized: bool, sharded: bool = False
+    model: Any, spec: AdapterSpec, gradient_checkpointing: bool, upcast_frozen: bool = False
 ) -> Any:
     """Wrap the base model with LoRA; only adapter weights remain trainable (fine_tune.validate has
     checked that expert adapters have experts to go on, and that the variant fits the base)."""
     from peft import get_peft_model
 
     checkpoint = getattr(model, "name_or_path", None)  # LoftQ reads the full-precision weights there
-    model = prepare_for_adapter(model, gradient_checkpointing, quantized, sharded)
+    model = prepare_for_adapter(model, gradient_checkpointing, upcast_frozen)
     experts_4bit = spec.experts and any(type(m).__name__ == "Experts4bit" for m in model.modules())
     lora = spec.lora
     if spec.experts and not experts_4bit:
@@ -148,13 +151,15 @@ def attach_adapter(
     return peft_model
 
 
-def load_trained_adapter(model: Any, directory: Any, gradient_checkpointing: bool, quantized: bool) -> Any:
+def load_trained_adapter(
+    model: Any, directory: Any, gradient_checkpointing: bool, upcast_frozen: bool = False
+) -> Any:
     """The base with a saved adapter (expert adapters included), trainable: a run that starts from
     another run's adapter (`init_adapter`) rather than a fresh one."""
     from fine_tune.models.moe import load_adapter
 
     return load_adapter(
-        prepare_for_adapter(model, gradient_checkpointing, quantized), directory, is_trainable=True
+        prepare_for_adapter(model, gradient_checkpointing, upcast_frozen), directory, is_trainable=True
     )
 
 

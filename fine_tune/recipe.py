@@ -143,7 +143,8 @@ class Recipe:
         plan = check_before_loading(cfg)  # on a GPU: stop with advice before loading what will not fit
         if plan is not None:
             log.info("memory plan: %.1f GiB predicted peak", plan.total_bytes / 2**30)
-        base, quantized = self.base.model, self.base.quant.enabled
+        base, quant = self.base.model, self.base.quant
+        upcast = quant.enabled and quant.upcast_frozen and cfg.trainer.strategy != "fsdp"
         # A KV cache in training makes packed rows attend across example boundaries (transformers 5.23
         # only honours restarting position_ids without a cache); training never needs it.
         base.config.use_cache = False
@@ -151,9 +152,9 @@ class Recipe:
         if cfg.get("init_adapter"):
             directory = init_adapter_dir(cfg.init_adapter)
             log.info("starting from the adapter in %s", directory)
-            return load_trained_adapter(base, directory, checkpointing, quantized)
+            return load_trained_adapter(base, directory, checkpointing, upcast)
         set_seed(cfg.seed)  # adapter init must not depend on how many random numbers loading drew
-        return attach_adapter(base, spec, checkpointing, quantized, sharded=cfg.trainer.strategy == "fsdp")
+        return attach_adapter(base, spec, checkpointing, upcast)
 
     def with_adapter(
         self,

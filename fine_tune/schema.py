@@ -26,7 +26,7 @@ from fine_tune.families import families
 log = logging.getLogger("fine_tune")
 
 DTYPES = ("auto", "bfloat16", "bf16", "float16", "fp16", "float32", "fp32")
-ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+ATTENTION = ("sdpa", "varlen", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
 QUANT_KINDS = ("none", "nf4", "fp4", "int8")
 STORAGE_DTYPES = ("uint8", "bfloat16", "float16", "float32")
 EXPERT_KERNELS = ("auto", "grouped", "loop")  # how 4-bit MoE experts compute (docs/speed.md, "MoE")
@@ -88,7 +88,7 @@ class ModelSchema:
     init: str = one_of("pretrained", ("pretrained", "random"))
     tokenizer: str | None = None
     dtype: str = one_of("auto", DTYPES)
-    attn_implementation: str = one_of("sdpa", ATTENTION)
+    attn_implementation: str = one_of("auto", ("auto", *ATTENTION))  # fine_tune.models.attention.resolve
     trust_remote_code: bool = False
     lr: float = 2e-4  # the suggested peak learning rate, which optim.lr follows
     config: dict[str, Any] = field(default_factory=dict)
@@ -106,6 +106,7 @@ class QuantSchema:
     skip_modules: list[str] = field(default_factory=lambda: list(SKIP_MODULES))
     storage_dtype: str = one_of("uint8", STORAGE_DTYPES)
     threshold: float = positive(6.0)
+    upcast_frozen: bool = False  # PEFT's k-bit preparation: frozen norms, embeddings, LM head in fp32
 
 
 @dataclass

@@ -168,6 +168,10 @@ def cross_checks(data: dict, checked: Checked) -> None:
             where="model.attn_implementation",
             hint="use sdpa on CPU",
         )
+    if attn == "varlen" and not (cuda and importlib.util.find_spec("torch.nn.attention.varlen")):
+        checked.notes.append("varlen attention needs a CUDA GPU and PyTorch >= 2.10: attention runs by sdpa")
+    if attn == "varlen" and not dataset.get("packing"):
+        checked.notes.append("varlen attention speeds up packed rows only (dataset.packing=true)")
     if dataset.get("packing") and attn == "eager":
         checked.notes.append("packing with eager attention builds a full mask per pack: sdpa is faster")
 

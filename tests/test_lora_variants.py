@@ -147,7 +147,7 @@ def attached(overrides: list[str]):
     cfg = compose(["logger=none", *overrides])
     check_types(cfg)
     loaded = Recipe(cfg).base
-    return cfg, attach_adapter(loaded.model, build(cfg.lora), False, loaded.quant.enabled)
+    return cfg, attach_adapter(loaded.model, build(cfg.lora), False)
 
 
 def test_pissa_conversion_equals_peft_own(tmp_path):

@@ -354,7 +354,7 @@ check_types(cfg)
 def adapted():
     loaded = Recipe(cfg).base  # a fresh base each time
     torch.manual_seed(0)
-    return attach_adapter(loaded.model, build(cfg.lora), True, loaded.quant.enabled, sharded=True)
+    return attach_adapter(loaded.model, build(cfg.lora), True)
 
 # what the Trainer hands accelerate: the SFTConfig's FSDP2 plugin, applied by accelerate's own code
 plugin = FullyShardedDataParallelPlugin(**Recipe(cfg).arguments("unused", has_eval=False).fsdp_plugin_args)

@@ -29,7 +29,7 @@ def tiny_qlora(overrides: list[str]):
     cfg = compose([*FAST, "quant=nf4", *overrides])
     loaded = build(cfg.model, quant=cfg.quant, seed=cfg.seed)
     torch.manual_seed(0)
-    model = attach_adapter(loaded.model, build(cfg.lora), False, True)
+    model = attach_adapter(loaded.model, build(cfg.lora), False)
     return model, loaded.tokenizer
 
 

@@ -43,6 +43,7 @@ def build_model(
     (default: this process's GPU, or the CPU), set by the run (trainer.fsdp.load_on_cpu).
     """
     from fine_tune.hardware import resolve_dtype
+    from fine_tune.models import attention
     from fine_tune.models.architecture import load_architecture
     from fine_tune.models.loading import load_weights
     from fine_tune.models.quant import build_quant_config, pin_portable_4bit_layout
@@ -68,7 +69,7 @@ def build_model(
         init,
         quant,
         resolve_dtype(dtype),
-        attn_implementation,
+        attention.resolve(attn_implementation),
         trust_remote_code,
         seed,
         device,

@@ -25,6 +25,7 @@ class QuantSpec:
     compute_dtype: Any = None
     skip_modules: tuple[str, ...] = ()  # kept in full precision ((): as from_pretrained chooses)
     storage_dtype: Any = None  # torch dtype the packed 4-bit values are stored in
+    upcast_frozen: bool = False  # PEFT's k-bit preparation (fine_tune.adapters.prepare_for_adapter)
 
     @property
     def is_4bit(self) -> bool:
@@ -44,6 +45,7 @@ def build_quant_config(
     skip_modules: Sequence[str] = default(QuantSchema, "skip_modules"),
     storage_dtype: str = default(QuantSchema, "storage_dtype"),
     threshold: float = default(QuantSchema, "threshold"),
+    upcast_frozen: bool = default(QuantSchema, "upcast_frozen"),
 ) -> QuantSpec:
     """The `quant` node (validated by fine_tune.schema) as a QuantSpec; imports torch only when on."""
     if kind == "none":
@@ -59,7 +61,9 @@ def build_quant_config(
         config = BitsAndBytesConfig(
             load_in_8bit=True, llm_int8_threshold=threshold, llm_int8_skip_modules=list(skip) or None
         )
-        return QuantSpec(kind=kind, bnb_config=config, compute_dtype=dtype, skip_modules=skip)
+        return QuantSpec(
+            kind=kind, bnb_config=config, compute_dtype=dtype, skip_modules=skip, upcast_frozen=upcast_frozen
+        )
     storage = getattr(torch, storage_dtype)
     config = BitsAndBytesConfig(
         load_in_4bit=True,
@@ -78,6 +82,7 @@ def build_quant_config(
         compute_dtype=dtype,
         skip_modules=skip,
         storage_dtype=storage,
+        upcast_frozen=upcast_frozen,
     )
 
 
