@@ -5,7 +5,8 @@ minutes of loading and an OOM traceback. Parameter memory is exact arithmetic on
 shapes (including bitsandbytes' quantization constants); activation memory is a per-token model
 whose coefficients were measured with `torch.cuda.max_memory_allocated` on an H100 (see
 docs/memory.md and benchmarks/memory_bench.py), for the training path fine_tune uses: PEFT's
-`prepare_model_for_kbit_training` (fp32 non-quantized weights, hence an fp32 residual stream),
+`prepare_model_for_kbit_training` with quant.upcast_frozen=true (fp32 non-quantized weights, hence an
+fp32 residual stream),
 bf16 autocast, sdpa attention, non-reentrant checkpointing, transformers' causal-LM loss.
 
 Neither torch nor transformers is imported: `plan=true` must answer fast.
@@ -24,7 +25,7 @@ GIB = 2**30
 # ---- activation coefficients (bytes per token), measured on one H100 80GB, torch 2.11, transformers
 # 5.23, peft 0.21.2, bitsandbytes 0.50.2, seq 2048, nf4 + double quant, LoRA r=16, on models cut to
 # 2 and 4 layers (per-layer slope and intercept); the 32-layer runs in docs/memory.md were not used
-# to fit them. "fp32"/"bf16" is the residual stream: fp32 on the quantized path, where PEFT's
+# to fit them. "fp32"/"bf16" is the residual stream: fp32 with quant.upcast_frozen=true, where PEFT's
 # prepare_model_for_kbit_training upcasts every non-4-bit weight (embeddings included).
 CALIBRATION = {
     # activations one layer keeps for the backward without LoRA, per token, per unit of
@@ -241,9 +242,9 @@ def plan_memory(cfg: Any) -> MemoryPlan:
     base_bytes = 4 if cfg["model"]["dtype"] in ("float32", "fp32") else 2
     h, v, n_layers = s.hidden_size, s.vocab_size, s.num_hidden_layers
     quantized, experts_4bit = kind in ("nf4", "fp4", "int8"), fs.experts_in_4bit(s, quant)
-    # PEFT's prepare_model_for_kbit_training (the quantized path, not under FSDP: adapters.py)
+    # PEFT's prepare_model_for_kbit_training (quant.upcast_frozen, not under FSDP: adapters.py)
     # upcasts every weight that is not quantized to fp32, which also makes the residual stream fp32.
-    kbit_prep = quantized and strategy != "fsdp"
+    kbit_prep = quantized and bool(quant.get("upcast_frozen")) and strategy != "fsdp"
     counts = fs.parameter_counts(s, lora, experts_4bit)
     items: list[tuple[str, int, str]] = []
     sharded = f", / {shards} GPUs (FSDP shards)" if strategy == "fsdp" else ""

@@ -4,6 +4,7 @@ and nothing a TRL default would add (bf16 adapters, an MoE aux loss, a model car
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -193,3 +194,46 @@ def test_metrics_report_training_time_apart(reference):
     assert all(0 <= r["train/token_accuracy"] <= 1 for r in train_rows)
     assert any("perf/eval_seconds" in r for r in rows) and any("perf/sample_seconds" in r for r in rows)
     assert not (run_dir / "checkpoints" / "README.md").exists()  # TRL's model card stays out
+
+
+@pytest.mark.parametrize("mixed_precision", [True, False])
+def test_adapter_inputs_stay_in_the_compute_dtype_under_mixed_precision(mixed_precision: bool):
+    """A training step under autocast skips PEFT's fp32 copy of each adapted layer's input (autocast
+    casts it back for the matmul): the same loss and gradients within bf16 rounding, checkpointing's
+    recompute included; outside the step (samples) the cast is back."""
+    from types import SimpleNamespace
+
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from fine_tune.training.trainer import EngineMixin
+
+    torch.manual_seed(0)
+    config = MistralConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=100,
+    )  # fmt: skip
+    base = MistralForCausalLM(config).to(torch.bfloat16)
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    base.enable_input_require_grads()
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "down_proj"], lora_dropout=0.0))
+    model.train()
+    trainer = SimpleNamespace(model=model, args=SimpleNamespace(bf16=mixed_precision, fp16=False))
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    ids = torch.randint(0, 100, (2, 16))
+
+    def step(uncast: bool):
+        model.zero_grad()
+        context = EngineMixin.lora_inputs_uncast(trainer) if uncast else contextlib.nullcontext()
+        with context, torch.autocast("cpu", dtype=torch.bfloat16):
+            assert {layer.cast_input_dtype_enabled for layer in layers} == {not (uncast and mixed_precision)}
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+        grad = next(p.grad for n, p in model.named_parameters() if "lora_A" in n).clone()
+        return loss.detach(), grad
+
+    (loss_cast, grad_cast), (loss, grad) = step(False), step(True)
+    assert all(layer.cast_input_dtype_enabled for layer in layers)  # restored after the step
+    torch.testing.assert_close(loss, loss_cast, atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(grad, grad_cast, atol=2e-3, rtol=5e-2)

@@ -113,6 +113,24 @@ class EngineMixin(ExactResume, ShardedSaves):
             warnings.filterwarnings("ignore", message=".*use_liger_kernel.*", category=FutureWarning)
             super().__init__(model=model, args=args, **kwargs)
 
+    def lora_inputs_uncast(self) -> contextlib.AbstractContextManager:
+        """PEFT casts the input of every adapted nn.Linear to the adapter's dtype (fp32) before the
+        adapter: an fp32 copy of each activation, which autocast casts back to bf16 for the matmul
+        (bitsandbytes' layers already skip it under autocast). Under mixed precision a training or
+        evaluation step goes without it: on an H100 bf16 LoRA trained 1.19x faster (docs/speed.md).
+        Per step, not for good: samples generate outside autocast, where the cast is needed."""
+        from peft.helpers import disable_input_dtype_casting
+
+        return disable_input_dtype_casting(self.model, active=bool(self.args.bf16 or self.args.fp16))
+
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        with self.lora_inputs_uncast():
+            return super().training_step(*args, **kwargs)
+
+    def prediction_step(self, *args: Any, **kwargs: Any) -> Any:
+        with self.lora_inputs_uncast():
+            return super().prediction_step(*args, **kwargs)
+
     def _send_telemetry(self) -> None:
         """TRL pings the Hugging Face hub when a trainer is built; a run talks to no server unasked."""
 
