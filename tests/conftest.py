@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from lifecycle_helpers import FAST  # noqa: F401  the base overrides, re-exported for the tests that import them from here
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -51,18 +52,6 @@ def run_cli(
     from lifecycle_helpers import cli
 
     return cli(args, module=module, extra_env=env, timeout=timeout, cwd=cwd)
-
-
-# Small and fast settings for end-to-end runs of the tiny models on CPU.
-FAST = [
-    "trainer=cpu",
-    "logger=none",
-    "trainer.max_steps=12",
-    "trainer.eval_steps=6",
-    "trainer.save_steps=6",
-    "dataset.max_samples=96",
-    "dataset.max_eval_samples=16",
-]
 
 
 def tiny_mixtral_config(**overrides):

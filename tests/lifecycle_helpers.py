@@ -18,10 +18,28 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# 8 steps, a loss logged every step, checkpoints at 3 and 6 (+ the preemption one), evals at 4 and 8.
-TINY = [
-    "logger=none",
+# Small and fast settings for end-to-end runs of the tiny models on CPU: the one base every test's
+# overrides start from (conftest re-exports it).
+FAST = [
     "trainer=cpu",
+    "logger=none",
+    "trainer.max_steps=12",
+    "trainer.eval_steps=6",
+    "trainer.save_steps=6",
+    "dataset.max_samples=96",
+    "dataset.max_eval_samples=16",
+]
+
+
+def with_overrides(base: list[str], *changes: str) -> list[str]:
+    """`base` with `changes` applied, one entry per key (a key given again replaces its value)."""
+    keys = {change.split("=", 1)[0] for change in changes}
+    return [o for o in base if o.split("=", 1)[0] not in keys] + list(changes)
+
+
+# 8 steps, a loss logged every step, checkpoints at 3 and 6 (+ the preemption one), evals at 4 and 8.
+TINY = with_overrides(
+    FAST,
     "trainer.max_steps=8",
     "trainer.per_device_train_batch_size=2",
     "dataset.max_length=128",
@@ -31,7 +49,7 @@ TINY = [
     "trainer.save_total_limit=2",
     "dataset.max_samples=32",
     "dataset.max_eval_samples=4",
-]
+)
 
 
 def env(extra: dict | None = None) -> dict:
