@@ -4,10 +4,10 @@ Why: a Mixtral QLoRA job that will not fit should stop in a second with advice, 
 minutes of loading and an OOM traceback. Parameter memory is exact arithmetic on the model's
 shapes (including bitsandbytes' quantization constants); activation memory is a per-token model
 whose coefficients were measured with `torch.cuda.max_memory_allocated` on an H100 (see
-docs/memory.md and benchmarks/memory_bench.py), for the training path fine_tune uses: PEFT's
-`prepare_model_for_kbit_training` with quant.upcast_frozen=true (fp32 non-quantized weights, hence an
-fp32 residual stream),
-bf16 autocast, sdpa attention, non-reentrant checkpointing, transformers' causal-LM loss.
+docs/memory.md and benchmarks/memory_bench.py), for the training path fine_tune uses: frozen
+weights in the model dtype, or fp32 with quant.upcast_frozen=true (PEFT's
+`prepare_model_for_kbit_training`, hence an fp32 residual stream), bf16 autocast, sdpa attention,
+non-reentrant checkpointing, transformers' causal-LM loss.
 
 Neither torch nor transformers is imported: `plan=true` must answer fast.
 """
@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from fine_tune.errors import UserError
+from fine_tune.models.quant import upcasts_frozen
 
 GIB = 2**30
 
@@ -242,9 +243,9 @@ def plan_memory(cfg: Any) -> MemoryPlan:
     base_bytes = 4 if cfg["model"]["dtype"] in ("float32", "fp32") else 2
     h, v, n_layers = s.hidden_size, s.vocab_size, s.num_hidden_layers
     quantized, experts_4bit = kind in ("nf4", "fp4", "int8"), fs.experts_in_4bit(s, quant)
-    # PEFT's prepare_model_for_kbit_training (quant.upcast_frozen, not under FSDP: adapters.py)
-    # upcasts every weight that is not quantized to fp32, which also makes the residual stream fp32.
-    kbit_prep = quantized and bool(quant.get("upcast_frozen")) and strategy != "fsdp"
+    # PEFT's prepare_model_for_kbit_training upcasts every weight that is not quantized to fp32, which
+    # also makes the residual stream fp32.
+    kbit_prep = upcasts_frozen(kind, quant.get("upcast_frozen", False), strategy)
     counts = fs.parameter_counts(s, lora, experts_4bit)
     items: list[tuple[str, int, str]] = []
     sharded = f", / {shards} GPUs (FSDP shards)" if strategy == "fsdp" else ""

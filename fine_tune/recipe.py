@@ -135,6 +135,7 @@ class Recipe:
         from transformers import set_seed
 
         from fine_tune.adapters import attach_adapter, load_trained_adapter
+        from fine_tune.models.quant import upcasts_frozen
         from fine_tune.plan import check_before_loading
         from fine_tune.utils.build import build
 
@@ -144,7 +145,7 @@ class Recipe:
         if plan is not None:
             log.info("memory plan: %.1f GiB predicted peak", plan.total_bytes / 2**30)
         base, quant = self.base.model, self.base.quant
-        upcast = quant.enabled and quant.upcast_frozen and cfg.trainer.strategy != "fsdp"
+        upcast = upcasts_frozen(quant.kind, quant.upcast_frozen, cfg.trainer.strategy)
         # A KV cache in training makes packed rows attend across example boundaries (transformers 5.23
         # only honours restarting position_ids without a cache); training never needs it.
         base.config.use_cache = False

@@ -8,6 +8,8 @@ and which batches go to sdpa instead. The kernel itself is measured on a GPU (do
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -41,13 +43,12 @@ def as_on_gpu(monkeypatch):
     calls = []
 
     def use(kernel):
-        parameters = frozenset(__import__("inspect").signature(kernel).parameters)
+        parameters = frozenset(inspect.signature(kernel).parameters)
 
         def recording(*args, **kwargs):
             calls.append(args[0].shape)
             return kernel(*args, **kwargs)
 
-        recording.__signature__ = __import__("inspect").signature(kernel)
         monkeypatch.setattr(attention, "kernel", lambda: recording)
         monkeypatch.setattr(attention, "kernel_parameters", lambda: parameters)
         monkeypatch.setattr(attention, "on_gpu", lambda tensor: True)

@@ -70,7 +70,7 @@ class PackedCollator:
             labels.extend(lab)
             positions.extend(pos)
         starts = [i for i, p in enumerate(positions) if p == 0] + [len(positions)]
-        lengths = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+        longest = max(b - a for a, b in zip(starts, starts[1:], strict=False))
         boundaries = torch.tensor(starts, dtype=torch.int32)
         return {
             "input_ids": torch.tensor([ids], dtype=torch.long),
@@ -80,8 +80,8 @@ class PackedCollator:
             # Example boundaries for varlen attention kernels, computed here so no layer syncs for them.
             "cu_seq_lens_q": boundaries,
             "cu_seq_lens_k": boundaries,
-            "max_length_q": max(lengths),
-            "max_length_k": max(lengths),
+            "max_length_q": longest,
+            "max_length_k": longest,
         }
 
 

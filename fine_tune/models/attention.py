@@ -20,6 +20,7 @@ from typing import Any
 NAME = "varlen"
 
 
+@functools.cache
 def kernel() -> Any:
     """PyTorch's varlen flash attention, or None where this PyTorch has none."""
     try:
@@ -41,6 +42,11 @@ def kernel_parameters() -> frozenset[str]:
     return frozenset(inspect.signature(attend).parameters) if attend is not None else frozenset()
 
 
+def windowed(sliding_window: int | None, max_length: int) -> bool:
+    """Whether a sliding window cuts into the longest example (else attention is plainly causal)."""
+    return bool(sliding_window) and max_length > sliding_window
+
+
 def half_dtype(query: Any) -> Any:
     """The dtype the flash kernel computes in (fp16/bf16 only): autocast's, else the query's; None
     for fp32 outside autocast (sdpa computes that)."""
@@ -59,7 +65,6 @@ def packed_attention(
     max_length: int,
     scaling: float | None,
     sliding_window: int | None,
-    attend: Any = None,
 ) -> Any:
     """Causal attention of each example of the packed rows on its own; (batch, length, heads, dim) out.
 
@@ -68,7 +73,6 @@ def packed_attention(
     """
     import torch
 
-    attend = attend or kernel()
     batch, heads, length, dim = query.shape
     kv_heads = key.shape[1]
 
@@ -80,18 +84,17 @@ def packed_attention(
     if q.dtype != dtype:  # a custom op: autocast does not cast its inputs as it does sdpa's
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     options: dict[str, Any] = {"scale": scaling}
-    parameters = kernel_parameters() if attend is kernel() else inspect.signature(attend).parameters
+    parameters = kernel_parameters()
     if kv_heads != heads:
         if "enable_gqa" in parameters:
             options["enable_gqa"] = True
         else:
             k, v = (x.repeat_interleave(heads // kv_heads, dim=1) for x in (k, v))
-    windowed = bool(sliding_window) and max_length > sliding_window
     if "window_size" in parameters:
-        options["window_size"] = (sliding_window - 1, 0) if windowed else (-1, 0)
-    else:  # torch 2.10: causal only
+        options["window_size"] = (sliding_window - 1, 0) if windowed(sliding_window, max_length) else (-1, 0)
+    else:  # torch 2.10: causal only (varlen_attention sends windowed rows to sdpa there)
         options["is_causal"] = True
-    out = attend(q, k, v, cu_seq_lens, cu_seq_lens, max_length, max_length, **options)
+    out = kernel()(q, k, v, cu_seq_lens, cu_seq_lens, max_length, max_length, **options)
     return out.view(batch, length, heads, dim)
 
 
@@ -111,8 +114,10 @@ def varlen_attention(
 
     cu_seq_lens, max_length = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
     packed = cu_seq_lens is not None and max_length is not None and query.shape[2] == key.shape[2]
-    windowed = bool(sliding_window) and packed and max_length > sliding_window
-    supported = "window_size" in kernel_parameters() or ("is_causal" in kernel_parameters() and not windowed)
+    parameters = kernel_parameters()
+    supported = "window_size" in parameters or (
+        "is_causal" in parameters and packed and not windowed(sliding_window, max_length)
+    )
     if packed and on_gpu(query) and supported and not dropout and half_dtype(query) is not None:
         return packed_attention(query, key, value, cu_seq_lens, max_length, scaling, sliding_window), None
     return sdpa_attention_forward(

@@ -12,6 +12,13 @@ from fine_tune.schema import QuantSchema, default
 CPU_REPACK_FLAG = "support_avx512bf16_for_cpu"
 
 
+def upcasts_frozen(kind: str, upcast_frozen: bool, strategy: str) -> bool:
+    """Whether a run takes PEFT's k-bit preparation (frozen non-quantized weights in fp32): asked for
+    (quant.upcast_frozen) on a quantized base, and never under FSDP (fine_tune.adapters says why).
+    The run (fine_tune.recipe) and the memory planner (fine_tune.plan) both ask here."""
+    return kind != "none" and bool(upcast_frozen) and strategy != "fsdp"
+
+
 @dataclass
 class QuantSpec:
     """What the loaders need: the transformers config plus what bitsandbytes' config cannot carry
