@@ -125,6 +125,22 @@ def test_what_varlen_does_not_cover_goes_to_sdpa(as_on_gpu):
     assert calls == []
 
 
+def test_the_sdpa_mask_is_built_only_for_a_batch_that_goes_to_sdpa(as_on_gpu, monkeypatch):
+    """Packed rows on varlen never build the (length x length) mask; the same rows where varlen
+    does not run (fp32 outside autocast) build it once per forward, not once per layer."""
+    built = []
+    build = attention.DeferredMask.build
+    monkeypatch.setattr(attention.DeferredMask, "build", lambda self: built.append(self) or build(self))
+    packed = PackedCollator()(examples())
+    calls = as_on_gpu(reference_kernel)
+    logits(tiny_model(), packed, attention.NAME)
+    assert len(calls) == 2 and built == []
+    fp32 = tiny_model(torch.float32)
+    got = logits(fp32, packed, attention.NAME)
+    assert len(built) == 2 and built[0] is built[1]  # both layers, one mask
+    torch.testing.assert_close(got, logits(fp32, packed, "sdpa"))
+
+
 def test_auto_is_varlen_only_where_its_kernel_runs(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert attention.resolve("auto") == "sdpa"

@@ -114,16 +114,48 @@ def varlen_attention(
 
     cu_seq_lens, max_length = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
     packed = cu_seq_lens is not None and max_length is not None and query.shape[2] == key.shape[2]
-    parameters = kernel_parameters()
-    supported = "window_size" in parameters or (
-        "is_causal" in parameters and packed and not windowed(sliding_window, max_length)
-    )
-    if packed and on_gpu(query) and supported and not dropout and half_dtype(query) is not None:
-        return packed_attention(query, key, value, cu_seq_lens, max_length, scaling, sliding_window), None
+    # `packed` first: a decoding step (KV cache) never asks for the kernel, so a compiled step has
+    # no cached lookup to trace
+    if packed and on_gpu(query) and not dropout and half_dtype(query) is not None:
+        parameters = kernel_parameters()
+        if "window_size" in parameters or (
+            "is_causal" in parameters and not windowed(sliding_window, max_length)
+        ):
+            return packed_attention(query, key, value, cu_seq_lens, max_length, scaling, sliding_window), None
+    if isinstance(attention_mask, DeferredMask):
+        attention_mask = attention_mask.build()
     return sdpa_attention_forward(
         module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
         sliding_window=sliding_window, **kwargs,
     )  # fmt: skip
+
+
+class DeferredMask:
+    """sdpa's mask for a batch without padding or cache, built the first time a layer sends the
+    batch to sdpa. A packed row that goes to varlen never needs it, and built eagerly it is a
+    (length x length) tensor made at every forward and alive through the backward: 64 MiB at 8,192
+    tokens, part of the training peak (docs/speed.md)."""
+
+    def __init__(self, arguments: dict[str, Any]) -> None:
+        self.arguments: dict[str, Any] | None = arguments
+        self.mask: Any = None
+
+    def build(self) -> Any:
+        from transformers.masking_utils import sdpa_mask
+
+        if self.arguments is not None:
+            self.mask, self.arguments = sdpa_mask(**self.arguments), None
+        return self.mask
+
+
+def varlen_mask(**arguments: Any) -> Any:
+    """The mask interface registered with varlen: rows that may be packed (no padding mask, no
+    cache, more than one token) get a DeferredMask; anything else sdpa's mask, as before."""
+    from transformers.masking_utils import sdpa_mask
+
+    if arguments.get("attention_mask") is None and arguments["q_length"] == arguments["kv_length"] > 1:
+        return DeferredMask(arguments)
+    return sdpa_mask(**arguments)
 
 
 def resolve(name: str) -> str:
@@ -141,9 +173,9 @@ def resolve(name: str) -> str:
 
 def register() -> None:
     """Make `attn_implementation="varlen"` known to transformers (before a model is built with it);
-    its masks are sdpa's, for the batches that go to sdpa."""
+    its masks are sdpa's, for the batches that go to sdpa (deferred: varlen_mask)."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
     AttentionInterface.register(NAME, varlen_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, varlen_mask)
