@@ -33,6 +33,7 @@ ARGS: dict[str, Any] = {
     "top_p": 1.0,
     "show_prompt": False,  # print the rendered prompt (exactly what the model sees) first
     "stream": True,
+    "decode": "auto",  # auto | dynamic | compiled (fine_tune.generation: compiled pays on long work)
 }
 
 
@@ -57,7 +58,7 @@ def respond(loaded: LoadedRun, messages: list[dict[str, str]], args: dict[str, A
 def answer_file(loaded: LoadedRun, path: str, args: dict[str, Any]) -> None:
     """Every non-empty line of `path` as a user turn, `batch_size` prompts per generate call."""
     from fine_tune.data import render_prompt
-    from fine_tune.generation import generate_batch
+    from fine_tune.generation import choose_decode, generate_batch
 
     file = Path(path).expanduser()
     if not file.is_file():
@@ -66,6 +67,9 @@ def answer_file(loaded: LoadedRun, path: str, args: dict[str, Any]) -> None:
     size = int(args["batch_size"])
     if size < 1:
         raise UserError(f"must be >= 1, got {size}", where="batch_size")
+    # the whole file's one-token steps decide whether compiling the step pays
+    steps = -(-len(lines) // size) * int(args["max_new_tokens"])
+    options = {**_decoding(args), "decode": choose_decode(args["decode"], loaded.model, steps)}
     for start in range(0, len(lines), size):
         batch = lines[start : start + size]
         ids = [
@@ -77,16 +81,21 @@ def answer_file(loaded: LoadedRun, path: str, args: dict[str, Any]) -> None:
             for text in batch
         ]
         for text, completion in zip(
-            batch, generate_batch(loaded.model, loaded.tokenizer, ids, **_decoding(args)), strict=True
+            batch, generate_batch(loaded.model, loaded.tokenizer, ids, **options), strict=True
         ):
             print(json.dumps({"prompt": text, "completion": completion}, ensure_ascii=False), flush=True)
 
 
 def _decoding(args: dict[str, Any]) -> dict[str, Any]:
+    from fine_tune.generation import DECODE
+
+    if args["decode"] not in DECODE:
+        raise UserError(f"got {args['decode']!r}", where="decode", hint=f"one of {', '.join(DECODE)}")
     return {
         "max_new_tokens": int(args["max_new_tokens"]),
         "temperature": float(args["temperature"] or 0),
         "top_p": float(args["top_p"]),
+        "decode": args["decode"],
     }
 
 

@@ -11,11 +11,20 @@ and the adapter stays as trained: nothing is merged.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 
 def generate_batch(
+    model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int, **options: Any
+) -> list[str]:
+    """The completion of each tokenized prompt (options: generate_ids'), cut at the first EOS."""
+    rows = generate_ids(model, tokenizer, prompts, max_new_tokens, **options)
+    return [decode_completion(tokenizer, ids) for ids in rows]
+
+
+def generate_ids(
     model: Any,
     tokenizer: Any,
     prompts: Sequence[Sequence[int]],
@@ -23,9 +32,16 @@ def generate_batch(
     temperature: float = 0.0,
     top_p: float = 1.0,
     streamer: Any = None,
-) -> list[str]:
-    """The completion of each tokenized prompt: greedy unless `temperature > 0`, at most
-    `max_new_tokens` tokens, cut at the first EOS (rows that finish early are padded by generate)."""
+    decode: str = "dynamic",
+) -> list[list[int]]:
+    """The new token ids of each prompt: greedy unless `temperature > 0`, at most `max_new_tokens`,
+    EOS and generate's padding included (rows that finish early are padded).
+
+    `decode` (DECODE; `auto` judged on this call alone, callers that know the work ahead resolve it
+    with choose_decode): how each one-token step runs. A step of a 7B model is hundreds of small
+    kernels (every projection with its adapter), so on a GPU its time is Python and launches, not
+    arithmetic: compiled removes that once it has paid for its compile.
+    """
     import torch
 
     from fine_tune.distributed import is_sharded
@@ -34,7 +50,10 @@ def generate_batch(
         return []
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    decode = choose_decode(decode, model, int(max_new_tokens))
     width = max(len(ids) for ids in prompts)
+    if decode == "compiled":
+        width = -(-width // BUCKET) * BUCKET
     input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
     attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for row, ids in enumerate(prompts):
@@ -48,8 +67,9 @@ def generate_batch(
     # done; transformers would not know (it asks PEFT's inner model, which is not FSDP's module).
     if is_sharded(model):
         options["synced_gpus"] = True
+    options.update(decode_options(decode))
     device = next(model.parameters()).device
-    with torch.no_grad():
+    with torch.no_grad(), bitsandbytes_compilable(model):
         output = model.generate(
             input_ids=input_ids.to(device),
             attention_mask=attention_mask.to(device),
@@ -61,7 +81,59 @@ def generate_batch(
             streamer=streamer,
             **options,
         )
-    return [decode_completion(tokenizer, row[width:].tolist()) for row in output]
+    return [row[width:].tolist() for row in output]
+
+
+# `decode`: how each one-token step runs (trainer.generation.decode, generate's decode=).
+DECODE = ("auto", "dynamic", "compiled")
+# Measured on one H100 (benchmarks/generate_bench.py, Mistral-7B nf4, 4 prompts x 32 new tokens):
+# compiling the step costs ~56 s once, after which a step takes 22 ms instead of 74 ms; so compiling
+# pays for itself after about this many one-token steps.
+COMPILE_PAYS_AFTER = 1100
+BUCKET = 64  # compiled: prompt widths padded to a multiple of this, so calls share compiled steps
+
+
+def choose_decode(decode: str, model: Any, steps: int) -> str:
+    """`auto`: compiled on a CUDA GPU when the one-token steps ahead (`steps`, all calls together)
+    repay the compile, else dynamic. Sharded (FSDP) models decode eagerly: each step gathers weights
+    from the other ranks."""
+    from fine_tune.distributed import is_sharded
+
+    if decode not in DECODE:
+        raise ValueError(f"decode must be one of {DECODE}, got {decode!r}")
+    if is_sharded(model):
+        return "dynamic"
+    if decode == "auto":
+        on_gpu = next(model.parameters()).device.type == "cuda"
+        return "compiled" if on_gpu and steps >= COMPILE_PAYS_AFTER else "dynamic"
+    return decode
+
+
+def decode_options(decode: str) -> dict[str, Any]:
+    """generate() options: dynamic grows the cache by a column per token; compiled preallocates it
+    for the whole answer (a static cache), which gives every step the same shapes, and transformers
+    then compiles the step with inductor and replays it as CUDA graphs (on a GPU only; a CPU runs
+    the static cache eagerly, which is what the CPU tests check against dynamic)."""
+    return {"cache_implementation": "static"} if decode == "compiled" else {}
+
+
+@contextlib.contextmanager
+def bitsandbytes_compilable(model: Any) -> Iterator[None]:
+    """transformers will not compile the step of a model loaded with a bitsandbytes config (its
+    quantizer says `is_compileable = False`, from before bitsandbytes' kernels were torch custom
+    ops); the 4-bit layers our own builder makes are the same layers, and their compiled step
+    decodes greedily as the eager one does (benchmarks/generate_bench.py). The veto is lifted for
+    the call, for bitsandbytes only."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    quantizer = getattr(inner, "hf_quantizer", None)
+    if quantizer is None or not type(quantizer).__name__.startswith("Bnb"):
+        yield
+        return
+    inner.hf_quantizer = None
+    try:
+        yield
+    finally:
+        inner.hf_quantizer = quantizer
 
 
 def decode_completion(tokenizer: Any, ids: list[int]) -> str:

@@ -217,6 +217,7 @@ class Recipe:
             generation.max_new_tokens,
             cfg.trainer.eval_steps,
             timer=timer,
+            decode=generation.decode,
         )
         trainer = get_class(self.method.trainer_class)(
             model=model,

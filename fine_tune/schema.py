@@ -133,6 +133,7 @@ class LoraSchema:
 class GenerationSchema:
     num_prompts: int = at_least(3, 0)
     max_new_tokens: int = positive(32)
+    decode: str = one_of("auto", ("auto", "dynamic", "compiled"))  # fine_tune.generation.DECODE
 
 
 @dataclass

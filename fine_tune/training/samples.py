@@ -15,7 +15,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from fine_tune.generation import generate_batch
+from fine_tune.generation import choose_decode, generate_batch
 from fine_tune.hardware import is_main_process
 from fine_tune.training.throughput import PhaseTimer
 from fine_tune.utils.io import append_jsonl
@@ -36,6 +36,7 @@ class SampleCallback(TrainerCallback):
         max_new_tokens: int,
         eval_steps: int,
         timer: PhaseTimer | None = None,
+        decode: str = "dynamic",
     ) -> None:
         self.path = Path(run_dir) / "samples.jsonl"
         self.tracker = tracker
@@ -45,11 +46,15 @@ class SampleCallback(TrainerCallback):
         self.eval_steps = int(eval_steps)
         self.last_step: int | None = None
         self.timer = timer or PhaseTimer()
+        self.decode = decode
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         step = state.global_step
         due = step % self.eval_steps == 0 or (state.max_steps > 0 and step >= state.max_steps)
         if due and self.prompts and self.max_new_tokens > 0 and model is not None:
+            if self.decode == "auto":  # the whole run's samples decide whether compiling pays
+                rounds = state.max_steps // self.eval_steps + 1 if state.max_steps > 0 else 1
+                self.decode = choose_decode("auto", model, rounds * self.max_new_tokens)
             self.sample(model, step)
         return control
 
@@ -65,7 +70,11 @@ class SampleCallback(TrainerCallback):
         try:
             with self.timer.measure("samples"), torch.random.fork_rng(devices=devices):
                 completions = generate_batch(
-                    model, self.tokenizer, [p["prompt_ids"] for p in self.prompts], self.max_new_tokens
+                    model,
+                    self.tokenizer,
+                    [p["prompt_ids"] for p in self.prompts],
+                    self.max_new_tokens,
+                    decode=self.decode,
                 )
         finally:
             model.train(was_training)
