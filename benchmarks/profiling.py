@@ -2,6 +2,7 @@
 `python -m fine_tune` itself (not a test; used by speed.py --profile).
 
     PROFILE_OUT=<dir> python benchmarks/profiling.py <fine_tune overrides>   # PROFILE_START, PROFILE_STEPS
+    PROFILE_MEMORY=1 ...                      # instead: what is allocated at the peak of those steps
 
 Writes `<out>/<name>.txt`: wall time of the profiled steps, how much of it the GPU was busy, the
 kernels by GPU time grouped by kind (matmul, 4-bit dequantization, attention, elementwise, copies,
@@ -106,6 +107,87 @@ def profile_callback(out: Path, name: str, start: int = 4, steps: int = 2):
     return ProfileCallback()
 
 
+WHERE = (
+    "fine_tune/",
+    "peft/",
+    "transformers/",
+    "bitsandbytes/",
+    "trl/",
+    "liger_kernel/",
+    "torch/utils/checkpoint",
+)
+
+
+def peak_breakdown(snapshot: dict, before: int) -> str:
+    """The tensors alive at the highest point of a recorded memory history, grouped by the first
+    frame of ours or a library's that allocated them (allocations from before the recording,
+    the weights mostly, count as `before`)."""
+    events = [
+        e for trace in snapshot["device_traces"] for e in trace if e["action"] in ("alloc", "free_completed")
+    ]
+    live, now, peak, at = {}, 0, 0, 0
+    for index, event in enumerate(events):
+        if event["action"] == "alloc":
+            live[event["addr"]] = event
+            now += event["size"]
+        elif live.pop(event["addr"], None) is not None:
+            now -= event["size"]
+        if now > peak:
+            peak, at = now, index
+    live = {}
+    for event in events[: at + 1]:
+        if event["action"] == "alloc":
+            live[event["addr"]] = event
+        else:
+            live.pop(event["addr"], None)
+    groups: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for event in live.values():
+        frames = event.get("frames") or []
+        frame = next((f for f in frames if any(w in f["filename"] for w in WHERE)), None)
+        where = (
+            f"{frame['filename'].split('site-packages/')[-1]}:{frame['line']} {frame['name']}"
+            if frame
+            else "(no Python frame)"
+        )
+        groups[where][0] += event["size"]
+        groups[where][1] += 1
+    lines = [
+        f"before the recording {before / 2**30:.2f} GiB; recorded peak +{peak / 2**30:.2f} GiB "
+        f"= {(before + peak) / 2**30:.2f} GiB; alive at the peak, by where allocated:"
+    ]
+    for where, (size, count) in sorted(groups.items(), key=lambda kv: -kv[1][0])[:25]:
+        lines.append(f"  {size / 2**20:9.1f} MiB  {count:4d} x  {where}")
+    return "\n".join(lines)
+
+
+def memory_callback(out: Path, name: str, start: int = 4, steps: int = 2):
+    """A TrainerCallback that records allocations over steps start+1 .. start+steps and writes
+    `<out>/<name>_memory.txt` (peak_breakdown)."""
+    import torch
+    from transformers import TrainerCallback
+
+    class MemoryCallback(TrainerCallback):
+        before = -1
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == start and self.before < 0:
+                torch.cuda.synchronize()
+                self.before = torch.cuda.memory_allocated()
+                torch.cuda.memory._record_memory_history(max_entries=400_000, stacks="python")
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.before >= 0 and state.global_step == start + steps:
+                torch.cuda.synchronize()
+                text = peak_breakdown(torch.cuda.memory._snapshot(), self.before)
+                torch.cuda.memory._record_memory_history(enabled=None)
+                out.mkdir(parents=True, exist_ok=True)
+                (out / f"{name}_memory.txt").write_text(text + "\n")
+                print(f"MEMORY {name}\n{text}", file=sys.stderr, flush=True)
+                self.before = 1 << 62  # done
+
+    return MemoryCallback()
+
+
 def fine_tune_main() -> None:
     """`python -m fine_tune` with the profiler callback added to the run's trainer."""
     import fine_tune.recipe as recipe
@@ -117,7 +199,8 @@ def fine_tune_main() -> None:
 
     def trainer(self, *args, **kwargs):
         built, metrics = build(self, *args, **kwargs)
-        built.add_callback(profile_callback(out, name, start, steps))
+        watch = memory_callback if os.environ.get("PROFILE_MEMORY") else profile_callback
+        built.add_callback(watch(out, name, start, steps))
         return built, metrics
 
     recipe.Recipe.trainer = trainer

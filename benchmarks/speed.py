@@ -145,7 +145,8 @@ class Timer:
     def __init__(self, warmup: int, until: int) -> None:
         self.warmup, self.until = warmup, until
         self.pending: list[int] = []
-        self.steps: list[tuple[float, int]] = []
+        self.steps: list[tuple[float, int, int]] = []  # seconds, tokens, batches collated in the step
+        self.shapes: list[str] = []  # the first batches' keys and shapes: what each system really fed
         self._start = 0.0
 
     def count(self, batch: dict) -> dict:
@@ -154,6 +155,8 @@ class Timer:
         else:
             tokens = int(batch["input_ids"].numel())
         self.pending.append(tokens)
+        if len(self.shapes) < 4:
+            self.shapes.append(", ".join(f"{k}{tuple(getattr(v, 'shape', ()))}" for k, v in batch.items()))
         return batch
 
     def callback(self):
@@ -171,21 +174,23 @@ class Timer:
             def on_step_end(self, args, state, control, **kwargs):
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()
-                tokens = sum(timer.pending)
+                tokens, batches = sum(timer.pending), len(timer.pending)
                 timer.pending.clear()
-                timer.steps.append((time.perf_counter() - timer._start, tokens))
+                timer.steps.append((time.perf_counter() - timer._start, tokens, batches))
 
         return _Callback()
 
     def result(self) -> dict:
         timed = self.steps[self.warmup : self.until]
-        seconds = sum(s for s, _ in timed)
-        tokens = sum(t for _, t in timed)
+        seconds = sum(s for s, _, _ in timed)
+        tokens = sum(t for _, t, _ in timed)
         return {
             "steady_tokens_per_s": tokens / seconds if seconds else None,
             "timed_steps": len(timed),
             "tokens_per_step": tokens / max(len(timed), 1),
-            "step_seconds": [round(s, 3) for s, _ in self.steps],
+            "batches_per_step": [b for _, _, b in self.steps],
+            "first_batches": self.shapes,
+            "step_seconds": [round(s, 3) for s, _, _ in self.steps],
         }
 
 
@@ -349,6 +354,12 @@ def run_trl(prep: dict, args: argparse.Namespace, timer: Timer, liger: bool, uns
         callbacks=[timer.callback(), *profiler(args, args.child)],
     )
     trainer.data_collator = counting(trainer.data_collator, timer)
+    a = trainer.args  # as the trainer (and unsloth's patches) left them
+    timer.shapes.append(
+        f"args: batch {a.per_device_train_batch_size} x accumulation {a.gradient_accumulation_steps}"
+        f", packing {getattr(a, 'packing', None)} {getattr(a, 'packing_strategy', '')}"
+        f", padding_free {getattr(a, 'padding_free', None)}"
+    )
     trainer.train()
 
 
