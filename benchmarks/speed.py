@@ -16,7 +16,12 @@ process (so peak memory is its own):
   trl            TRL SFTTrainer: packing bfd (padding-free), sdpa, completion-only loss
   trl_liger      the same + use_liger_kernel=True
   unsloth        unsloth FastLanguageModel (its own env: UNSLOTH_SITE=<dir> is put first on the path;
-                 it pins older transformers and TRL), LoRA dropout 0, its offloaded checkpointing
+                 it pins older transformers and TRL), LoRA dropout 0, its offloaded checkpointing.
+                 The env that ran (pip install --no-deps --target <dir>): unsloth 2026.10.9 (its
+                 studio/ web app dropped from the wheel: 28 -> 2 MB), unsloth_zoo 2026.10.9,
+                 transformers 5.17.0, trl 1.15.0, datasets 4.3.0, torchao, cut_cross_entropy, tyro,
+                 docstring-parser, typeguard, shtab, typer, structlog, json5, nest-asyncio, rich,
+                 markdown-it-py, mdurl, pygments, shellingham, msgspec, einops, sentencepiece, certifi
   fine_tune_nf4  `python -m fine_tune` on the same checkpoint and data, nf4
   fine_tune_bf16 `python -m fine_tune` with quant=none (bf16 LoRA)
 
@@ -331,6 +336,7 @@ def run_trl(prep: dict, args: argparse.Namespace, timer: Timer, liger: bool, uns
     config = SFTConfig(
         output_dir=str(Path(args.work) / ("unsloth" if unsloth else "trl")),
         per_device_train_batch_size=args.batch,
+        gradient_accumulation_steps=1,  # said: unsloth's default is 2 (one optimizer step per two batches)
         max_steps=args.steps,
         max_length=args.max_length,
         packing=True,
