@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import compose
 from lifecycle_helpers import run_tool, tiny_run
@@ -55,6 +56,7 @@ def test_batched_greedy_equals_one_prompt_at_a_time():
     assert len(set(batched)) > 1 and all(batched)
 
 
+@pytest.mark.subprocess
 def test_generate_answers_a_file_of_prompts_in_batches(tmp_path: Path):
     """`python -m fine_tune.generate prompts=<file>`, through the tool's main in this process."""
     run = tiny_run()
