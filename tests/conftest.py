@@ -5,16 +5,40 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
-from lifecycle_helpers import FAST  # noqa: F401  the base overrides, re-exported for the tests that import them from here
+from lifecycle_helpers import (
+    FAST,  # noqa: F401  the base overrides, re-exported for the tests that import them from here
+    make_shared_runs_dir,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 
 
+# glibc hands every block above its mmap threshold (at most 32 MiB by default) back to the kernel on
+# free: the tiny models' logits (batch x length x 32,000 vocabulary, ~260 MB a step) were mapped,
+# page-faulted in and unmapped again at every step, and the kernel's page zeroing took more CPU than
+# the training (CPU runs of the default job: 1m21 s system time, 64 s user). Keeping large blocks in
+# the heap makes the same runs 2.5x faster with the same numbers and ~50 MB more resident memory.
+MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296"
+
+
+def tune_malloc() -> None:
+    """Export MALLOC_TUNABLES for the processes started from here on: the xdist workers (started after
+    pytest_configure) and every CLI run. glibc reads them at process start, so this process keeps
+    its own; `-n 0` runs its in-process trainings at the old speed."""
+    if sys.platform != "linux" or "glibc.malloc.mmap_threshold" in os.environ.get("GLIBC_TUNABLES", ""):
+        return
+    os.environ["GLIBC_TUNABLES"] = ":".join(filter(None, [os.environ.get("GLIBC_TUNABLES"), MALLOC_TUNABLES]))
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    tune_malloc()
+    make_shared_runs_dir()  # before the workers start: they inherit its path
     cache = Path(config.rootpath) / ".cache" / "test-session"
     os.environ.setdefault("FINE_TUNE_CACHE", str(cache))
     os.environ.setdefault("WANDB_MODE", "offline")
@@ -28,6 +52,16 @@ def pytest_configure(config: pytest.Config) -> None:
         import torch
 
         torch.set_num_threads(threads)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:  # noqa: ARG001
+    """The test files with the most `subprocess` tests first, the others after, each in its order.
+
+    xdist hands out whole files (`--dist loadfile`) in collection order (`--no-loadscope-reorder`
+    in pyproject): a long file handed out last runs alone while the other worker idles. The files
+    that start interpreters are the long ones (seconds of imports per CLI run), so they go first."""
+    weight = Counter(item.nodeid.split("::")[0] for item in items if item.get_closest_marker("subprocess"))
+    items.sort(key=lambda item: -weight[item.nodeid.split("::")[0]])  # stable: files stay whole
 
 
 def compose(overrides: list[str] | None = None, return_hydra_config: bool = False):

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -111,19 +112,38 @@ def status(run_dir: Path) -> str | None:
     return json.loads(path.read_text()).get("status") if path.is_file() else None
 
 
-@functools.cache
-def _session_dir() -> Path:
-    path = Path(tempfile.mkdtemp(prefix="ft-lifecycle-"))
+# Where the session's shared runs live: made by the first pytest process (the xdist controller, or
+# the only process with -n 0) and inherited by the workers it starts, so that a run several test
+# files read (the tiny run: five of them) is trained once per session, not once per worker.
+SHARED_RUNS = "FINE_TUNE_TEST_SHARED_RUNS"
+
+
+def make_shared_runs_dir() -> None:
+    """Create the session's shared-runs directory (once, in the first process), removed at exit."""
+    if SHARED_RUNS in os.environ:
+        return
+    path = tempfile.mkdtemp(prefix="ft-lifecycle-")
+    os.environ[SHARED_RUNS] = path
     atexit.register(shutil.rmtree, path, True)
-    return path
+
+
+def _session_dir() -> Path:
+    make_shared_runs_dir()
+    return Path(os.environ[SHARED_RUNS])
 
 
 @functools.cache
 def trained_run(name: str, args: tuple[str, ...]) -> Path:
-    """An uninterrupted run of `args`, trained on first use and shared by the session's tests."""
+    """An uninterrupted run of `args`, trained on first use and shared by the session's tests (across
+    xdist workers: the first to ask trains it under a lock, the others wait and read it)."""
+    from filelock import FileLock
+
     run_dir = _session_dir() / name
-    result = cli([*args, f"hydra.run.dir={run_dir}"])
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    with FileLock(str(run_dir) + ".lock"):
+        if status(run_dir) != "finished":  # not trained yet, or a failed attempt's leftovers
+            shutil.rmtree(run_dir, ignore_errors=True)
+            result = cli([*args, f"hydra.run.dir={run_dir}"])
+            assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     return run_dir
 
 
@@ -173,3 +193,39 @@ def composed(overrides: list[str]):
     GlobalHydra.instance().clear()
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         return compose("config", overrides=overrides)
+
+
+def train_here(run_dir: Path, overrides: list[str]) -> tuple[Any, dict, Any]:
+    """`python -m fine_tune OVERRIDES hydra.run.dir=RUN_DIR`, trained in this process: for tests of what
+    a run leaves behind (generate and export read it), which a subprocess would only make seconds of
+    imports slower. The composed config is saved where Hydra saves it, before the job, then
+    `fine_tune.run.train` runs. Returns (cfg, final metrics, trainer)."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from fine_tune.run import train
+
+    cfg = composed(list(overrides))
+    (run_dir / ".hydra").mkdir(parents=True)
+    OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
+    OmegaConf.save(OmegaConf.create(list(overrides)), run_dir / ".hydra" / "overrides.yaml")
+    metrics, trainer = train(cfg, run_dir, instantiate(cfg.logger), job={"overrides": list(overrides)})
+    return cfg, metrics, trainer
+
+
+def run_tool(module: str, args: list[str], stdin: str = "") -> str:
+    """What `python -m MODULE ARGS` prints (fine_tune.generate, fine_tune.export), run through the
+    tool's own `main` in this process, `stdin` as its input. For tests of what a tool computes or
+    writes; how the command line reports errors (exit 2, no traceback) is tested through `cli`."""
+    import contextlib
+    import importlib
+    import io
+
+    out, before = io.StringIO(), sys.stdin
+    sys.stdin = io.StringIO(stdin)
+    try:
+        with contextlib.redirect_stdout(out):
+            importlib.import_module(module).main(args)
+    finally:
+        sys.stdin = before
+    return out.getvalue()
