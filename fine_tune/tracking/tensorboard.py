@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -17,19 +16,9 @@ from typing import Any
 
 from fine_tune.tracking.base import Tracker, is_main_process, overrides_dict, resolve_job, run_config
 from fine_tune.tracking.redact import redact, redact_override
+from fine_tune.utils.format import finite_number
 
 log = logging.getLogger(__name__)
-
-
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool):
-        return float(value)
-    if isinstance(value, (int, float)):
-        return float(value)
-    try:
-        return float(value.item())  # 0-d tensors / numpy scalars
-    except Exception:  # noqa: BLE001
-        return None
 
 
 def _hparam_value(text: str) -> Any:
@@ -76,8 +65,8 @@ class TensorBoardTracker(Tracker):
         if self._writer is None:
             return
         for key, value in metrics.items():
-            number = _number(value)
-            if number is not None and math.isfinite(number):
+            number = finite_number(value)  # 0-d tensors and numpy scalars too
+            if number is not None:
                 self._writer.add_scalar(str(key), number, int(step))
 
     def log_samples(self, rows: Sequence[Mapping[str, Any]], step: int) -> None:
@@ -94,8 +83,8 @@ class TensorBoardTracker(Tracker):
     def summary(self, metrics: Mapping[str, Any]) -> None:
         if self._writer is None:
             return
-        finals = {k: _number(v) for k, v in metrics.items()}
-        finals = {k: v for k, v in finals.items() if v is not None and math.isfinite(v)}
+        finals = {k: finite_number(v) for k, v in metrics.items()}
+        finals = {k: v for k, v in finals.items() if v is not None}
         for key, value in finals.items():
             self._writer.add_scalar(f"final/{key}", value, 0)
         if self.log_hparams:
