@@ -220,6 +220,7 @@ def _check_method(method: dict) -> None:
 def _check_init_adapter(data: dict, checked: Checked) -> None:
     """The adapter a run starts from must fit its `lora` settings and its base model."""
     from fine_tune.recipe import init_adapter_dir
+    from fine_tune.run_dir import saved_config
     from fine_tune.training.checkpoints import adapter_mismatch
     from fine_tune.utils.io import read_json
 
@@ -236,18 +237,13 @@ def _check_init_adapter(data: dict, checked: Checked) -> None:
             where=f"lora.{key}",
             hint="init_adapter continues that adapter: set the lora group as the run that trained it did",
         )
-    from fine_tune.run_dir import saved_config
-
     run_config = saved_config(directory.parent)
     if not run_config.is_file():
         checked.notes.append(f"init_adapter {directory}: no run config beside it, base model not compared")
         return
-    from omegaconf import OmegaConf
-
     trained = OmegaConf.to_container(OmegaConf.load(run_config), resolve=True)
-    keys = ["family", "name_or_path", "init", "architecture"]
     model = data["model"]
-    for key in keys:
+    for key in ("family", "name_or_path", "init", "architecture"):
         if trained["model"].get(key) != model.get(key):
             raise UserError(
                 f"the adapter in {directory} was trained on another base model (model.{key}: "

@@ -90,16 +90,19 @@ class TrainingClock:
 def flops_per_token(
     config: Any, trainable: Iterable[tuple[str, int]], reference_forward: bool = False
 ) -> float | None:
-    """Training FLOPs of one token (formula in the module docstring), the weights counted by the
-    shapes the planner counts (fine_tune.families.shapes); None for a config of no known family,
-    rather than a guess. `trainable`: (name, numel) of the trainable weights; `reference_forward`:
-    a DPO step's forward of the reference."""
-    from fine_tune.families.shapes import config_shapes, expert_matrices, layer_kinds, layer_linears
+    """Training FLOPs of one token (formula in the module docstring), the weights counted from the
+    shapes the planner counts (fine_tune.families.shapes: a model type no family reads counts as the
+    default family's, attention and a dense MLP); None for an object that is no transformers config.
+    `trainable`: (name, numel) of the trainable weights; `reference_forward`: a DPO step's forward of
+    the reference."""
+    from fine_tune.families import family_of, get_family
+    from fine_tune.families.shapes import expert_matrices, layer_kinds, layer_linears, shapes_from
+    from fine_tune.schema import ModelSchema, default
 
-    try:
-        s = config_shapes(config)
-    except (AttributeError, ValueError):
+    if not hasattr(config, "to_dict"):
         return None
+    values = config.to_dict()
+    s = shapes_from(values, family_of(values) or get_family(default(ModelSchema, "family")))
     routed = s.num_experts_per_tok if s.moe else 1
     frozen = s.vocab_size * s.hidden_size  # the LM head
     for sparse, layers in layer_kinds(s):
