@@ -429,11 +429,7 @@ def compare(
             where=", ".join(str(r) for r in roots),
             hint="pass the sweep dir Hydra printed (multirun/...) or run dirs (outputs/...)",
         )
-    known = set()
-    for job in jobs:
-        known.update((job.metrics or {}).keys())
-        for row in job.history:
-            known.update(row.keys())
+    known = {key for job in jobs for logged in (job.metrics or {}, *job.history) for key in logged}
     if any(job.metrics for job in jobs) and not any(k in known for k in _jsonl_keys(metric)):
         raise UserError(
             f"unknown metric {metric!r}",

@@ -79,27 +79,18 @@ def _match_sentencepiece(tokenizer) -> tuple[Any | None, bool]:
         candidates += [(p, True) for p in sorted(data.glob("*.model.v*")) if "m1" not in p.suffix]
     except ImportError:  # pragma: no cover
         pass
-    found: tuple[Any | None, bool] = (None, False)
-    for path, bundled in candidates:
+
+    def same(path: Path) -> Any:
         sp = spm.SentencePieceProcessor(model_file=str(path))
-        if sp.get_piece_size() != len(pieces):
-            continue
-        if all(sp.id_to_piece(i) == pieces[i] for i in range(sp.get_piece_size())):
-            found = (sp, bundled)
-            break
+        n = sp.get_piece_size()
+        return sp if n == len(pieces) and all(sp.id_to_piece(i) == pieces[i] for i in range(n)) else None
+
+    found = next(((sp, b) for path, b in candidates if (sp := same(path)) is not None), (None, False))
     if found[0] is not None and not found[1]:
         # the tokenizer's own .model file: is it one of Mistral's all the same?
-        found = (found[0], any(b and _same_model(p, found[0]) for p, b in candidates))
+        found = (found[0], any(b and same(path) is not None for path, b in candidates))
     _SP_CACHE[key] = found
     return found
-
-
-def _same_model(path: Path, sp) -> bool:
-    import sentencepiece as spm
-
-    other = spm.SentencePieceProcessor(model_file=str(path))
-    n = other.get_piece_size()
-    return n == sp.get_piece_size() and all(other.id_to_piece(i) == sp.id_to_piece(i) for i in range(n))
 
 
 def _usable_cores() -> int:

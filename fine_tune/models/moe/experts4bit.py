@@ -481,21 +481,21 @@ def quantize_fused_experts(
         spec = quant_type
         quant_type, double_quant = spec.kind, spec.double_quant
         compute_dtype = spec.compute_dtype or torch.bfloat16
-        kernel = getattr(spec, "expert_kernel", kernel)
+        kernel = getattr(spec, "expert_kernel", kernel)  # a stand-in spec may leave it out
     if quant_type not in ("nf4", "fp4"):
         raise ValueError(f"fused experts are quantized to nf4 or fp4, not {quant_type!r}")
     if isinstance(compute_dtype, str):
         compute_dtype = getattr(torch, compute_dtype)
-    found = list(find_fused_experts(model))
-    skipped = {name: reason for name, _, reason in found if reason is not None}
+    found = {
+        name: reason for name, _, reason in find_fused_experts(model)
+    }  # names: no list keeps the originals alive
+    skipped = {name: reason for name, reason in found.items() if reason is not None}
     if skipped and strict:
         raise ValueError(f"cannot quantize fused experts: {skipped}")
-    done = 0
-    for name, module, reason in found:
-        if reason is not None:
-            continue
+    done = [name for name, reason in found.items() if reason is None]
+    for name in done:
         new = quantize_experts_module(
-            module,
+            model.get_submodule(name),
             quant_type=quant_type,
             double_quant=double_quant,
             compute_dtype=compute_dtype,
@@ -503,12 +503,10 @@ def quantize_fused_experts(
             device=device,
             kernel=kernel,
         )
-        set_submodule(model, name, new)
-        del module
-        done += 1
+        set_submodule(model, name, new)  # the model held the original's last reference
     counts = count_parameters(model)
-    counts.update(quantized_modules=done, skipped=skipped)
-    log.info("quantized %d fused-expert modules to %s; %s", done, quant_type, format_counts(counts))
+    counts.update(quantized_modules=len(done), skipped=skipped)
+    log.info("quantized %d fused-expert modules to %s; %s", len(done), quant_type, format_counts(counts))
     for name, reason in skipped.items():
         log.warning("experts %s left unquantized: %s", name, reason)
     return counts
