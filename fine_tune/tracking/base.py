@@ -79,6 +79,11 @@ def run_name(overrides: Sequence[str], *, fallback: str | None = None) -> str | 
     return name if len(name) <= MAX_NAME else name[: MAX_NAME - 3] + "..."
 
 
+def columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Every key of `rows`, in first-seen order: the columns of a samples table."""
+    return list(dict.fromkeys(key for row in rows for key in row))
+
+
 def hydra_job_info() -> dict[str, Any]:
     """What Hydra knows about the running job (mode, overrides, sweep dir, num); {} outside Hydra."""
     try:
@@ -199,7 +204,7 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
     """
     if cfg is None:
         return {}
-    if isinstance(cfg, Mapping) and not _is_omegaconf(cfg):
+    if isinstance(cfg, Mapping) and not type(cfg).__module__.startswith("omegaconf"):
         data = dict(cfg)
     else:
         from omegaconf import OmegaConf
@@ -212,10 +217,6 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
         data.pop("hydra", None)
         return data
     return {"config": data}
-
-
-def _is_omegaconf(obj: Any) -> bool:
-    return type(obj).__module__.startswith("omegaconf")
 
 
 def run_config(cfg: Any, job: Mapping[str, Any]) -> dict[str, Any]:

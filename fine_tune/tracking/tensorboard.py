@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from fine_tune.tracking.base import Tracker, is_main_process, overrides_dict, resolve_job, run_config
+from fine_tune.tracking.base import Tracker, columns, is_main_process, overrides_dict, resolve_job, run_config
 from fine_tune.tracking.redact import redact, redact_override
 from fine_tune.utils.format import finite_number
 
@@ -72,12 +72,10 @@ class TensorBoardTracker(Tracker):
     def log_samples(self, rows: Sequence[Mapping[str, Any]], step: int) -> None:
         if self._writer is None or not rows:
             return
-        columns: list[str] = []
-        for row in rows:
-            columns.extend(k for k in row if k not in columns)
+        names = columns(rows)
         cell = lambda v: str(redact(v)).replace("|", "\\|").replace("\n", "<br>")  # noqa: E731
-        lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-        lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
+        lines = ["| " + " | ".join(names) + " |", "|" + "---|" * len(names)]
+        lines += ["| " + " | ".join(cell(r.get(c, "")) for c in names) + " |" for r in rows]
         self._writer.add_text("samples", "\n".join(lines), int(step))
 
     def summary(self, metrics: Mapping[str, Any]) -> None:
