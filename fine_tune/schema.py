@@ -220,7 +220,9 @@ class _DataSchema:
     revision: str | None = None
     file_type: str | None = None
     fields: Any = None  # field -> column name
-    template: str = one_of("auto", TEMPLATES)
+    template: str = _rule(
+        "auto", lambda v: v in TEMPLATES, f"unknown template: must be one of {list(TEMPLATES)}"
+    )
     system_prompt: str | None = None
     validation_path: Any = None
     test_path: Any = None  # held-out test file(s): tokenized (never packed) into bundle.test
