@@ -250,10 +250,9 @@ class SweepCallback(Callback):
         self.metric = metric
 
     def _tolerate(self, config: DictConfig) -> bool:
-        if isinstance(self.tolerate_failures, bool):
-            return self.tolerate_failures
-        if str(self.tolerate_failures).lower() in ("true", "false"):
-            return str(self.tolerate_failures).lower() == "true"
+        text = str(self.tolerate_failures).lower()
+        if text in ("true", "false"):  # a bool, or the YAML text of one
+            return text == "true"
         target = str(OmegaConf.select(config, "hydra.sweeper._target_", default="") or "")
         return target.endswith("BasicSweeper")
 
