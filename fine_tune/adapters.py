@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -165,12 +164,10 @@ def load_trained_adapter(
 
 def fused_expert_parameter_names(model: Any) -> list[str]:
     """Layer-relative names of 3-D expert tensors, e.g. `mlp.experts.gate_up_proj`."""
-    names = set()
-    for name, param in model.named_parameters():
-        match = re.search(r"layers\.\d+\.(.+)$", name)
-        if match and param.dim() == 3:
-            names.add(match.group(1))
-    return sorted(names)
+    from fine_tune.models.moe.adapter_files import layer_relative
+
+    named = [name for name, param in model.named_parameters() if param.dim() == 3]
+    return sorted({layer_relative(name) for name in named if layer_relative(name) != name})
 
 
 def count_parameters(model: Any) -> tuple[int, int]:

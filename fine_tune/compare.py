@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from fine_tune.errors import EXIT_USER_ERROR, UserError, report
-from fine_tune.utils.format import format_metric
+from fine_tune.tracking.base import run_name, split_override
+from fine_tune.utils.format import finite_number, format_metric
 from fine_tune.utils.io import atomic_file, atomic_write_json, atomic_write_text, read_json
 
 _BROKEN = {"failed", "oom", "preempted", "unknown"}
@@ -83,12 +84,12 @@ class Job:
 
     def value(self, metric: str) -> float | None:
         """The metric from metrics.json, else its latest value in metrics.jsonl (running jobs)."""
-        number = _number((self.metrics or {}).get(metric))
+        number = finite_number((self.metrics or {}).get(metric))
         if number is not None:
             return number
         for key in _jsonl_keys(metric):
             for row in reversed(self.history):
-                number = _number(row.get(key))
+                number = finite_number(row.get(key))
                 if number is not None:
                     return number
         return None
@@ -96,22 +97,12 @@ class Job:
     def curve(self, key: str) -> tuple[list[float], list[float]]:
         steps, values = [], []
         for index, row in enumerate(self.history):
-            value = _number(row.get(key))
+            value = finite_number(row.get(key))
             if value is not None:
-                step = _number(row.get("step"))
+                step = finite_number(row.get("step"))
                 steps.append(step if step is not None else float(index))
                 values.append(value)
         return steps, values
-
-
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or value is None:
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
 
 
 def _jsonl_keys(metric: str) -> list[str]:
@@ -136,12 +127,8 @@ def _jsonl_keys(metric: str) -> list[str]:
 
 
 def _is_job_dir(path: Path) -> bool:
-    return (
-        (path / ".hydra" / "overrides.yaml").is_file()
-        or (path / "status.json").is_file()
-        or (path / "metrics.jsonl").is_file()
-        or (path / "metrics.json").is_file()
-    )
+    markers = (".hydra/overrides.yaml", "status.json", "metrics.jsonl", "metrics.json")
+    return any((path / marker).is_file() for marker in markers)
 
 
 def find_job_dirs(root: Path) -> list[Path]:
@@ -234,14 +221,9 @@ def load_jobs(paths: Sequence[Path], missing_ok: bool = False) -> list[Job]:
     return jobs
 
 
-def _split(override: str) -> tuple[str, str]:
-    key, _, value = override.partition("=")
-    return key.lstrip("+~"), value
-
-
 def differing_overrides(jobs: Sequence[Job]) -> tuple[list[str], dict[str, str]]:
     """(keys whose value differs between jobs, {key: value} shared by every job)."""
-    per_job = [dict(_split(o) for o in job.overrides) for job in jobs]
+    per_job = [dict(split_override(o) for o in job.overrides) for job in jobs]
     keys: list[str] = []
     for mapping in per_job:
         keys.extend(k for k in mapping if k not in keys)
@@ -261,7 +243,7 @@ def build_rows(jobs: Sequence[Job], metric: str, descending: bool = False) -> li
     extras = extra_columns(jobs, metric)
     rows = []
     for job in jobs:
-        mapping = dict(_split(o) for o in job.overrides)
+        mapping = dict(split_override(o) for o in job.overrides)
         row: dict[str, Any] = {"job": job.name, "dir": str(job.path), "status": job.state}
         row["overrides"] = {k: mapping.get(k) for k in differ}
         row[metric] = job.value(metric)
@@ -314,9 +296,7 @@ def _table(
 
 
 def _label(job: Job, differ: Sequence[str]) -> str:
-    from fine_tune.tracking.base import run_name
-
-    mapping = dict(_split(o) for o in job.overrides)
+    mapping = dict(split_override(o) for o in job.overrides)
     label = run_name([f"{k}={mapping[k]}" for k in differ if k in mapping], fallback=job.name) or job.name
     return label if job.state in ("finished", "running") else f"{label} ({job.state})"
 
@@ -331,9 +311,9 @@ def _panel_curve(job: Job, key: str) -> tuple[list[float], list[float]]:
     """The logged curve; a job that logged no eval row still shows its final eval as one point."""
     steps, values = job.curve(key)
     if not steps and key == "eval/loss":
-        final = _number((job.metrics or {}).get("eval_loss"))
+        final = finite_number((job.metrics or {}).get("eval_loss"))
         if final is not None:
-            last = _number((job.metrics or {}).get("steps"))
+            last = finite_number((job.metrics or {}).get("steps"))
             steps, values = [last if last is not None else 0.0], [final]
     return steps, values
 
@@ -449,11 +429,7 @@ def compare(
             where=", ".join(str(r) for r in roots),
             hint="pass the sweep dir Hydra printed (multirun/...) or run dirs (outputs/...)",
         )
-    known = set()
-    for job in jobs:
-        known.update((job.metrics or {}).keys())
-        for row in job.history:
-            known.update(row.keys())
+    known = {key for job in jobs for logged in (job.metrics or {}, *job.history) for key in logged}
     if any(job.metrics for job in jobs) and not any(k in known for k in _jsonl_keys(metric)):
         raise UserError(
             f"unknown metric {metric!r}",

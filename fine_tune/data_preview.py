@@ -20,13 +20,14 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+from fine_tune.data.collate import IGNORE_INDEX
+
 if TYPE_CHECKING:
     from omegaconf import DictConfig
     from transformers import PreTrainedTokenizerBase
 
     from fine_tune.data import DataBundle
 
-IGNORE_INDEX = -100
 GREEN, DIM, RESET = "\033[32m", "\033[2m", "\033[0m"
 
 

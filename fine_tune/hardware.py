@@ -25,19 +25,12 @@ def resolve_dtype(name: str | None):
 
     if name in (None, "auto"):
         return torch.bfloat16 if bf16_supported() else torch.float32
-    try:
-        return {
-            "bfloat16": torch.bfloat16,
-            "bf16": torch.bfloat16,
-            "float16": torch.float16,
-            "fp16": torch.float16,
-            "float32": torch.float32,
-            "fp32": torch.float32,
-        }[str(name)]
-    except KeyError:
+    name = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(str(name), str(name))
+    if name not in ("bfloat16", "float16", "float32"):
         from fine_tune.errors import UserError
 
-        raise UserError(f"unknown dtype '{name}'", hint="use auto, bfloat16, float16 or float32") from None
+        raise UserError(f"unknown dtype '{name}'", hint="use auto, bfloat16, float16 or float32")
+    return getattr(torch, name)
 
 
 def resolve_precision(name: str) -> str:

@@ -24,8 +24,7 @@ from typing import Any
 import torch
 
 from fine_tune.errors import UserError
-
-PEFT_PREFIX = "base_model.model."
+from fine_tune.models.moe.lora import canonical_path
 
 # (checkpoint key, shape) -> the full-precision weight
 WeightSource = Callable[[str, tuple[int, ...]], torch.Tensor]
@@ -56,6 +55,20 @@ def checkpoint_weights(name_or_path: str | None, config: Any) -> WeightSource:
     return read
 
 
+def _lora_on_4bit(model: Any, adapter: str) -> Any:
+    """(checkpoint key, LoRA layer, its dequantized 4-bit weight in fp32) of each LoRA on a 4-bit linear."""
+    from peft.tuners.lora.bnb import Linear4bit
+    from peft.utils.integrations import dequantize_module_weight
+
+    for name, module in model.named_modules():
+        if isinstance(module, Linear4bit) and adapter in module.lora_A:
+            yield (
+                f"{canonical_path(name)}.weight",
+                module,
+                dequantize_module_weight(module.get_base_layer()).float(),
+            )
+
+
 @torch.no_grad()
 def loftq_initialise(model: Any, weights: WeightSource, adapter: str = "default") -> int:
     """Set A and B of every LoRA on a 4-bit linear of the PEFT `model` from its quantization error.
@@ -63,15 +76,8 @@ def loftq_initialise(model: Any, weights: WeightSource, adapter: str = "default"
     Returns the number of layers initialised (a model without one is a configuration error that
     validation refuses first: LoftQ needs quant=nf4 or fp4).
     """
-    from peft.tuners.lora.bnb import Linear4bit
-    from peft.utils.integrations import dequantize_module_weight
-
     done = 0
-    for name, module in model.named_modules():
-        if not isinstance(module, Linear4bit) or adapter not in module.lora_A:
-            continue
-        quantized = dequantize_module_weight(module.get_base_layer()).float()
-        key = name.removeprefix(PEFT_PREFIX) + ".weight"
+    for key, module, quantized in _lora_on_4bit(model, adapter):
         error = weights(key, tuple(quantized.shape)).to(quantized.device, torch.float32) - quantized
         lora_a, lora_b = low_rank_factors(error, module.r[adapter], module.scaling[adapter])
         module.lora_A[adapter].weight.copy_(lora_a)
@@ -98,15 +104,10 @@ def low_rank_factors(matrix: torch.Tensor, r: int, scaling: float) -> tuple[torc
 def quantization_error(model: Any, weights: WeightSource, adapter: str = "default") -> float:
     """Frobenius norm of (full precision - what the model computes with) over its 4-bit LoRA layers:
     how far LoftQ moved the start from the full-precision model (tests, benchmarks)."""
-    from peft.tuners.lora.bnb import Linear4bit
-    from peft.utils.integrations import dequantize_module_weight
-
     total = 0.0
-    for name, module in model.named_modules():
-        if isinstance(module, Linear4bit) and adapter in module.lora_A:
-            effective = dequantize_module_weight(module.get_base_layer()).float()
-            delta = module.lora_B[adapter].weight @ module.lora_A[adapter].weight
-            effective = effective + module.scaling[adapter] * delta.float()
-            full = weights(name.removeprefix(PEFT_PREFIX) + ".weight", tuple(effective.shape))
-            total += float((full.to(effective.device).float() - effective).pow(2).sum())
+    for key, module, quantized in _lora_on_4bit(model, adapter):
+        delta = module.lora_B[adapter].weight @ module.lora_A[adapter].weight
+        effective = quantized + module.scaling[adapter] * delta.float()
+        full = weights(key, tuple(effective.shape))
+        total += float((full.to(effective.device).float() - effective).pow(2).sum())
     return math.sqrt(total)

@@ -183,15 +183,15 @@ class MemoryPlan:
             f"{'on' if self.gradient_checkpointing else 'off'}",
             f"  {'':2}{'part':<44}{'GiB':>8}   how",
         ]
-        for what, b, how in self.items:
-            lines.append(f"  {'':2}{what:<44}{b / GIB:>8.2f}   {how}")
-        row = "  {:2}{:<44}{:>8.2f}".format
-        lines.append(row("", "= peak allocated (max_memory_allocated)", self.total_bytes / GIB))
-        act = self.activation_bytes(self.batch_size)
-        lines.append(f"  {'':2}{'+ allocator slack (fragmentation)':<44}{ALLOCATOR_SLACK * act / GIB:>8.2f}")
-        outside = self.outside_allocator_bytes / GIB
-        lines.append(row("", "+ outside the allocator (paged optim, context)", outside))
-        lines.append(f"  {'':2}{'= device memory needed':<44}{self.device_bytes() / GIB:>8.2f}")
+        row = "    {:<44}{:>8.2f}".format  # part, GiB
+        lines += [f"{row(what, b / GIB)}   {how}" for what, b, how in self.items]
+        slack = ALLOCATOR_SLACK * self.activation_bytes(self.batch_size)
+        lines += [
+            row("= peak allocated (max_memory_allocated)", self.total_bytes / GIB),
+            row("+ allocator slack (fragmentation)", slack / GIB),
+            row("+ outside the allocator (paged optim, context)", self.outside_allocator_bytes / GIB),
+            row("= device memory needed", self.device_bytes() / GIB),
+        ]
         total = self.params_4bit + self.params_other
         if total:
             lines.append(

@@ -31,16 +31,12 @@ from fine_tune.errors import UserError
 INITIAL = "adapter_init"  # in the run directory
 
 
-def _init_of(model: Any) -> Any:
-    config = getattr(model, "peft_config", {}).get("default")
-    return getattr(config, "init_lora_weights", True)
-
-
 def save_initial_adapter(model: Any, run_dir: Path) -> Path | None:
     """Before the first step of a PiSSA/OLoRA run: the adapter as initialised, which the conversion
     subtracts. A resumed run keeps the one of its first attempt (the initialisation is repeatable:
     the products B0 @ A0 are equal, whatever signs an SVD picks)."""
-    if not changes_base(_init_of(model)):
+    config = getattr(model, "peft_config", {}).get("default")
+    if not changes_base(getattr(config, "init_lora_weights", True)):
         return None
     from fine_tune.models.moe.adapter_files import PEFT_CONFIG
     from fine_tune.utils.io import publish_dir

@@ -25,18 +25,14 @@ from pathlib import Path
 from typing import Any
 
 from fine_tune.errors import UserError
+from fine_tune.tracking.base import split_override
 
 _RUN_DIR = "hydra.run.dir"
 _MAY_DIFFER = ("resume",)
 
 
-def override_key(override: str) -> str:
-    """`+trainer.max_steps=8` -> `trainer.max_steps`; `~lora.bias` -> `lora.bias`."""
-    return override.partition("=")[0].lstrip("+~")
-
-
 def _last_value(args: list[str], key: str) -> str | None:
-    values = [arg.partition("=")[2] for arg in args if "=" in arg and override_key(arg) == key]
+    values = [split_override(arg)[1] for arg in args if "=" in arg and split_override(arg)[0] == key]
     return values[-1] if values else None
 
 
@@ -54,8 +50,8 @@ def with_saved_overrides(argv: list[str]) -> list[str]:
         return argv
     from omegaconf import OmegaConf
 
-    given = {override_key(arg) for arg in args if not arg.startswith("-")}
-    kept = [str(o) for o in OmegaConf.load(saved) if override_key(str(o)) not in given]
+    given = {split_override(arg)[0] for arg in args if not arg.startswith("-")}
+    kept = [str(o) for o in OmegaConf.load(saved) if split_override(str(o))[0] not in given]
     return [argv[0], *kept, *args]
 
 

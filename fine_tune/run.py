@@ -199,14 +199,15 @@ def run(cfg: DictConfig, run_dir: Path, job: dict) -> float | None:
 
 
 def job_info() -> tuple[Path, dict]:
+    """The run directory and the job: its overrides, number and sweep dir (None in a single run)."""
     from hydra.core.hydra_config import HydraConfig
 
-    hydra_cfg = HydraConfig.get()
-    run_dir = Path(hydra_cfg.runtime.output_dir)
+    from fine_tune.tracking.base import hydra_job_info
+
+    info = hydra_job_info()
     job = {
-        "overrides": list(hydra_cfg.overrides.task),
-        "num": hydra_cfg.job.get("num", 0),
-        "mode": str(hydra_cfg.mode),
-        "sweep_dir": hydra_cfg.sweep.dir if "MULTIRUN" in str(hydra_cfg.mode) else None,
+        "overrides": info.get("overrides", []),
+        "num": info.get("num", 0),
+        "sweep_dir": info.get("sweep_dir"),
     }
-    return run_dir, job
+    return Path(HydraConfig.get().runtime.output_dir), job

@@ -35,6 +35,18 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 LORA_INITS = ("gaussian", "pissa", "olora", "loftq")
 SKIP_MODULES = ("lm_head",)  # kept in full precision, as bitsandbytes' from_pretrained does
 STRATEGIES = ("ddp", "fsdp")  # how several processes share the work (docs/scaling.md)
+# dataset.template (fine_tune/data/templates.py: mistral = the variant the tokenizer's vocabulary says)
+TEMPLATES = (
+    "auto",
+    "mistral",
+    "mistral_v1",
+    "mistral_v3",
+    "mistral_v7",
+    "chatml",
+    "qa",
+    "chat_template",
+    "none",
+)
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 # Keys that moved to the group that uses them; the old spelling still works, with a warning, until
 # the release after 0.x (then: delete these and the `null` placeholders in conf/trainer/default.yaml).
@@ -209,7 +221,9 @@ class _DataSchema:
     revision: str | None = None
     file_type: str | None = None
     fields: Any = None  # field -> column name
-    template: str = "auto"
+    template: str = _rule(
+        "auto", lambda v: v in TEMPLATES, f"unknown template: must be one of {list(TEMPLATES)}"
+    )
     system_prompt: str | None = None
     validation_path: Any = None
     test_path: Any = None  # held-out test file(s): tokenized (never packed) into bundle.test

@@ -14,9 +14,8 @@ from typing import Any
 
 from fine_tune.errors import UserError
 from fine_tune.tracking.base import flatten
-from fine_tune.tracking.redact import is_secret_key, redact_text
+from fine_tune.tracking.redact import HEX_OK_KEYS, is_secret_key, redact_text
 
-_HEX_OK = {"revision", "commit", "sha", "git_commit", "code_revision", "hash"}
 HINT = (
     "remove it; put Hugging Face tokens in HF_TOKEN or `huggingface-cli login`, W&B keys in "
     "WANDB_API_KEY or `wandb login`"
@@ -31,31 +30,30 @@ def find_secret(data: Any) -> str | None:
         values = value if isinstance(value, list) else [value]
         last = key.rsplit(".", 1)[-1].lower()
         for item in values:
-            if isinstance(item, str) and redact_text(item, allow_hex40=last in _HEX_OK) != item:
+            if isinstance(item, str) and redact_text(item, allow_hex40=last in HEX_OK_KEYS) != item:
                 return key
     return None
 
 
-def check_no_secrets(data: Any) -> None:
-    key = find_secret(data)
-    if key is not None:
-        raise UserError("looks like a credential; tokens are never read from configs", where=key, hint=HINT)
-
-
-def guard(cfg: Any, run_dir: str | Path | None) -> None:
-    """Refuse a config holding a credential, scrubbing the copies Hydra already saved in the run dir."""
-    from omegaconf import OmegaConf
-
-    try:
-        data = OmegaConf.to_container(cfg, resolve=False)
-    except Exception:  # noqa: BLE001 - an unresolvable config is validation's to report
-        return
+def check_no_secrets(data: Any, run_dir: str | Path | None = None) -> None:
+    """Refuse a config holding a credential, scrubbing the copies Hydra already saved in `run_dir`."""
     key = find_secret(data)
     if key is None:
         return
     if run_dir is not None:
         scrub_dir(Path(run_dir) / ".hydra")
     raise UserError("looks like a credential; tokens are never read from configs", where=key, hint=HINT)
+
+
+def guard(cfg: Any, run_dir: str | Path | None) -> None:
+    """`check_no_secrets` on the composed config before it is resolved."""
+    from omegaconf import OmegaConf
+
+    try:
+        data = OmegaConf.to_container(cfg, resolve=False)
+    except Exception:  # noqa: BLE001 - an unresolvable config is validation's to report
+        return
+    check_no_secrets(data, run_dir)
 
 
 def scrub_dir(directory: Path) -> None:

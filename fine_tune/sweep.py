@@ -17,10 +17,10 @@ import contextlib
 import datetime as _dt
 import hashlib
 import logging
-import math
 import os
 import sys
 import traceback
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fine_tune.hardware import is_main_process
 from fine_tune.tracking.redact import redact, redact_override, redact_text
+from fine_tune.utils.format import finite_number
 from fine_tune.utils.io import atomic_write_json, atomic_write_text, read_json
 
 log = logging.getLogger(__name__)
@@ -60,23 +61,15 @@ def should_skip(run_dir: str | os.PathLike) -> bool:
     return bool(status) and status.get("status") == FINISHED
 
 
-def _as_metric(value: Any) -> float | None:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
-
-
 def finished_metric(run_dir: str | os.PathLike) -> float | None:
     """What a skipped job returns to the sweeper: status.json's metric, else metrics.json's eval_loss.
 
     Optuna needs a value for every trial, including those a resumed sweep skips.
     """
     status = read_status(run_dir) or {}
-    metric = _as_metric(status.get("metric"))
+    metric = finite_number(status.get("metric"))
     if metric is None:
-        metric = _as_metric((read_json(Path(run_dir) / "metrics.json") or {}).get("eval_loss"))
+        metric = finite_number((read_json(Path(run_dir) / "metrics.json") or {}).get("eval_loss"))
     return metric
 
 
@@ -113,7 +106,7 @@ def mark_running(run_dir: str | os.PathLike, overrides: Sequence[str] | None = N
 
 def mark_finished(run_dir: str | os.PathLike, metric: Any = None) -> dict[str, Any]:
     """Record success; call last, after metrics.json and the adapter are written."""
-    return _write(run_dir, status=FINISHED, ended=_now(), metric=_as_metric(metric))
+    return _write(run_dir, status=FINISHED, ended=_now(), metric=finite_number(metric))
 
 
 def is_oom(error: BaseException | str) -> bool:
@@ -172,13 +165,13 @@ if not OmegaConf.has_resolver("fine_tune.job_subdir"):
 def summarize(sweep_dir: str | os.PathLike, metric: str = "eval_loss") -> dict[str, Any]:
     """Status of every job under `sweep_dir`: rows sorted finished-best-first, plus counts."""
     from fine_tune.compare import differing_overrides, load_jobs
-    from fine_tune.tracking.base import run_name
+    from fine_tune.tracking.base import run_name, split_override
 
     jobs = load_jobs([Path(sweep_dir)], missing_ok=True)
     differ, _common = differing_overrides(jobs)
     rows = []
     for job in jobs:
-        varied = [o for o in job.overrides if o.partition("=")[0].lstrip("+~") in differ]
+        varied = [o for o in job.overrides if split_override(o)[0] in differ]
         rows.append(
             {
                 "job": job.name,
@@ -191,9 +184,7 @@ def summarize(sweep_dir: str | os.PathLike, metric: str = "eval_loss") -> dict[s
             }
         )
     rows.sort(key=lambda r: (r["status"] != FINISHED, r[metric] is None, r[metric] or 0.0, r["job"]))
-    counts: dict[str, int] = {}
-    for row in rows:
-        counts[row["status"]] = counts.get(row["status"], 0) + 1
+    counts = dict(Counter(row["status"] for row in rows))
     summary: dict[str, Any] = {"sweep_dir": str(sweep_dir), "metric": metric, "counts": counts, "jobs": rows}
     optuna = Path(sweep_dir) / "optimization_results.yaml"
     if optuna.is_file():
@@ -259,10 +250,9 @@ class SweepCallback(Callback):
         self.metric = metric
 
     def _tolerate(self, config: DictConfig) -> bool:
-        if isinstance(self.tolerate_failures, bool):
-            return self.tolerate_failures
-        if str(self.tolerate_failures).lower() in ("true", "false"):
-            return str(self.tolerate_failures).lower() == "true"
+        text = str(self.tolerate_failures).lower()
+        if text in ("true", "false"):  # a bool, or the YAML text of one
+            return text == "true"
         target = str(OmegaConf.select(config, "hydra.sweeper._target_", default="") or "")
         return target.endswith("BasicSweeper")
 
@@ -293,10 +283,7 @@ class SweepCallback(Callback):
         sweep_dir = OmegaConf.select(config, "hydra.sweep.dir", default=None)
         if not sweep_dir or not Path(sweep_dir).is_dir():
             return
-        if self.write_summary:
-            summary = write_summary(sweep_dir, self.metric)
-        else:
-            summary = summarize(sweep_dir, self.metric)
+        summary = (write_summary if self.write_summary else summarize)(sweep_dir, self.metric)
         print(format_summary(summary), flush=True)
         rows = summary["jobs"]
         if self.exit_nonzero_if_all_failed and rows and not any(r["status"] == FINISHED for r in rows):

@@ -120,6 +120,9 @@ def cross_checks(data: dict, checked: Checked) -> None:
             where="trainer.num_train_epochs",
         )
     _check_model(model, dataset, checked)
+    from fine_tune.families.shapes import model_shapes
+
+    shapes = model_shapes(model, hub=False)
     cuda = _LazyCuda()  # torch is imported only when a check needs to know
     kind = quant["kind"]
     if kind != "none":
@@ -149,9 +152,9 @@ def cross_checks(data: dict, checked: Checked) -> None:
     if precision == "fp16" and not cuda:
         checked.notes.append("fp16 requested on CPU: training runs in fp32")
 
-    _check_experts(model, quant, lora)
+    _check_experts(shapes, quant, lora)
     _check_lora_targets(lora)
-    _check_variant(model, quant, lora, checked)
+    _check_variant(shapes, model, quant, lora, checked)
 
     attn = model["attn_implementation"]
     if attn in ("flash_attention_2", "flash_attention_3"):
@@ -176,7 +179,7 @@ def cross_checks(data: dict, checked: Checked) -> None:
         checked.notes.append("packing with eager attention builds a full mask per pack: sdpa is faster")
 
     target = str((optim.get("optimizer") or {}).get("_target_", ""))
-    _check_strategy(data, checked, cuda)
+    _check_strategy(data, shapes, checked, cuda)
     if ("bitsandbytes" in target) and importlib.util.find_spec("bitsandbytes") is None:
         raise UserError(f"{target} needs bitsandbytes", where="optim.optimizer._target_")
 
@@ -217,6 +220,7 @@ def _check_method(method: dict) -> None:
 def _check_init_adapter(data: dict, checked: Checked) -> None:
     """The adapter a run starts from must fit its `lora` settings and its base model."""
     from fine_tune.recipe import init_adapter_dir
+    from fine_tune.run_dir import saved_config
     from fine_tune.training.checkpoints import adapter_mismatch
     from fine_tune.utils.io import read_json
 
@@ -233,18 +237,13 @@ def _check_init_adapter(data: dict, checked: Checked) -> None:
             where=f"lora.{key}",
             hint="init_adapter continues that adapter: set the lora group as the run that trained it did",
         )
-    from fine_tune.run_dir import saved_config
-
     run_config = saved_config(directory.parent)
     if not run_config.is_file():
         checked.notes.append(f"init_adapter {directory}: no run config beside it, base model not compared")
         return
-    from omegaconf import OmegaConf
-
     trained = OmegaConf.to_container(OmegaConf.load(run_config), resolve=True)
-    keys = ["family", "name_or_path", "init", "architecture"]
     model = data["model"]
-    for key in keys:
+    for key in ("family", "name_or_path", "init", "architecture"):
         if trained["model"].get(key) != model.get(key):
             raise UserError(
                 f"the adapter in {directory} was trained on another base model (model.{key}: "
@@ -293,11 +292,10 @@ def _check_model(model: dict, dataset: dict, checked: Checked) -> None:
         )
 
 
-def _check_experts(model: dict, quant: dict, lora: dict) -> None:
+def _check_experts(shapes: Any, quant: dict, lora: dict) -> None:
     """LoRA on experts needs experts; PEFT's all-linear on the router takes no dropout."""
-    from fine_tune.families.shapes import experts_in_4bit, model_shapes
+    from fine_tune.families.shapes import experts_in_4bit, peft_remaps
 
-    shapes = model_shapes(model, hub=False)
     four_bit = experts_in_4bit(shapes, quant)
     if lora["experts"] and not shapes.moe:
         raise UserError(
@@ -313,9 +311,7 @@ def _check_experts(model: dict, quant: dict, lora: dict) -> None:
             where="lora.experts",
             hint="use quant=nf4 (experts in 4 bits too) or quant=none (bf16 experts), or lora.experts=false",
         )
-    # PEFT adapts the router (and bf16 fused experts) of these families as bare parameters
-    remapped = shapes.moe and shapes.family.peft_remaps_moe and lora["target_modules"] == "all-linear"
-    if remapped and lora["lora_dropout"] > 0:
+    if peft_remaps(shapes, lora) and lora["lora_dropout"] > 0:
         raise UserError(
             "all-linear on this MoE model adapts the router as a bare parameter, which takes no dropout",
             where="lora.lora_dropout",
@@ -336,11 +332,11 @@ def _check_lora_targets(lora: dict) -> None:
         )
 
 
-def _check_variant(model: dict, quant: dict, lora: dict, checked: Checked) -> None:
+def _check_variant(shapes: Any, model: dict, quant: dict, lora: dict, checked: Checked) -> None:
     """DoRA and the initialisations (conf/lora/*.yaml): refused where PEFT cannot apply them, where
     the saved adapter could not reproduce the trained model, or where they need what is missing."""
     from fine_tune.adapters import changes_base
-    from fine_tune.families.shapes import model_shapes, parameter_counts
+    from fine_tune.families.shapes import parameter_counts, peft_remaps
     from fine_tune.models.loading import MATERIALISE_LIMIT
 
     init, dora, kind = lora["init_lora_weights"], lora["use_dora"], quant["kind"]
@@ -360,8 +356,7 @@ def _check_variant(model: dict, quant: dict, lora: dict, checked: Checked) -> No
             where=where,
             hint=f"lora.experts=false ({name} on attention and MLP), or lora=attn_experts without {name}",
         )
-    shapes = model_shapes(model, hub=False)
-    if shapes.moe and shapes.family.peft_remaps_moe and lora["target_modules"] == "all-linear":
+    if peft_remaps(shapes, lora):
         raise UserError(
             f"all-linear on this MoE model adapts the router as a bare parameter, which takes no {name}",
             where=where,
@@ -433,11 +428,11 @@ def variant_notes(shapes: Any, lora: dict, kind: str) -> list[str]:
     return notes
 
 
-def _check_strategy(data: dict, checked: Checked, cuda: Any) -> None:
+def _check_strategy(data: dict, shapes: Any, checked: Checked, cuda: Any) -> None:
     """What FSDP cannot shard or run with; each refusal names the way that works (docs/scaling.md).
     In `validate=true` the checks of how the job was launched are notes: a laptop may validate a
     config meant for torchrun on GPUs."""
-    from fine_tune.families.shapes import FOUR_BIT, experts_in_4bit, model_shapes
+    from fine_tune.families.shapes import FOUR_BIT, experts_in_4bit
     from fine_tune.hardware import launched
 
     trainer, quant = data["trainer"], data["quant"]
@@ -467,7 +462,7 @@ def _check_strategy(data: dict, checked: Checked, cuda: Any) -> None:
             "quant.kind",
             "use quant=nf4 (4-bit weights, stored in bf16 for FSDP), or trainer=ddp",
         )
-    if kind in FOUR_BIT and experts_in_4bit(model_shapes(data["model"], hub=False), quant):
+    if experts_in_4bit(shapes, quant):
         refuse(
             "fine_tune's 4-bit experts keep their packed weights in buffers, which FSDP does not shard "
             "(every GPU would hold all of them)",
@@ -564,8 +559,9 @@ def planned_steps(trainer: dict, train_rows: int) -> tuple[int, float]:
     return steps, steps / steps_per_epoch
 
 
-def check_prompts(bundle: Any, max_length: int) -> None:
-    """Held-out prompts must leave room for an answer inside max_length (the model never saw more)."""
+def check_prompts(bundle: Any, max_length: int) -> int:
+    """Held-out prompts must leave room for an answer inside max_length (the model never saw more);
+    returns the longest prompt's length."""
     longest = max((len(p["prompt_ids"]) for p in bundle.prompts), default=0)
     if longest >= max_length:
         raise UserError(
@@ -573,6 +569,7 @@ def check_prompts(bundle: Any, max_length: int) -> None:
             where="dataset.max_length",
             hint="raise dataset.max_length, or shorten the prompts",
         )
+    return longest
 
 
 def print_validation(cfg: DictConfig) -> None:
@@ -636,14 +633,11 @@ def print_validation(cfg: DictConfig) -> None:
         node.add(f"starting from the adapter in {data['init_adapter']}")
 
     bundle = recipe.data
-    check_prompts(bundle, dataset["max_length"])
+    longest = check_prompts(bundle, dataset["max_length"])
     node = tree.add("[bold]data[/bold]")
     for line in bundle.report.format().splitlines():
         node.add(line.strip())
-    node.add(
-        f"{len(bundle.prompts)} held-out prompts for samples; longest "
-        f"{max((len(p['prompt_ids']) for p in bundle.prompts), default=0)} tokens"
-    )
+    node.add(f"{len(bundle.prompts)} held-out prompts for samples; longest {longest} tokens")
 
     steps, epochs = planned_steps(trainer, len(bundle.train))
     effective, how = effective_batch(trainer)

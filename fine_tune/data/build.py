@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fine_tune.data import pipeline
+from fine_tune.data.collate import IGNORE_INDEX
 from fine_tune.data.formats import Example, to_example
 from fine_tune.data.report import DataReport, percentiles
 from fine_tune.schema import DatasetSchema, RunSchema, default
@@ -25,7 +26,6 @@ if TYPE_CHECKING:
 RESOURCES = Path(__file__).resolve().parents[1] / "resources" / "data"
 SAMPLE_TRAIN = RESOURCES / "sample_instructions.jsonl"
 SAMPLE_VALIDATION = RESOURCES / "sample_instructions.validation.jsonl"
-IGNORE_INDEX = -100
 TARGET = default(DatasetSchema, "_target_")
 
 

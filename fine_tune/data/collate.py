@@ -62,12 +62,8 @@ class PackedCollator:
         positions: list[int] = []
         for f in features:
             pos = f.get("position_ids") or list(range(len(f["input_ids"])))
-            lab = list(f["labels"])
-            for j, p in enumerate(pos):
-                if p == 0:
-                    lab[j] = IGNORE_INDEX
             ids.extend(f["input_ids"])
-            labels.extend(lab)
+            labels.extend(IGNORE_INDEX if p == 0 else t for t, p in zip(f["labels"], pos, strict=True))
             positions.extend(pos)
         starts = [i for i, p in enumerate(positions) if p == 0] + [len(positions)]
         longest = max(b - a for a, b in zip(starts, starts[1:], strict=False))
@@ -119,19 +115,10 @@ def pack_rows(
 ) -> tuple[dict[str, list], float]:
     """Packs examples into rows; returns the columns and the packing efficiency (tokens / capacity)."""
     bins = pack([len(x) for x in input_ids], max_length)
-    cols: dict[str, list] = {"input_ids": [], "labels": [], "position_ids": []}
-    total = 0
-    for b in bins:
-        row_ids: list[int] = []
-        row_labels: list[int] = []
-        row_pos: list[int] = []
-        for i in b:
-            row_ids += input_ids[i]
-            row_labels += [IGNORE_INDEX, *labels[i][1:]]
-            row_pos += list(range(len(input_ids[i])))
-        total += len(row_ids)
-        cols["input_ids"].append(row_ids)
-        cols["labels"].append(row_labels)
-        cols["position_ids"].append(row_pos)
-    efficiency = total / (len(bins) * max_length) if bins else 0.0
-    return cols, efficiency
+    cols = {
+        "input_ids": [[t for i in b for t in input_ids[i]] for b in bins],
+        "labels": [[t for i in b for t in (IGNORE_INDEX, *labels[i][1:])] for b in bins],
+        "position_ids": [[p for i in b for p in range(len(input_ids[i]))] for b in bins],
+    }
+    total = sum(len(x) for x in input_ids)  # every example is in one row
+    return cols, total / (len(bins) * max_length) if bins else 0.0

@@ -166,7 +166,8 @@ def to_example(
     system = text_field(data, fields["system"], False) if "system" in fields else None
     system = system or system_prompt
     if fmt.name == "chat":
-        messages = _chat_messages(data.get(fields["messages"]), fields["messages"])
+        column = fields["messages"]
+        messages = check_turns(parse_messages(data.get(column), column), column, "assistant")
         if system and messages[0]["role"] != "system":
             messages.insert(0, {"role": "system", "content": system})
         return Example(where, messages=messages)
@@ -243,7 +244,3 @@ def check_turns(messages: list[dict[str, str]], column: str, last: str) -> list[
             )
         raise BadRow("bad_order", f"{column}: the prompt must end with a {last} message")
     return messages
-
-
-def _chat_messages(value: Any, column: str) -> list[dict[str, str]]:
-    return check_turns(parse_messages(value, column), column, "assistant")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import random
-from pathlib import Path
 
 CAPITALS = {
     "France": "Paris",
@@ -278,13 +277,13 @@ def generate(seed: int = 7) -> tuple[list[dict[str, str]], list[dict[str, str]]]
 
 
 def main() -> None:
+    from fine_tune.data.build import SAMPLE_TRAIN, SAMPLE_VALIDATION
     from fine_tune.utils.io import atomic_write_text
 
-    out = Path(__file__).resolve().parents[1] / "resources" / "data"
     train, val = generate()
-    for name, rows in (("sample_instructions.jsonl", train), ("sample_instructions.validation.jsonl", val)):
-        atomic_write_text(out / name, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-        print(f"{out / name}: {len(rows)} rows")
+    for path, rows in ((SAMPLE_TRAIN, train), (SAMPLE_VALIDATION, val)):
+        atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        print(f"{path}: {len(rows)} rows")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from fine_tune.data import pipeline
 from fine_tune.data.build import DataBundle
+from fine_tune.data.collate import IGNORE_INDEX
 from fine_tune.data.formats import Example
 from fine_tune.data.pairs import Pair, to_pair
 from fine_tune.data.report import IDENTICAL, PreferenceReport, percentiles
@@ -48,7 +49,6 @@ if TYPE_CHECKING:
 COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 KIND = "preference"
 TARGET = default(PreferenceDatasetSchema, "_target_")
-IGNORE_INDEX = -100
 
 
 @dataclass

@@ -21,21 +21,10 @@ from typing import TYPE_CHECKING, Any
 
 from fine_tune.data.formats import Example
 from fine_tune.errors import UserError
+from fine_tune.schema import TEMPLATES
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
-
-TEMPLATES = (
-    "auto",
-    "mistral",
-    "mistral_v1",
-    "mistral_v3",
-    "mistral_v7",
-    "chatml",
-    "qa",
-    "chat_template",
-    "none",
-)
 
 
 @dataclass
@@ -90,37 +79,18 @@ def _match_sentencepiece(tokenizer) -> tuple[Any | None, bool]:
         candidates += [(p, True) for p in sorted(data.glob("*.model.v*")) if "m1" not in p.suffix]
     except ImportError:  # pragma: no cover
         pass
-    found: tuple[Any | None, bool] = (None, False)
-    for path, bundled in candidates:
+
+    def same(path: Path) -> Any:
         sp = spm.SentencePieceProcessor(model_file=str(path))
-        if sp.get_piece_size() != len(pieces):
-            continue
-        if all(sp.id_to_piece(i) == pieces[i] for i in range(sp.get_piece_size())):
-            found = (sp, bundled)
-            break
+        n = sp.get_piece_size()
+        return sp if n == len(pieces) and all(sp.id_to_piece(i) == pieces[i] for i in range(n)) else None
+
+    found = next(((sp, b) for path, b in candidates if (sp := same(path)) is not None), (None, False))
     if found[0] is not None and not found[1]:
         # the tokenizer's own .model file: is it one of Mistral's all the same?
-        found = (found[0], any(b and _same_model(p, found[0]) for p, b in candidates))
+        found = (found[0], any(b and same(path) is not None for path, b in candidates))
     _SP_CACHE[key] = found
     return found
-
-
-def _same_model(path: Path, sp) -> bool:
-    import sentencepiece as spm
-
-    other = spm.SentencePieceProcessor(model_file=str(path))
-    n = other.get_piece_size()
-    return n == sp.get_piece_size() and all(other.id_to_piece(i) == sp.id_to_piece(i) for i in range(n))
-
-
-def find_sentencepiece(tokenizer: PreTrainedTokenizerBase) -> Any | None:
-    """The sentencepiece processor with exactly the tokenizer's vocabulary, or None."""
-    return _match_sentencepiece(tokenizer)[0]
-
-
-def is_mistral_vocabulary(tokenizer: PreTrainedTokenizerBase) -> bool:
-    """True for Mistral's own tokenizers (v1/v2/v3/v7), whatever chat_template they carry."""
-    return _match_sentencepiece(tokenizer)[1]
 
 
 def _usable_cores() -> int:
@@ -136,7 +106,7 @@ class SegmentEncoder:
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, prefer_sentencepiece: bool = True) -> None:
         self.tokenizer = tokenizer
-        self.sp = find_sentencepiece(tokenizer) if prefer_sentencepiece else None
+        self.sp = _match_sentencepiece(tokenizer)[0] if prefer_sentencepiece else None
         self.backend = "sentencepiece" if self.sp is not None else "hf"
 
     def encode_many(self, texts: list[str]) -> list[list[int]]:
@@ -174,7 +144,7 @@ def resolve_template(name: str | None, tokenizer: PreTrainedTokenizerBase, fmt_d
         # chat_template; with neither, the [INST] format.
         if fmt_default != "auto":
             name = fmt_default
-        elif is_mistral_vocabulary(tokenizer) or not getattr(tokenizer, "chat_template", None):
+        elif _match_sentencepiece(tokenizer)[1] or not getattr(tokenizer, "chat_template", None):
             name = "mistral"
         else:
             name = "chat_template"
@@ -215,9 +185,7 @@ def merge_consecutive(messages: list[dict[str, str]], keep_system: bool = False)
     return out
 
 
-def _mistral_plan(
-    messages: list[dict[str, str]], variant: str, tokenizer, add_generation_prompt: bool = False
-) -> list[tuple[str, Any, bool]]:
+def _mistral_plan(messages: list[dict[str, str]], variant: str, tokenizer) -> list[tuple[str, Any, bool]]:
     """A list of (kind, payload, trained): kind "ids" (payload list[int]) or "text" (to encode).
 
     Mirrors mistral-common's InstructTokenizerV1/V3/V7: v1 puts the system prompt in the first user
@@ -243,20 +211,14 @@ def _mistral_plan(
                 plan.append(("ids", eos_ids, True))
         return plan
     inst, end_inst = special_id(tokenizer, "[INST]"), special_id(tokenizer, "[/INST]")
-    if variant == "mistral_v7":
-        for m in messages:
-            if m["role"] == "system":
-                plan.append(("ids", [special_id(tokenizer, "[SYSTEM_PROMPT]")], False))
-                plan.append(("text", m["content"], False))
-                plan.append(("ids", [special_id(tokenizer, "[/SYSTEM_PROMPT]")], False))
-            elif m["role"] == "user":
-                plan += [("ids", [inst], False), ("text", m["content"], False), ("ids", [end_inst], False)]
-            else:
-                plan += [("text", m["content"].rstrip(" "), True), ("ids", eos_ids, True)]
-        return plan
-    for i, m in enumerate(turns):  # v2/v3
-        if m["role"] == "user":
-            content = f"{system}\n\n{m['content']}" if (system and i == last_user) else m["content"]
+    v7 = variant == "mistral_v7"
+    for i, m in enumerate(messages if v7 else turns):  # v7: system messages in place; v2/v3: none left
+        if m["role"] == "system":
+            start, end = special_id(tokenizer, "[SYSTEM_PROMPT]"), special_id(tokenizer, "[/SYSTEM_PROMPT]")
+            plan += [("ids", [start], False), ("text", m["content"], False), ("ids", [end], False)]
+        elif m["role"] == "user":
+            in_last = system and not v7 and i == last_user
+            content = f"{system}\n\n{m['content']}" if in_last else m["content"]
             plan += [("ids", [inst], False), ("text", content, False), ("ids", [end_inst], False)]
         else:
             plan += [("text", m["content"].rstrip(" "), True), ("ids", eos_ids, True)]

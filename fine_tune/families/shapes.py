@@ -146,6 +146,12 @@ def experts_in_4bit(s: Shapes, quant: Mapping[str, Any]) -> bool:
     return s.moe and quant["kind"] in FOUR_BIT and bool(quant["quant_experts"])
 
 
+def peft_remaps(s: Shapes, lora: Mapping[str, Any]) -> bool:
+    """PEFT's `all-linear` on this MoE model also adapts the router (and bf16 fused experts) as bare
+    parameters (`Family.peft_remaps_moe`), which take no dropout and no variant."""
+    return s.moe and s.family.peft_remaps_moe and lora["target_modules"] == "all-linear"
+
+
 def parameter_counts(
     s: Shapes, lora: Mapping[str, Any] | None = None, experts_4bit: bool = False
 ) -> ParameterCounts:
@@ -187,7 +193,7 @@ def _lora_per_layer(s: Shapes, lora: Mapping[str, Any], sparse: bool, experts_4b
     per_expert = {name: i + o for name, (i, o) in expert_matrices(s).items()}
     if lora["experts"]:
         n += s.num_experts * r * sum(per_expert.values())
-    if lora["target_modules"] == "all-linear" and s.family.peft_remaps_moe and not experts_4bit:
+    if peft_remaps(s, lora) and not experts_4bit:
         rank = r * s.num_experts  # PEFT's ParamWrapper: rank r per expert, 2r for gate_up_proj
         n += 2 * rank * per_expert["gate_up_proj"] + rank * per_expert["down_proj"]
     return n

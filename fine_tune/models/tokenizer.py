@@ -27,25 +27,16 @@ def cache_root() -> Path:
     return Path(os.environ.get("FINE_TUNE_CACHE", Path.home() / ".cache" / "fine_tune"))
 
 
-def mistral_common_file(name: str) -> Path:
-    import mistral_common
-
-    return Path(mistral_common.__file__).parent / "data" / MISTRAL_COMMON_TOKENIZERS[name]
-
-
-def mistral_v1_tokenizer() -> Any:
-    return mistral_common_tokenizer("mistral_v1")
-
-
 def mistral_common_tokenizer(name: str) -> Any:
     """A SentencePiece model shipped by mistral-common as a fast HF tokenizer.
 
     Converting SentencePiece to `tokenizer.json` takes seconds, so the result is cached (written to a
     temporary directory, then renamed into place) and later runs load it in milliseconds.
     """
+    import mistral_common
     from transformers import AutoTokenizer
 
-    source = mistral_common_file(name)
+    source = Path(mistral_common.__file__).parent / "data" / MISTRAL_COMMON_TOKENIZERS[name]
     digest = hashlib.sha256(source.read_bytes()).hexdigest()[:16]
     target = cache_root() / "tokenizers" / f"{name}-{digest}"
     if not (target / "tokenizer.json").exists():

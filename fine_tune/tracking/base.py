@@ -14,8 +14,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from fine_tune.hardware import is_main_process as _is_main_process
-from fine_tune.hardware import rank
+# One definition of "which process logs" for the whole package (hardware.rank reads RANK, SLURM_PROCID,
+# LOCAL_RANK): only rank 0 logs, or N ranks would make N W&B runs for one job.
+from fine_tune.hardware import is_main_process  # noqa: F401 - the trackers' import
 from fine_tune.tracking.redact import redact, redact_override
 
 # Short names for the keys people sweep most; anything else uses its last dotted component.
@@ -48,13 +49,8 @@ class Tracker:
         """Close the run; must be safe to call twice and after a failed `start`."""
 
 
-# One definition of "which process logs" for the whole package (hardware.rank reads RANK, SLURM_PROCID,
-# LOCAL_RANK): only rank 0 logs, or N ranks would make N W&B runs for one job.
-process_rank = rank
-is_main_process = _is_main_process
-
-
-def _override_key_value(override: str) -> tuple[str, str]:
+def split_override(override: str) -> tuple[str, str]:
+    """`+lora.r=16` -> ("lora.r", "16"): the key without Hydra's +/~ prefix, the value as typed."""
     key, _, value = override.partition("=")
     return key.lstrip("+~"), value
 
@@ -68,7 +64,7 @@ def run_name(overrides: Sequence[str], *, fallback: str | None = None) -> str | 
     """
     items = []
     for override in overrides:
-        key, value = _override_key_value(redact_override(str(override)))
+        key, value = split_override(redact_override(str(override)))
         if not key or key.startswith(_NAME_SKIP_PREFIXES):
             continue
         items.append((key, value))
@@ -81,6 +77,11 @@ def run_name(overrides: Sequence[str], *, fallback: str | None = None) -> str | 
         return fallback
     name = ",".join(parts)
     return name if len(name) <= MAX_NAME else name[: MAX_NAME - 3] + "..."
+
+
+def columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Every key of `rows`, in first-seen order: the columns of a samples table."""
+    return list(dict.fromkeys(key for row in rows for key in row))
 
 
 def hydra_job_info() -> dict[str, Any]:
@@ -140,7 +141,7 @@ def job_run_name(job: Mapping[str, Any]) -> str | None:
     overrides = list(job.get("overrides", []))
     swept = swept_keys(job.get("sweep_dir")) if job.get("sweep_dir") else set()
     if swept:
-        chosen = [o for o in overrides if _override_key_value(o)[0] in swept]
+        chosen = [o for o in overrides if split_override(o)[0] in swept]
         overrides = chosen or overrides
     fallback = f"job{job['num']}" if job.get("sweep_dir") and job.get("num") is not None else None
     return run_name(overrides, fallback=fallback)
@@ -203,7 +204,7 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
     """
     if cfg is None:
         return {}
-    if isinstance(cfg, Mapping) and not _is_omegaconf(cfg):
+    if isinstance(cfg, Mapping) and not type(cfg).__module__.startswith("omegaconf"):
         data = dict(cfg)
     else:
         from omegaconf import OmegaConf
@@ -216,10 +217,6 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
         data.pop("hydra", None)
         return data
     return {"config": data}
-
-
-def _is_omegaconf(obj: Any) -> bool:
-    return type(obj).__module__.startswith("omegaconf")
 
 
 def run_config(cfg: Any, job: Mapping[str, Any]) -> dict[str, Any]:
@@ -242,7 +239,7 @@ def overrides_dict(overrides: Sequence[str]) -> dict[str, str]:
     """`["lora.r=16", "+x=1"]` -> {"lora.r": "16", "x": "1"} (values kept as typed on the CLI)."""
     out = {}
     for override in overrides:
-        key, value = _override_key_value(str(override))
+        key, value = split_override(str(override))
         if key:
             out[key] = value
     return out

@@ -67,12 +67,9 @@ def is_secret_key(key: object) -> bool:
 
 def _env_secrets() -> list[str]:
     """Values of secret-named environment variables, so that even odd-shaped tokens get masked."""
-    values = []
-    for name, value in os.environ.items():
-        if _ENV_SECRET_NAME.search(name.upper()) and value and len(value) >= 8:
-            values.append(value)
+    values = {v for k, v in os.environ.items() if _ENV_SECRET_NAME.search(k.upper()) and len(v) >= 8}
     # Longest first, so a token that contains another is masked whole.
-    return sorted(set(values), key=len, reverse=True)
+    return sorted(values, key=len, reverse=True)
 
 
 def redact_text(text: str, *, allow_hex40: bool = False, env_values: Iterable[str] | None = None) -> str:

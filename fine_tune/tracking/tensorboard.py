@@ -9,27 +9,16 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from fine_tune.tracking.base import Tracker, is_main_process, overrides_dict, resolve_job, run_config
+from fine_tune.tracking.base import Tracker, columns, is_main_process, overrides_dict, resolve_job, run_config
 from fine_tune.tracking.redact import redact, redact_override
+from fine_tune.utils.format import finite_number
 
 log = logging.getLogger(__name__)
-
-
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool):
-        return float(value)
-    if isinstance(value, (int, float)):
-        return float(value)
-    try:
-        return float(value.item())  # 0-d tensors / numpy scalars
-    except Exception:  # noqa: BLE001
-        return None
 
 
 def _hparam_value(text: str) -> Any:
@@ -76,26 +65,24 @@ class TensorBoardTracker(Tracker):
         if self._writer is None:
             return
         for key, value in metrics.items():
-            number = _number(value)
-            if number is not None and math.isfinite(number):
+            number = finite_number(value)  # 0-d tensors and numpy scalars too
+            if number is not None:
                 self._writer.add_scalar(str(key), number, int(step))
 
     def log_samples(self, rows: Sequence[Mapping[str, Any]], step: int) -> None:
         if self._writer is None or not rows:
             return
-        columns: list[str] = []
-        for row in rows:
-            columns.extend(k for k in row if k not in columns)
+        names = columns(rows)
         cell = lambda v: str(redact(v)).replace("|", "\\|").replace("\n", "<br>")  # noqa: E731
-        lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-        lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
+        lines = ["| " + " | ".join(names) + " |", "|" + "---|" * len(names)]
+        lines += ["| " + " | ".join(cell(r.get(c, "")) for c in names) + " |" for r in rows]
         self._writer.add_text("samples", "\n".join(lines), int(step))
 
     def summary(self, metrics: Mapping[str, Any]) -> None:
         if self._writer is None:
             return
-        finals = {k: _number(v) for k, v in metrics.items()}
-        finals = {k: v for k, v in finals.items() if v is not None and math.isfinite(v)}
+        finals = {k: finite_number(v) for k, v in metrics.items()}
+        finals = {k: v for k, v in finals.items() if v is not None}
         for key, value in finals.items():
             self._writer.add_scalar(f"final/{key}", value, 0)
         if self.log_hparams:

@@ -23,6 +23,7 @@ from urllib.parse import urlparse
 
 from fine_tune.tracking.base import (
     Tracker,
+    columns,
     flatten,
     is_main_process,
     job_run_name,
@@ -166,11 +167,8 @@ class WandbTracker(Tracker):
             self._safe("log", self._run.log, data, step=int(step))
 
     def _table(self, rows: Sequence[Mapping[str, Any]]) -> Any:
-        columns: list[str] = []
-        for row in rows:
-            columns.extend(k for k in row if k not in columns)
-        data = [[redact(row.get(c), key=c) for c in columns] for row in rows]
-        return self._wandb.Table(columns=columns, data=data)
+        names = columns(rows)
+        return self._wandb.Table(columns=names, data=[[redact(r.get(c), key=c) for c in names] for r in rows])
 
     def log_samples(self, rows: Sequence[Mapping[str, Any]], step: int) -> None:
         if self._run is None or not rows:

@@ -40,15 +40,12 @@ class PreemptionHandler(TrainerCallback):
         self.signum: int | None = None
         self._previous: dict[int, Any] = {}
 
-    def install(self) -> PreemptionHandler:
+    def __enter__(self) -> PreemptionHandler:
         for sig in SIGNALS:
             # Not the main thread (a notebook's worker): no clean stop then, the default stays.
             with contextlib.suppress(ValueError):
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
-
-    def __enter__(self) -> PreemptionHandler:
-        return self.install()
 
     def __exit__(self, *exc: object) -> None:
         self.uninstall()

@@ -90,22 +90,29 @@ class TrainingClock:
 def flops_per_token(
     config: Any, trainable: Iterable[tuple[str, int]], reference_forward: bool = False
 ) -> float | None:
-    """Training FLOPs of one token (formula in the module docstring); None for a config without the
-    usual decoder fields, rather than a guess. `trainable`: (name, numel) of the trainable weights;
-    `reference_forward`: a DPO step's forward of the reference."""
-    try:
-        hidden, layers, vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
-        heads, inter = config.num_attention_heads, config.intermediate_size
-    except AttributeError:
+    """Training FLOPs of one token (formula in the module docstring), the weights counted from the
+    shapes the planner counts (fine_tune.families.shapes: a model type no family reads counts as the
+    default family's, attention and a dense MLP); None for an object that is no transformers config.
+    `trainable`: (name, numel) of the trainable weights; `reference_forward`: a DPO step's forward of
+    the reference."""
+    from fine_tune.families import family_of, get_family
+    from fine_tune.families.shapes import expert_matrices, layer_kinds, layer_linears, shapes_from
+    from fine_tune.schema import ModelSchema, default
+
+    if not hasattr(config, "to_dict"):
         return None
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
-    experts = int(getattr(config, "num_local_experts", 0) or 0)
-    routed = int(getattr(config, "num_experts_per_tok", 0) or 0) if experts > 1 else 1
-    attention = hidden * head_dim * 2 * (heads + kv_heads)
-    mlp = 3 * hidden * inter * routed + (hidden * experts if experts > 1 else 0)
-    frozen = layers * (attention + mlp) + vocab * hidden
-    share = routed / experts if experts > 1 else 1.0
+    values = config.to_dict()
+    s = shapes_from(values, family_of(values) or get_family(default(ModelSchema, "family")))
+    routed = s.num_experts_per_tok if s.moe else 1
+    frozen = s.vocab_size * s.hidden_size  # the LM head
+    for sparse, layers in layer_kinds(s):
+        weights = sum(i * o for i, o in layer_linears(s, sparse).values())
+        if sparse:  # the experts a token is routed to, and the router
+            weights += (
+                routed * sum(i * o for i, o in expert_matrices(s).values()) + s.hidden_size * s.num_experts
+            )
+        frozen += layers * weights
+    share = routed / s.num_experts if s.moe else 1.0
     adapters = sum(n * (share if "experts" in name else 1.0) for name, n in trainable)
     return (6.0 if reference_forward else 4.0) * frozen + 6.0 * adapters
 

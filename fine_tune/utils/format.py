@@ -25,6 +25,17 @@ _DECIMALS = {"eval_perplexity": 2, "perplexity": 2, "peak_memory_gib": 2, "runti
 LOSS_DECIMALS = 4
 
 
+def finite_number(value: Any) -> float | None:
+    """`value` as a finite float; None for anything else (missing, text, a bool, NaN, infinity)."""
+    if isinstance(value, bool) or value is None:
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
 def format_metric(key: str, value: Any) -> str:
     """`value` of metric `key` as text; None is `-`, non-numbers pass through as text.
 

@@ -35,13 +35,12 @@ import torch
 from torch import nn
 
 from .experts4bit import EXPERT_PARAM_NAMES
-from .lora import attach_expert_lora, canonical_path, experts_modules, from_peft, to_peft
+from .lora import PEFT_PREFIX, attach_expert_lora, canonical_path, experts_modules, from_peft, to_peft
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
 LEGACY_WEIGHTS = "expert_adapter.safetensors"
 LEGACY_CONFIG = "expert_adapter_config.json"
-_MODEL_PREFIX = "base_model.model."
 _LAYER = re.compile(r"layers\.\d+\.(.+)$")
 
 
@@ -57,7 +56,7 @@ def peft_prefix(module_path: str, name: str, adapted: Iterable[str]) -> str:
     targeted: one `.base_layer` per wrapper PEFT put around it (registered first = innermost)."""
     order = [n for n in EXPERT_PARAM_NAMES if n in set(adapted)]
     depth = len(order) - 1 - order.index(name)
-    return _MODEL_PREFIX + module_path + ".base_layer" * depth
+    return PEFT_PREFIX + module_path + ".base_layer" * depth
 
 
 def _module_targets(module_path: str, targets: Iterable[str]) -> list[str]:

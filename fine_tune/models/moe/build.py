@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fine_tune.errors import UserError
 from fine_tune.models.quant import pin_portable_4bit_layout
 
 from .experts4bit import (
@@ -190,9 +191,6 @@ def _materialize(
         if experts_4bit and reason is not None:
             log.warning("experts %s stay %s: %s is not supported by Experts4bit", name, dtype, reason)
 
-    def is_skipped(mod_name: str) -> bool:
-        return any(mod_name == s or mod_name.endswith("." + s) for s in quant["skip_modules"])
-
     for mod_name, module in list(model.named_modules()):
         if any(mod_name.startswith(p + ".") for p in expert_paths):
             continue
@@ -205,7 +203,7 @@ def _materialize(
             kinds = {k: quant[k] for k in ("quant_type", "double_quant", "compute_dtype", "kernel")}
             set_submodule(model, mod_name, quantize_experts_module(module, device=device, read=read, **kinds))
             continue
-        if quant and isinstance(module, nn.Linear) and not is_skipped(mod_name):
+        if quant and isinstance(module, nn.Linear) and not _skipped(mod_name, quant):
             w = source.tensor(prefix + "weight", module.weight.shape, dtype, device, "normal")
             b = None
             if module.bias is not None:
@@ -234,11 +232,20 @@ def _materialize(
         model.tie_weights()
 
 
-def _mark_quantized(model: nn.Module, quant: dict | None) -> None:
-    """Flag the model as transformers' bnb loader does, so PEFT and the Trainer treat both paths alike
-    (`prepare_model_for_kbit_training` enables checkpointing only on models flagged so)."""
+def _skipped(name: str, quant: dict) -> bool:
+    """A module `quant.skip_modules` keeps in full precision (matched by its last name parts)."""
+    return any(name == s or name.endswith("." + s) for s in quant["skip_modules"])
+
+
+def _finish(model: nn.Module, quant: dict | None, how: str, source: str = "") -> nn.Module:
+    """Flag a quantized model as transformers' bnb loader does, so PEFT and the Trainer treat both
+    paths alike (`prepare_model_for_kbit_training` enables checkpointing only on models flagged so),
+    and count its parameters by storage for the log."""
     if quant is not None:
         model.is_loaded_in_4bit = True
+    model.fine_tune_param_counts = count_parameters(model)
+    log.info("%s %s%s: %s", how, type(model).__name__, source, format_counts(model.fine_tune_param_counts))
+    return model
 
 
 def _skeleton(config: Any, dtype: torch.dtype, attn_implementation: str | None) -> nn.Module:
@@ -262,17 +269,11 @@ def _quant(
     if hasattr(quant_type, "kind"):  # fine_tune.models.quant.QuantSpec
         spec = quant_type
         quant_type, double_quant, compute_dtype = spec.kind, spec.double_quant, spec.compute_dtype
-        skip_modules, storage, kernel, experts = (
-            skip_modules or spec.skip_modules,
-            spec.storage_dtype,
-            getattr(spec, "expert_kernel", kernel),
-            spec.quant_experts,
-        )
+        skip_modules = skip_modules or spec.skip_modules
+        storage, kernel, experts = spec.storage_dtype, spec.expert_kernel, spec.quant_experts
     if quant_type in (None, "none", False):
         return None
     if quant_type not in ("nf4", "fp4"):
-        from fine_tune.errors import UserError
-
         raise UserError(
             f"layer-by-layer building quantizes to nf4 or fp4, not {quant_type!r}",
             where="quant.kind",
@@ -316,10 +317,7 @@ def build_random_model(
     model = _skeleton(config, dtype, attn_implementation)
     std = float(getattr(config, "initializer_range", 0.02))
     _materialize(model, _RandomSource(std, seed), device=device, dtype=dtype, quant=quant)
-    _mark_quantized(model, quant)
-    model.fine_tune_param_counts = count_parameters(model)
-    log.info("built random %s: %s", type(model).__name__, format_counts(model.fine_tune_param_counts))
-    return model
+    return _finish(model, quant, "built random")
 
 
 def _checkpoint_files(name_or_path: str | Path, revision: str | None) -> tuple[Path, list[Path]]:
@@ -338,8 +336,6 @@ def _checkpoint_files(name_or_path: str | Path, revision: str | None) -> tuple[P
     else:
         files = sorted(path.glob("*.safetensors"))
     if not files:
-        from fine_tune.errors import UserError
-
         raise UserError(
             f"no safetensors weights in {path}",
             where="model.name_or_path",
@@ -392,8 +388,6 @@ def load_pretrained_moe_4bit(
     try:
         _materialize(model, source, device=device, dtype=dtype, quant=quant)
     except KeyError as err:
-        from fine_tune.errors import UserError
-
         raise UserError(
             f"checkpoint {root} lacks weight {err}",
             where="model.name_or_path",
@@ -406,10 +400,7 @@ def load_pretrained_moe_4bit(
         if unused:
             log.warning("%d checkpoint tensors not used, e.g. %s", len(unused), unused[:3])
     model.eval()
-    _mark_quantized(model, quant)
-    model.fine_tune_param_counts = count_parameters(model)
-    log.info("loaded %s from %s: %s", type(model).__name__, root, format_counts(model.fine_tune_param_counts))
-    return model
+    return _finish(model, quant, "loaded", f" from {root}")
 
 
 def replace_linear_with_4bit(
@@ -425,9 +416,7 @@ def replace_linear_with_4bit(
         return 0
     n = 0
     for name, module in list(model.named_modules()):
-        if not isinstance(module, nn.Linear) or any(
-            name == s or name.endswith("." + s) for s in quant["skip_modules"]
-        ):
+        if not isinstance(module, nn.Linear) or _skipped(name, quant):
             continue
         w = module.weight.detach()
         b = module.bias.detach() if module.bias is not None else None

@@ -161,38 +161,6 @@ class Experts4bit(nn.Module):
         buf = getattr(self, name)
         return buf.view(torch.float32) if buf.dtype == torch.int32 else buf
 
-    # ---- construction -------------------------------------------------------------------------
-    @classmethod
-    def empty_like(
-        cls,
-        module: nn.Module,
-        *,
-        quant_type: str,
-        double_quant: bool,
-        compute_dtype: torch.dtype,
-        blocksize: int = 64,
-        kernel: str = DEFAULT_KERNEL,
-        device: torch.device | str | None = None,
-    ) -> Experts4bit:
-        """Allocate 4-bit storage shaped for `module` without reading its weights (they may be meta)."""
-        transposed = bool(getattr(module, "is_transposed", False))
-        shapes = {}
-        for name in EXPERT_PARAM_NAMES:
-            e, a, b = getattr(module, name).shape
-            shapes[name] = (b, a) if transposed else (a, b)
-        return cls(
-            num_experts=getattr(module, name).shape[0],
-            shapes=shapes,
-            act_fn=module.act_fn,
-            quant_type=quant_type,
-            double_quant=double_quant,
-            compute_dtype=compute_dtype,
-            blocksize=blocksize,
-            is_concatenated=bool(getattr(module, "is_concatenated", True)),
-            kernel=kernel,
-            device=device,
-        )
-
     @torch.no_grad()
     def set_expert(self, name: str, expert: int, weight: torch.Tensor) -> None:
         """Quantize one expert's [out, in] matrix into slot `expert` (weight is then free to drop)."""
@@ -462,34 +430,30 @@ def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 def quantize_experts_module(
     module: nn.Module,
     *,
-    quant_type: str,
-    double_quant: bool,
-    compute_dtype: torch.dtype,
-    blocksize: int = 64,
     device: torch.device | str | None = None,
     read: Callable[[str, int, tuple[int, ...]], torch.Tensor] | None = None,
-    kernel: str = DEFAULT_KERNEL,
+    **options: Any,
 ) -> Experts4bit:
-    """Quantize one fused-experts module expert by expert, onto `device` (default: where it lives).
+    """Quantize one fused-experts module expert by expert, onto `device` (default: where it lives);
+    `options` are `Experts4bit`'s (quant_type, double_quant, compute_dtype, blocksize, kernel).
 
     `read(name, expert, shape)` gives one expert's matrix as the module stores it (default: its own
     weights; the layer-by-layer loaders read a checkpoint or draw random ones instead)."""
     device = torch.device(device) if device is not None else getattr(module, EXPERT_PARAM_NAMES[0]).device
-    new = Experts4bit.empty_like(
-        module,
-        quant_type=quant_type,
-        double_quant=double_quant,
-        compute_dtype=compute_dtype,
-        blocksize=blocksize,
-        kernel=kernel,
-        device=device,
-    )
     transposed = bool(getattr(module, "is_transposed", False))
+    stored = {name: tuple(getattr(module, name).shape) for name in EXPERT_PARAM_NAMES}  # [E, a, b]
+    new = Experts4bit(
+        num_experts=stored[EXPERT_PARAM_NAMES[0]][0],
+        shapes={name: (b, a) if transposed else (a, b) for name, (_, a, b) in stored.items()},
+        act_fn=module.act_fn,
+        is_concatenated=bool(getattr(module, "is_concatenated", True)),
+        device=device,
+        **options,
+    )
     read = read or (lambda name, e, shape: getattr(module, name)[e].detach())
     for name in EXPERT_PARAM_NAMES:
-        shape = new.shapes[name][::-1] if transposed else new.shapes[name]
         for e in range(new.num_experts):
-            w = read(name, e, shape)
+            w = read(name, e, stored[name][1:])
             new.set_expert(name, e, w.t() if transposed else w)
     return new
 
@@ -517,21 +481,21 @@ def quantize_fused_experts(
         spec = quant_type
         quant_type, double_quant = spec.kind, spec.double_quant
         compute_dtype = spec.compute_dtype or torch.bfloat16
-        kernel = getattr(spec, "expert_kernel", kernel)
+        kernel = getattr(spec, "expert_kernel", kernel)  # a stand-in spec may leave it out
     if quant_type not in ("nf4", "fp4"):
         raise ValueError(f"fused experts are quantized to nf4 or fp4, not {quant_type!r}")
     if isinstance(compute_dtype, str):
         compute_dtype = getattr(torch, compute_dtype)
-    found = list(find_fused_experts(model))
-    skipped = {name: reason for name, _, reason in found if reason is not None}
+    found = {
+        name: reason for name, _, reason in find_fused_experts(model)
+    }  # names: no list keeps the originals alive
+    skipped = {name: reason for name, reason in found.items() if reason is not None}
     if skipped and strict:
         raise ValueError(f"cannot quantize fused experts: {skipped}")
-    done = 0
-    for name, module, reason in found:
-        if reason is not None:
-            continue
+    done = [name for name, reason in found.items() if reason is None]
+    for name in done:
         new = quantize_experts_module(
-            module,
+            model.get_submodule(name),
             quant_type=quant_type,
             double_quant=double_quant,
             compute_dtype=compute_dtype,
@@ -539,12 +503,10 @@ def quantize_fused_experts(
             device=device,
             kernel=kernel,
         )
-        set_submodule(model, name, new)
-        del module
-        done += 1
+        set_submodule(model, name, new)  # the model held the original's last reference
     counts = count_parameters(model)
-    counts.update(quantized_modules=done, skipped=skipped)
-    log.info("quantized %d fused-expert modules to %s; %s", done, quant_type, format_counts(counts))
+    counts.update(quantized_modules=len(done), skipped=skipped)
+    log.info("quantized %d fused-expert modules to %s; %s", len(done), quant_type, format_counts(counts))
     for name, reason in skipped.items():
         log.warning("experts %s left unquantized: %s", name, reason)
     return counts

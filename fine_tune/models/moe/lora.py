@@ -188,6 +188,9 @@ def expert_lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+PEFT_PREFIX = "base_model.model."  # what PEFT's wrapper puts before the model's own module names
+
+
 def canonical_path(path: str) -> str:
     """Strip PEFT's wrapper prefix so names do not depend on whether PEFT wrapped the model."""
-    return path.removeprefix("base_model.model.")
+    return path.removeprefix(PEFT_PREFIX)
