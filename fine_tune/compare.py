@@ -224,9 +224,7 @@ def load_jobs(paths: Sequence[Path], missing_ok: bool = False) -> list[Job]:
 def differing_overrides(jobs: Sequence[Job]) -> tuple[list[str], dict[str, str]]:
     """(keys whose value differs between jobs, {key: value} shared by every job)."""
     per_job = [dict(split_override(o) for o in job.overrides) for job in jobs]
-    keys: list[str] = []
-    for mapping in per_job:
-        keys.extend(k for k in mapping if k not in keys)
+    keys = list(dict.fromkeys(k for mapping in per_job for k in mapping))  # first-seen order
     differ, common = [], {}
     for key in keys:
         values = {m.get(key) for m in per_job}

@@ -149,13 +149,8 @@ def job_run_name(job: Mapping[str, Any]) -> str | None:
 
 def resolve_job(job: Mapping[str, Any] | None) -> dict[str, Any]:
     """The core's `job` dict completed from HydraConfig (the core's values win)."""
-    info = hydra_job_info()
-    merged = dict(info)
-    for key, value in (job or {}).items():
-        if value is not None:
-            merged[key] = value
-    merged.setdefault("overrides", [])
-    merged["overrides"] = [str(o) for o in merged["overrides"]]
+    merged = {**hydra_job_info(), **{k: v for k, v in (job or {}).items() if v is not None}}
+    merged["overrides"] = [str(o) for o in merged.get("overrides", [])]
     return merged
 
 

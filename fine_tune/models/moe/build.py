@@ -87,10 +87,8 @@ class _CheckpointSource:
         from fine_tune.families import checkpoint_experts, is_moe
 
         self._handles = [safe_open(str(f), framework="pt", device="cpu") for f in files]
-        self.where: dict[str, Any] = {}
-        for h in self._handles:
-            for k in h.keys():  # noqa: SIM118 (safe_open handles are not iterable)
-                self.where[k] = h
+        # safe_open handles are not iterable: keys() it is
+        self.where = {k: h for h in self._handles for k in h.keys()}  # noqa: SIM118
         self.used: set[str] = set()
         fused = any(k.endswith(".experts.gate_up_proj") for k in self.where)
         values = config.to_dict()
@@ -393,12 +391,9 @@ def load_pretrained_moe_4bit(
             where="model.name_or_path",
             hint="point it at a complete checkpoint (every *.safetensors file of it)",
         ) from None
-    unused = sorted(set(source.where) - source.used)
+    unused = sorted(k for k in set(source.where) - source.used if not re.search("rotary_emb|inv_freq", k))
     if unused:
-        pattern = re.compile(r"rotary_emb|inv_freq")
-        unused = [k for k in unused if not pattern.search(k)]
-        if unused:
-            log.warning("%d checkpoint tensors not used, e.g. %s", len(unused), unused[:3])
+        log.warning("%d checkpoint tensors not used, e.g. %s", len(unused), unused[:3])
     model.eval()
     return _finish(model, quant, "loaded", f" from {root}")
 
