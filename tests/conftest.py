@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,25 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 
 
+# glibc hands every block above its mmap threshold (at most 32 MiB by default) back to the kernel on
+# free: the tiny models' logits (batch x length x 32,000 vocabulary, ~260 MB a step) were mapped,
+# page-faulted in and unmapped again at every step, and the kernel's page zeroing took more CPU than
+# the training (CPU runs of the default job: 1m21 s system time, 64 s user). Keeping large blocks in
+# the heap makes the same runs 2.5x faster with the same numbers and ~50 MB more resident memory.
+MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296"
+
+
+def tune_malloc() -> None:
+    """Export MALLOC_TUNABLES for the processes started from here on: the xdist workers (started after
+    pytest_configure) and every CLI run. glibc reads them at process start, so this process keeps
+    its own; `-n 0` runs its in-process trainings at the old speed."""
+    if sys.platform != "linux" or "glibc.malloc.mmap_threshold" in os.environ.get("GLIBC_TUNABLES", ""):
+        return
+    os.environ["GLIBC_TUNABLES"] = ":".join(filter(None, [os.environ.get("GLIBC_TUNABLES"), MALLOC_TUNABLES]))
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    tune_malloc()
     cache = Path(config.rootpath) / ".cache" / "test-session"
     os.environ.setdefault("FINE_TUNE_CACHE", str(cache))
     os.environ.setdefault("WANDB_MODE", "offline")
