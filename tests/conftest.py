@@ -9,7 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from lifecycle_helpers import FAST  # noqa: F401  the base overrides, re-exported for the tests that import them from here
+from lifecycle_helpers import (
+    FAST,  # noqa: F401  the base overrides, re-exported for the tests that import them from here
+    make_shared_runs_dir,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -34,6 +37,7 @@ def tune_malloc() -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     tune_malloc()
+    make_shared_runs_dir()  # before the workers start: they inherit its path
     cache = Path(config.rootpath) / ".cache" / "test-session"
     os.environ.setdefault("FINE_TUNE_CACHE", str(cache))
     os.environ.setdefault("WANDB_MODE", "offline")

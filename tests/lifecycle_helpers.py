@@ -111,19 +111,38 @@ def status(run_dir: Path) -> str | None:
     return json.loads(path.read_text()).get("status") if path.is_file() else None
 
 
-@functools.cache
-def _session_dir() -> Path:
-    path = Path(tempfile.mkdtemp(prefix="ft-lifecycle-"))
+# Where the session's shared runs live: made by the first pytest process (the xdist controller, or
+# the only process with -n 0) and inherited by the workers it starts, so that a run several test
+# files read (the tiny run: five of them) is trained once per session, not once per worker.
+SHARED_RUNS = "FINE_TUNE_TEST_SHARED_RUNS"
+
+
+def make_shared_runs_dir() -> None:
+    """Create the session's shared-runs directory (once, in the first process), removed at exit."""
+    if SHARED_RUNS in os.environ:
+        return
+    path = tempfile.mkdtemp(prefix="ft-lifecycle-")
+    os.environ[SHARED_RUNS] = path
     atexit.register(shutil.rmtree, path, True)
-    return path
+
+
+def _session_dir() -> Path:
+    make_shared_runs_dir()
+    return Path(os.environ[SHARED_RUNS])
 
 
 @functools.cache
 def trained_run(name: str, args: tuple[str, ...]) -> Path:
-    """An uninterrupted run of `args`, trained on first use and shared by the session's tests."""
+    """An uninterrupted run of `args`, trained on first use and shared by the session's tests (across
+    xdist workers: the first to ask trains it under a lock, the others wait and read it)."""
+    from filelock import FileLock
+
     run_dir = _session_dir() / name
-    result = cli([*args, f"hydra.run.dir={run_dir}"])
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    with FileLock(str(run_dir) + ".lock"):
+        if status(run_dir) != "finished":  # not trained yet, or a failed attempt's leftovers
+            shutil.rmtree(run_dir, ignore_errors=True)
+            result = cli([*args, f"hydra.run.dir={run_dir}"])
+            assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     return run_dir
 
 
