@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -192,3 +193,39 @@ def composed(overrides: list[str]):
     GlobalHydra.instance().clear()
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         return compose("config", overrides=overrides)
+
+
+def train_here(run_dir: Path, overrides: list[str]) -> tuple[Any, dict, Any]:
+    """`python -m fine_tune OVERRIDES hydra.run.dir=RUN_DIR`, trained in this process: for tests of what
+    a run leaves behind (generate and export read it), which a subprocess would only make seconds of
+    imports slower. The composed config is saved where Hydra saves it, before the job, then
+    `fine_tune.run.train` runs. Returns (cfg, final metrics, trainer)."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from fine_tune.run import train
+
+    cfg = composed(list(overrides))
+    (run_dir / ".hydra").mkdir(parents=True)
+    OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
+    OmegaConf.save(OmegaConf.create(list(overrides)), run_dir / ".hydra" / "overrides.yaml")
+    metrics, trainer = train(cfg, run_dir, instantiate(cfg.logger), job={"overrides": list(overrides)})
+    return cfg, metrics, trainer
+
+
+def run_tool(module: str, args: list[str], stdin: str = "") -> str:
+    """What `python -m MODULE ARGS` prints (fine_tune.generate, fine_tune.export), run through the
+    tool's own `main` in this process, `stdin` as its input. For tests of what a tool computes or
+    writes; how the command line reports errors (exit 2, no traceback) is tested through `cli`."""
+    import contextlib
+    import importlib
+    import io
+
+    out, before = io.StringIO(), sys.stdin
+    sys.stdin = io.StringIO(stdin)
+    try:
+        with contextlib.redirect_stdout(out):
+            importlib.import_module(module).main(args)
+    finally:
+        sys.stdin = before
+    return out.getvalue()

@@ -1,6 +1,10 @@
 """Export: the merged model loads with plain transformers and matches base + adapter; the adapter
 alone loads with plain PEFT; both carry a model card; nothing half-written is left behind. Mixtral's
-expert adapters too: the exports are loaded in a process that never imports fine_tune."""
+expert adapters too: the exports are loaded in a process that never imports fine_tune.
+
+The exports run through the tool's main in this process (`run_tool`), and the short runs they read
+are trained here too (`train_here`): the claims are about what is written. The command line runs
+once, end to end, in the push test (it exports, then refuses to push: exit 2, no traceback)."""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from lifecycle_helpers import cli, tiny_run
+from lifecycle_helpers import cli, run_tool, tiny_run, train_here
 from plain_load import in_plain_process as plain_load
 
 from fine_tune.export import UNQUANTIZED
@@ -23,8 +27,7 @@ def train_briefly(run: Path, *overrides: str) -> Path:
     """A 2-step run: enough for an adapter that differs from its initialisation."""
     brief = ["logger=none", "trainer.max_steps=2", "trainer.eval_steps=2"]
     data = ["dataset.max_samples=8", "dataset.max_eval_samples=2"]
-    result = cli([*brief, *data, *overrides, f"hydra.run.dir={run}"])
-    assert result.returncode == 0, result.stderr[-3000:]
+    train_here(run, [*brief, *data, *overrides])
     return run
 
 
@@ -49,8 +52,7 @@ def test_merged_model_loads_with_plain_transformers(trained, tmp_path: Path):
 
     run, loaded, expected = trained
     out = tmp_path / "merged"
-    result = cli([f"run={run}", "merge=true", "dtype=float32", f"out={out}"], module="fine_tune.export")
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_tool("fine_tune.export", [f"run={run}", "merge=true", "dtype=float32", f"out={out}"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]  # no temp dir left next to it
     assert not (out / "adapter_config.json").exists()  # a full model, no PEFT needed
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
@@ -76,8 +78,7 @@ def test_adapter_export_loads_with_plain_peft(trained, tmp_path: Path):
 
     run, loaded, expected = trained
     out = tmp_path / "adapter"
-    result = cli([f"run={run}", f"out={out}"], module="fine_tune.export")
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_tool("fine_tune.export", [f"run={run}", f"out={out}"])
     assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
     base = build(loaded.cfg.model, quant=loaded.cfg.quant, seed=loaded.cfg.seed).model
     model = PeftModel.from_pretrained(base, out)
@@ -104,6 +105,7 @@ def test_push_without_a_token_is_a_user_error(trained, tmp_path: Path):
     )
     assert result.returncode == 2
     assert "push_to_hub" in result.stderr and "Traceback" not in result.stderr
+    assert (tmp_path / "a" / "adapter_config.json").is_file()  # the export itself ran and finished
 
 
 def test_qlora_run_merges_into_the_unquantized_base(tmp_path: Path):
@@ -115,8 +117,7 @@ def test_qlora_run_merges_into_the_unquantized_base(tmp_path: Path):
 
     run = train_briefly(tmp_path / "run", "trainer=cpu", "quant=nf4", "trainer.per_device_train_batch_size=2")
     out = tmp_path / "merged"
-    result = cli([f"run={run}", "merge=true", "dtype=float32", f"out={out}"], module="fine_tune.export")
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_tool("fine_tune.export", [f"run={run}", "merge=true", "dtype=float32", f"out={out}"])
     config = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in config
     merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
@@ -149,8 +150,7 @@ def test_mixtral_adapter_loads_whole_in_plain_peft(mixtral, tmp_path: Path):
 
     run, loaded, inputs, expected = mixtral
     out = tmp_path / "adapter"
-    result = cli([f"run={run}", f"out={out}"], module="fine_tune.export")
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_tool("fine_tune.export", [f"run={run}", f"out={out}"])
     assert sorted(p.name for p in out.glob("*adapter*")) == [
         "adapter_config.json",
         "adapter_model.safetensors",
@@ -181,8 +181,7 @@ def test_mixtral_merges_into_its_dequantized_weights(mixtral, tmp_path: Path):
     run, _, inputs, expected = mixtral
     out = tmp_path / "merged"
     args = [f"run={run}", "merge=true", "base=dequantized", "dtype=float32", f"out={out}"]
-    result = cli(args, module="fine_tune.export")
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_tool("fine_tune.export", args)
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
     report, got = plain_load(out, None, inputs)
     assert report["lora_names"] == 0
@@ -198,8 +197,7 @@ def test_mixtral_merges_into_its_original_weights(mixtral, tmp_path: Path):
 
     run, loaded, inputs, trained = mixtral
     out = tmp_path / "merged"
-    result = cli([f"run={run}", "merge=true", "dtype=float32", f"out={out}"], module="fine_tune.export")
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_tool("fine_tune.export", [f"run={run}", "merge=true", "dtype=float32", f"out={out}"])
     report, got = plain_load(out, None, inputs)
     assert report["lora_names"] == 0
     reference = load_run(run, quant=OmegaConf.create(UNQUANTIZED), dtype="float32")

@@ -1,8 +1,11 @@
-"""`python -m fine_tune.generate` answers through the training template, like the training samples."""
+"""`python -m fine_tune.generate` answers through the training template, like the training samples.
+
+The tool runs in this process (`run_tool`): what it answers is the claim here; the command line
+itself is run by test_run_dir.py (a clean run) and test_bad_inputs.py (its errors)."""
 
 from __future__ import annotations
 
-from lifecycle_helpers import cli, read_jsonl, tiny_run
+from lifecycle_helpers import read_jsonl, run_tool, tiny_run
 
 
 def test_generate_matches_the_sample_logged_at_the_last_eval():
@@ -12,34 +15,23 @@ def test_generate_matches_the_sample_logged_at_the_last_eval():
     sample = rows[0]
     # The sample's prompt was rendered by the data pipeline; feed generate the user text only.
     instruction = sample["prompt"].split("[INST] ", 1)[1].rsplit(" [/INST]", 1)[0]
-    result = cli(
+    output = run_tool(
+        "fine_tune.generate",
         [f"run={run}", f"prompt={instruction}", "max_new_tokens=16", "show_prompt=true"],
-        module="fine_tune.generate",
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    lines = result.stdout.splitlines()
+    lines = output.splitlines()
     assert lines[0] == f"[prompt] {sample['prompt']}"  # the same template, token for token
-    assert sample["completion"].strip() and sample["completion"].strip() in result.stdout
+    assert sample["completion"].strip() and sample["completion"].strip() in output
 
 
 def test_chat_loop_reads_turns_until_eof():
     run = tiny_run()
-    import subprocess
-    import sys
-
-    from lifecycle_helpers import ROOT, env
-
-    result = subprocess.run(
-        [sys.executable, "-m", "fine_tune.generate", f"run={run}", "max_new_tokens=4", "show_prompt=true"],
-        input="Hello there\nAnd again\n",
-        cwd=ROOT,
-        env=env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
+    output = run_tool(
+        "fine_tune.generate",
+        [f"run={run}", "max_new_tokens=4", "show_prompt=true"],
+        stdin="Hello there\nAnd again\n",
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    prompts = [line for line in result.stdout.splitlines() if "[prompt]" in line]
+    prompts = [line for line in output.splitlines() if "[prompt]" in line]
     assert len(prompts) == 2
     # The second turn carries the first one: the conversation is kept.
     assert "Hello there" in prompts[1] and "And again" in prompts[1] and prompts[1].count("[INST]") == 2

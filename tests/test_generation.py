@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import compose
-from lifecycle_helpers import cli, tiny_run
+from lifecycle_helpers import run_tool, tiny_run
 
 QUESTIONS = [
     "Hi",
@@ -95,16 +95,14 @@ def test_auto_decode_compiles_only_on_a_gpu_and_only_when_it_pays(adapted):
 
 
 def test_generate_answers_a_file_of_prompts_in_batches(tmp_path: Path):
+    """`python -m fine_tune.generate prompts=<file>`, through the tool's main in this process."""
     run = tiny_run()
     questions = tmp_path / "questions.txt"
     questions.write_text("\n".join(QUESTIONS[1:]) + "\n\n")  # blank lines are skipped
     args = [f"run={run}", f"prompts={questions}", "batch_size=2", "max_new_tokens=8"]
-    result = cli(args, "fine_tune.generate")
-    assert result.returncode == 0, result.stderr[-3000:]
-    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    rows = [json.loads(line) for line in run_tool("fine_tune.generate", args).splitlines()]
     assert [row["prompt"] for row in rows] == QUESTIONS[1:]
-    single = cli(
-        [f"run={run}", f"prompt={QUESTIONS[2]}", "max_new_tokens=8", "stream=false"], "fine_tune.generate"
+    single = run_tool(
+        "fine_tune.generate", [f"run={run}", f"prompt={QUESTIONS[2]}", "max_new_tokens=8", "stream=false"]
     )
-    assert single.returncode == 0, single.stderr[-3000:]
-    assert single.stdout.strip() == rows[1]["completion"].strip()  # batched next to another prompt
+    assert single.strip() == rows[1]["completion"].strip()  # batched next to another prompt

@@ -13,9 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import compose
-from lifecycle_helpers import TINY, cli, logged, stopped_copy, trained_run
+from lifecycle_helpers import FAST, TINY, cli, logged, run_tool, stopped_copy, train_here, trained_run
 from plain_load import in_plain_process
-from test_train import train_in_process
 
 from fine_tune.errors import UserError
 
@@ -32,12 +31,9 @@ VARIANTS = {
 @functools.cache
 def trained(variant: str, root: Path) -> tuple:
     """A 12-step run of the variant (checkpoints at 6 and 12), its logits on PROMPTS as trained, and
-    the saved inputs; trained once per session."""
-    from omegaconf import OmegaConf
-
-    cfg, run_dir, metrics, trainer = train_in_process(root / variant, VARIANTS[variant])
-    (run_dir / ".hydra").mkdir()
-    OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")  # what generate/export read, as Hydra writes it
+    the saved inputs; trained once per session (in this process, its run dir as the CLI leaves it)."""
+    run_dir = root / variant / "run"
+    cfg, metrics, trainer = train_here(run_dir, [*FAST, *VARIANTS[variant]])
     tokenizer = trainer.processing_class
     inputs = tokenizer(PROMPTS, return_tensors="pt", padding=True, add_special_tokens=False)
     torch.save(dict(inputs), root / variant / "inputs.pt")
@@ -97,8 +93,7 @@ def test_pissa_checkpoint_is_converted_for_generate_and_export(root, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(latest.model(**batch).logits, final.model(**batch).logits)
     out = tmp_path / "export"
-    result = cli([f"run={run_dir}", "checkpoint=latest", f"out={out}"], module="fine_tune.export")
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_tool("fine_tune.export", [f"run={run_dir}", "checkpoint=latest", f"out={out}"])
     exported, own = (load_file(str(d / "adapter_model.safetensors")) for d in (out, run_dir / "adapter"))
     assert exported.keys() == own.keys() and all(torch.equal(exported[k], own[k]) for k in own)
     assert "residual base" in (out / "README.md").read_text()
@@ -129,8 +124,7 @@ def test_dora_merges_into_a_plain_model(root, tmp_path):
 
     _, run_dir, _, _, expected, inputs = trained("dora", root)
     out = tmp_path / "merged"
-    result = cli([f"run={run_dir}", "merge=true", "dtype=float32", f"out={out}"], module="fine_tune.export")
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_tool("fine_tune.export", [f"run={run_dir}", "merge=true", "dtype=float32", f"out={out}"])
     merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     with torch.no_grad():
         got = merged(**torch.load(inputs)).logits

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from conftest import FAST, ROOT, compose, run_cli
+from lifecycle_helpers import train_here
 
 from fine_tune.errors import UserError
 
@@ -456,10 +457,9 @@ def losses(run_dir: Path) -> list[tuple[int, str, float]]:
 
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory) -> Path:
+    """The reference: the same global batch in one process, trained in this one (`train_here`)."""
     run_dir = tmp_path_factory.mktemp("one") / "run"
-    overrides = [*EQUAL, "trainer.per_device_train_batch_size=4"]
-    result = run_cli(overrides, env={"FINE_TUNE_RUN_DIR": str(run_dir)}, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    train_here(run_dir, [*EQUAL, "trainer.per_device_train_batch_size=4"])
     return run_dir
 
 

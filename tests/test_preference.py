@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import compose
 from conftest_data import FIXTURES
-from lifecycle_helpers import cli, read_jsonl, stopped_copy, trained_run
+from lifecycle_helpers import cli, read_jsonl, run_tool, stopped_copy, trained_run
 
 from fine_tune.errors import UserError
 
@@ -340,7 +340,7 @@ def test_validate_prints_the_method(tmp_path: Path):
 
 
 # ------------------------------------------------------------------------------------------------
-# Resume, generate, export, sweeps (subprocesses, as a user runs them)
+# Resume and sweeps (subprocesses, as a user runs them); generate and export read a DPO run dir
 
 RESUMABLE = (
     *pairs("dpo", FIXTURES / "preference.jsonl"),
@@ -387,12 +387,10 @@ def test_generate_and_export_read_a_dpo_run_dir(tmp_path: Path):
 
     run = trained_run("dpo", RESUMABLE)
     prompt = "prompt=What is the capital of France?"
-    result = cli([f"run={run}", prompt, "max_new_tokens=4", "show_prompt=true"], module="fine_tune.generate")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.startswith("[prompt] <s> [INST] What is the capital of France? [/INST]")
+    answer = run_tool("fine_tune.generate", [f"run={run}", prompt, "max_new_tokens=4", "show_prompt=true"])
+    assert answer.startswith("[prompt] <s> [INST] What is the capital of France? [/INST]")
     out = tmp_path / "merged"
-    result = cli([f"run={run}", "merge=true", "dtype=float32", f"out={out}"], module="fine_tune.export")
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_tool("fine_tune.export", [f"run={run}", "merge=true", "dtype=float32", f"out={out}"])
     loaded = load_run(run)
     ids = torch.tensor([loaded.tokenizer("[INST] Name a colour. [/INST]")["input_ids"]])
     with torch.no_grad():
