@@ -99,6 +99,7 @@ def looks_finished(run_dir: Path) -> bool:
     )
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize(("overrides", "needle"), [c[1:] for c in CLI], ids=[c[0] for c in CLI])
 def test_bad_configuration_fails_cleanly(overrides, needle, data_dir: Path, tmp_path: Path):
     run_dir = tmp_path / "run"
@@ -150,6 +151,7 @@ def test_bad_configuration_is_refused_before_anything_loads(overrides, needle):
     assert TOKEN not in str(error)
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize(
     ("module", "args", "needle"),
     [

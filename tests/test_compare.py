@@ -191,6 +191,7 @@ def test_run_dirs_can_be_given_one_by_one_and_default_out_is_inside_the_sweep(
     assert len(compare.load_jobs([sweep_dir])) == 4  # its own output dir is not taken for a job
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -157,6 +157,7 @@ def test_preview_marks_exactly_the_trained_tokens(tok):
     assert out.getvalue().count("--- train[") == 2 and "rows read 6" in out.getvalue()
 
 
+@pytest.mark.subprocess
 def test_preview_cli_runs_with_hydra_overrides():
     proc = subprocess.run(
         [

@@ -16,6 +16,7 @@ TORCHRUN = ["--standalone", "--nproc_per_node", "2", "-m", "fine_tune"]
 SHORT = [*FAST, "trainer.max_steps=4", "trainer.eval_steps=2", "trainer.save_steps=2"]
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_two_gloo_ranks_end_cleanly_in_one_run_dir(tmp_path: Path):
     """The hang this guards against was intermittent. One attempt here: every torchrun test of
@@ -37,6 +38,7 @@ def test_two_gloo_ranks_end_cleanly_in_one_run_dir(tmp_path: Path):
     assert "Timeout (0:" not in output  # the exit watchdog did not have to fire
 
 
+@pytest.mark.subprocess
 def test_exit_watchdog_turns_a_hang_after_the_job_into_stacks_and_an_exit():
     hang = (
         "import threading, time\n"
@@ -51,6 +53,7 @@ def test_exit_watchdog_turns_a_hang_after_the_job_into_stacks_and_an_exit():
     assert "Thread 0x" in result.stderr
 
 
+@pytest.mark.subprocess
 def test_exit_watchdog_stays_off_in_a_single_process():
     quick = (
         "from fine_tune.distributed import exit_watchdog\nexit_watchdog(0.01)\nimport time; time.sleep(0.5)\n"

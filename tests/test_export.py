@@ -47,6 +47,7 @@ def trained():
     return run, loaded, logits(loaded.model, loaded.tokenizer)
 
 
+@pytest.mark.subprocess
 def test_merged_model_loads_with_plain_transformers(trained, tmp_path: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -71,6 +72,7 @@ def test_merged_model_loads_with_plain_transformers(trained, tmp_path: Path):
     assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask()  # not mkdtemp's 0700
 
 
+@pytest.mark.subprocess
 def test_adapter_export_loads_with_plain_peft(trained, tmp_path: Path):
     from peft import PeftModel
 
@@ -96,6 +98,7 @@ def test_adapter_export_loads_with_plain_peft(trained, tmp_path: Path):
         assert needle in card, needle
 
 
+@pytest.mark.subprocess
 def test_push_without_a_token_is_a_user_error(trained, tmp_path: Path):
     run, _, _ = trained
     result = cli(
@@ -141,6 +144,7 @@ def mixtral(tmp_path_factory):
     return run, loaded, root / "inputs.pt", logits(loaded.model, loaded.tokenizer)
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_mixtral_adapter_loads_whole_in_plain_peft(mixtral, tmp_path: Path):
     """Plain PEFT on the unquantized base loads every trained number, experts included, and computes
@@ -175,6 +179,7 @@ def test_mixtral_adapter_loads_whole_in_plain_peft(mixtral, tmp_path: Path):
         assert needle in card, needle
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_mixtral_merges_into_its_dequantized_weights(mixtral, tmp_path: Path):
     """merge=true base=dequantized: a plain transformers model that *is* the trained model."""
@@ -188,6 +193,7 @@ def test_mixtral_merges_into_its_dequantized_weights(mixtral, tmp_path: Path):
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_mixtral_merges_into_its_original_weights(mixtral, tmp_path: Path):
     """merge=true (base=original): the unquantized checkpoint + attention and expert adapters."""

@@ -5,9 +5,11 @@ itself is run by test_run_dir.py (a clean run) and test_bad_inputs.py (its error
 
 from __future__ import annotations
 
+import pytest
 from lifecycle_helpers import read_jsonl, run_tool, tiny_run
 
 
+@pytest.mark.subprocess
 def test_generate_matches_the_sample_logged_at_the_last_eval():
     run = tiny_run()
     rows = [r for r in read_jsonl(run / "samples.jsonl") if r["step"] == 8]
@@ -24,6 +26,7 @@ def test_generate_matches_the_sample_logged_at_the_last_eval():
     assert sample["completion"].strip() and sample["completion"].strip() in output
 
 
+@pytest.mark.subprocess
 def test_chat_loop_reads_turns_until_eof():
     run = tiny_run()
     output = run_tool(

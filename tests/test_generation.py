@@ -94,6 +94,7 @@ def test_auto_decode_compiles_only_on_a_gpu_and_only_when_it_pays(adapted):
         choose_decode("graphs", model, 1)
 
 
+@pytest.mark.subprocess
 def test_generate_answers_a_file_of_prompts_in_batches(tmp_path: Path):
     """`python -m fine_tune.generate prompts=<file>`, through the tool's main in this process."""
     run = tiny_run()

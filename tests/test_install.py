@@ -9,9 +9,11 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
 from conftest import ROOT
 
 
+@pytest.mark.subprocess
 def test_wheel_ships_configs_and_data(tmp_path: Path):
     subprocess.run(
         [

@@ -63,6 +63,7 @@ def plain_base(cfg, root: Path) -> Path:
     return out
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_variant_trains_and_its_adapter_is_the_trained_model_in_plain_peft(variant, root):
     cfg, run_dir, metrics, _, expected, inputs = trained(variant, root)
@@ -99,6 +100,7 @@ def test_pissa_checkpoint_is_converted_for_generate_and_export(root, tmp_path):
     assert "residual base" in (out / "README.md").read_text()
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_resumed_pissa_run_is_the_uninterrupted_one(tmp_path):
     """Resume repeats the initialisation (the same residual base), loads the checkpoint as trained, and

@@ -306,6 +306,7 @@ def pythonpath() -> dict:
     return {"PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
 
 
+@pytest.mark.subprocess
 def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step(tmp_path: Path):
     script = (
         "import signal, torch.distributed as dist\n"
@@ -398,6 +399,7 @@ dist.destroy_process_group()
 """
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "overrides",
@@ -489,6 +491,7 @@ def assert_same_training(run_dir: Path, reference: Path) -> None:
     assert json.loads((run_dir / "status.json").read_text())["status"] == "finished"
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_ddp_over_two_processes_trains_as_one_process_with_the_same_global_batch(tmp_path, one_process):
     run_dir, output = two_processes(tmp_path, ["-m", "fine_tune"], [])
@@ -496,6 +499,7 @@ def test_ddp_over_two_processes_trains_as_one_process_with_the_same_global_batch
     assert_same_training(run_dir, one_process)
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_fsdp_over_two_processes_trains_as_one_process_and_saves_the_whole_adapter(tmp_path, one_process):
     from safetensors.torch import load_file
@@ -518,6 +522,7 @@ def test_fsdp_over_two_processes_trains_as_one_process_and_saves_the_whole_adapt
         assert (value - expected[key]).abs().max() < 1e-3, key
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_a_sweep_under_torchrun_writes_one_sweep_dir(tmp_path: Path):
     args = ["--standalone", "--nproc_per_node", "2", "-m", "fine_tune", "-m", "lora.r=4", *FAST]

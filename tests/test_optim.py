@@ -66,6 +66,7 @@ def test_a_key_the_user_added_that_the_class_cannot_take_is_refused(overrides):
         assert error.value.where == key
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_readme_sgd_command_trains(tmp_path: Path):
     """The README's line, as a user types it (with short CPU settings)."""

@@ -201,6 +201,7 @@ def test_accepts_omegaconf():
     assert plan_memory(omegaconf.OmegaConf.create(c)).total_bytes == plan_memory(copy.deepcopy(c)).total_bytes
 
 
+@pytest.mark.subprocess
 def test_planning_imports_neither_torch_nor_transformers():
     code = (
         "import sys, fine_tune.plan as p; p.plan_memory({'model': {'family': 'mixtral'}}).format(80); "

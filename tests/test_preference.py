@@ -330,6 +330,7 @@ def test_plan_counts_both_answers_and_the_reference_forward():
     assert "dpo (pairs" in dpo.description
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_validate_prints_the_method(tmp_path: Path):
     result = cli(["validate=true", *SHORT, *pairs("dpo"), f"hydra.run.dir={tmp_path / 'run'}"])
@@ -365,6 +366,7 @@ def training_record(run_dir: Path) -> list[dict]:
     ]
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_a_resumed_dpo_run_logs_what_the_uninterrupted_run_logged(tmp_path: Path):
     reference = trained_run("dpo", RESUMABLE)
@@ -379,6 +381,7 @@ def test_a_resumed_dpo_run_logs_what_the_uninterrupted_run_logged(tmp_path: Path
     assert final["reward_accuracy"] == expected["reward_accuracy"]
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_generate_and_export_read_a_dpo_run_dir(tmp_path: Path):
     from transformers import AutoModelForCausalLM
@@ -400,6 +403,7 @@ def test_generate_and_export_read_a_dpo_run_dir(tmp_path: Path):
     assert "**Method**: dpo (beta 0.1" in (out / "README.md").read_text()
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_a_beta_by_rank_sweep_gives_four_tracked_dpo_runs(tmp_path: Path):
     from test_sweep_e2e import fine_tune

@@ -87,6 +87,7 @@ def test_resume_trims_logs_written_after_the_checkpoint(tmp_path: Path):
     assert read_jsonl(tmp_path / "metrics.jsonl") == [] and read_jsonl(tmp_path / "samples.jsonl") == []
 
 
+@pytest.mark.subprocess
 def test_uninterrupted_run_keeps_the_last_k_whole_checkpoints():
     run = tiny_run()
     root = run / "checkpoints"
@@ -99,6 +100,7 @@ def test_uninterrupted_run_keeps_the_last_k_whole_checkpoints():
     assert all(r["completion"] is not None and r["prompt"].startswith("<s> [INST]") for r in samples)
 
 
+@pytest.mark.subprocess
 def test_ctrl_c_mid_training_then_resume_gives_the_same_losses(tmp_path: Path):
     reference = step_losses(tiny_run())
     assert [s for s, _, _ in reference] == list(range(1, 9))
@@ -127,6 +129,7 @@ def test_ctrl_c_mid_training_then_resume_gives_the_same_losses(tmp_path: Path):
     assert metrics["first_train_loss"] == reference[0][1] and metrics["steps"] == 8
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGUSR2], ids=lambda s: s.name)
 def test_a_signal_stops_the_run_with_128_plus_its_number(signum, tmp_path: Path):
@@ -168,6 +171,7 @@ def snapshot(root: Path) -> dict[str, bytes | None]:
     return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None for p in root.rglob("*")}
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_resume_at_the_last_checkpoint_trains_no_step_past_the_end(tmp_path: Path):
     """Killed while saving the final adapter (or preempted after the last checkpoint): checkpoint-8
@@ -184,6 +188,7 @@ def test_resume_at_the_last_checkpoint_trains_no_step_past_the_end(tmp_path: Pat
     assert f"run directory: {run}" in result.stdout and f"everything is in {run}" in result.stdout
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_resume_inside_a_logging_window_logs_what_the_uninterrupted_run_logged(tmp_path: Path):
     reference = trained_run("constant", CONSTANT)
@@ -198,6 +203,7 @@ def test_resume_inside_a_logging_window_logs_what_the_uninterrupted_run_logged(t
     assert snapshot(run / ".hydra") == record  # how the run was started stays recorded
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_kill_during_the_first_checkpoint_save_starts_fresh_without_duplicate_rows(tmp_path: Path):
     reference = trained_run("constant", CONSTANT)
@@ -211,6 +217,7 @@ def test_kill_during_the_first_checkpoint_save_starts_fresh_without_duplicate_ro
     assert_same_adapter(run, reference)
 
 
+@pytest.mark.subprocess
 def test_resume_of_a_finished_run_changes_nothing(tmp_path: Path):
     run = shutil.copytree(tiny_run(), tmp_path / "run")
     before = snapshot(run)
@@ -221,6 +228,7 @@ def test_resume_of_a_finished_run_changes_nothing(tmp_path: Path):
         assert snapshot(run) == before  # no step, no log line, no .hydra/ rewrite, no tracker run
 
 
+@pytest.mark.subprocess
 def test_resume_refuses_a_config_the_run_was_not_started_with(tmp_path: Path):
     run = stopped_copy(tiny_run(), tmp_path / "run", last_checkpoint=6)
     before = snapshot(run)
@@ -230,6 +238,7 @@ def test_resume_refuses_a_config_the_run_was_not_started_with(tmp_path: Path):
     assert snapshot(run) == before
 
 
+@pytest.mark.subprocess
 def test_a_new_run_does_not_overwrite_one_in_the_same_directory(tmp_path: Path):
     run = stopped_copy(tiny_run(), tmp_path / "run", last_checkpoint=6)
     before = snapshot(run)
@@ -276,6 +285,7 @@ def killed_during_save(target: Path, replacing: bool = False) -> list[Path]:
     return sorted(set(target.parent.iterdir()) - before)
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("replacing", [False, True], ids=["writing", "replacing"])
 def test_a_kill_during_an_atomic_save_leaves_a_partial_save_the_next_start_removes(replacing, tmp_path: Path):
     from fine_tune.run import remove_partial_saves

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from conftest import run_cli
 from lifecycle_helpers import stopped_copy
 from safetensors import safe_open
@@ -25,6 +26,7 @@ def train_losses(run_dir: Path) -> list[tuple[int, float]]:
     return [(row["step"], row["train/loss"]) for row in rows if "train/loss" in row]
 
 
+@pytest.mark.subprocess
 def test_resume_restores_expert_adapters(tmp_path: Path):
     full = run_cli([*ARGS, "trainer.max_steps=8", f"hydra.run.dir={tmp_path / 'full'}"])
     assert full.returncode == 0, full.stderr[-2000:]

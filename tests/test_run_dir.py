@@ -17,6 +17,7 @@ from fine_tune.errors import UserError
 from fine_tune.resume_config import check_unchanged, with_saved_overrides
 
 
+@pytest.mark.subprocess
 def test_modes_and_runs_stopped_before_training_leave_no_run_directory(tmp_path: Path):
     (tmp_path / "broken.jsonl").write_text('{"instruction": "Say hi.", "output": \n')
     for args, code in (
@@ -32,6 +33,7 @@ def test_modes_and_runs_stopped_before_training_leave_no_run_directory(tmp_path:
     assert "nothing was trained: removed outputs/train/" in result.stdout
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize(
     ("network", "reason"),
     [
@@ -49,6 +51,7 @@ def test_a_hub_model_without_the_hub_fails_at_once_with_the_hint(network, reason
     assert "Retrying" not in output and "Traceback" not in output
 
 
+@pytest.mark.subprocess
 def test_help_lists_only_the_groups_users_choose():
     result = cli(["--help"], timeout=120)
     assert result.returncode == 0
@@ -76,6 +79,7 @@ runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
 """
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 @pytest.mark.parametrize("module", ["fine_tune", "fine_tune.generate", "fine_tune.export"])
 def test_a_clean_run_prints_no_library_warnings(module: str, tmp_path: Path):

@@ -25,6 +25,7 @@ def files_containing(root: Path, needles: list[str]) -> list[str]:
     return found
 
 
+@pytest.mark.subprocess
 def test_environment_tokens_never_reach_run_files_or_wandb(tmp_path: Path):
     run_dir = tmp_path / "run"
     args = [*TINY, "logger=wandb", "logger.mode=offline", "trainer.max_steps=4", f"hydra.run.dir={run_dir}"]
@@ -39,6 +40,7 @@ def test_environment_tokens_never_reach_run_files_or_wandb(tmp_path: Path):
         assert needle not in result.stdout + result.stderr
 
 
+@pytest.mark.subprocess
 def test_a_token_in_the_config_is_refused_and_scrubbed(tmp_path: Path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()  # an existing directory is kept (a new one would be removed: nothing was trained)

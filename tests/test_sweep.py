@@ -132,6 +132,7 @@ def toy_app(tmp_path):
     return run, sweep_dir, log_file
 
 
+@pytest.mark.subprocess
 def test_failing_jobs_do_not_stop_the_sweep_and_a_rerun_skips_finished(toy_app):
     run, sweep_dir, log_file = toy_app
     first = run("x=1,bad,3,oom")
@@ -167,6 +168,7 @@ def test_failing_jobs_do_not_stop_the_sweep_and_a_rerun_skips_finished(toy_app):
     assert (sweep_dir / "x=5" / "metrics.json").is_file()
 
 
+@pytest.mark.subprocess
 def test_sweep_where_nothing_finished_exits_nonzero(toy_app):
     run, sweep_dir, _ = toy_app
     result = run("x=bad,oom")
@@ -176,6 +178,7 @@ def test_sweep_where_nothing_finished_exits_nonzero(toy_app):
     assert sorted(r["status"] for r in summary["jobs"]) == ["failed", "oom"]
 
 
+@pytest.mark.subprocess
 def test_optuna_sweeper_records_failed_trials_and_goes_on(toy_app, tmp_path):
     """With Optuna the callback leaves failures to the sweeper (a failed trial, not a fake value)."""
     run, sweep_dir, log_file = toy_app

@@ -74,6 +74,7 @@ def assert_no_secrets(root: Path, *texts: str) -> None:
                 assert secret.encode() not in file.read_bytes(), f"{secret[:6]}... in {file}"
 
 
+@pytest.mark.subprocess
 def test_four_jobs_in_one_process_are_four_grouped_wandb_runs(tmp_path):
     sweep_dir = tmp_path / "sweep"
     result = fine_tune(
@@ -119,6 +120,7 @@ def test_four_jobs_in_one_process_are_four_grouped_wandb_runs(tmp_path):
     assert_no_secrets(sweep_dir, result.stdout, result.stderr)
 
 
+@pytest.mark.subprocess
 def test_failing_job_is_reported_rerun_skips_finished_and_compare_matches(tmp_path):
     sweep_dir = tmp_path / "sweep"
     args = ["-m", "lora.r=0,2,4", "logger=none", f"hydra.sweep.dir={sweep_dir}"]  # r=0 fails in the job
@@ -163,12 +165,14 @@ def test_failing_job_is_reported_rerun_skips_finished_and_compare_matches(tmp_pa
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000
 
 
+@pytest.mark.subprocess
 def test_all_jobs_failing_exits_nonzero(tmp_path):
     result = fine_tune(tmp_path, "-m", "lora.r=0,-1", "logger=none", f"hydra.sweep.dir={tmp_path / 's'}")
     assert result.returncode != 0
     assert "no job of the sweep finished" in result.stderr
 
 
+@pytest.mark.subprocess
 def test_optuna_example_runs_trials_and_reports_best_params(tmp_path):
     sweep_dir = tmp_path / "optuna"
     result = fine_tune(
@@ -193,6 +197,7 @@ def test_examples_are_valid_scripts_that_say_what_they_answer(script):
     assert subprocess.run(["bash", "-n", str(ROOT / "multirun_examples" / script)]).returncode == 0
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_sweep_over_lora_variants_gives_one_tracked_run_per_variant(tmp_path):
     """`-m lora=default,dora,pissa`: three W&B runs, each named by its variant and recording it."""

@@ -44,6 +44,7 @@ def logits_of(model, tokenizer) -> torch.Tensor:
         return model(**batch).logits.float()
 
 
+@pytest.mark.subprocess
 def test_default_run_from_the_command_line(tmp_path: Path):
     """`python -m fine_tune` with no group overrides: trains, evaluates, saves, and the loss falls."""
     result = run_cli(["logger=none", f"hydra.run.dir={tmp_path}"])

@@ -119,6 +119,7 @@ def test_prompt_longer_than_max_length_is_refused():
     assert error.value.where == "dataset.max_length"
 
 
+@pytest.mark.subprocess
 def test_validate_prints_the_plan_and_writes_no_run(tmp_path: Path):
     run_dir = tmp_path / "run"
     result = cli(["validate=true", "trainer=cpu", "logger=none", f"hydra.run.dir={run_dir}"])
@@ -139,6 +140,7 @@ def test_validate_prints_the_plan_and_writes_no_run(tmp_path: Path):
     assert not (run_dir / "checkpoints").exists() and not (run_dir / "adapter").exists()
 
 
+@pytest.mark.subprocess
 def test_config_errors_are_found_before_torch_is_imported():
     """Bad values must fail in a second, not after torch/transformers load (a fresh interpreter)."""
     import subprocess
