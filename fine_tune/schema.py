@@ -22,6 +22,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from fine_tune.errors import UserError
 from fine_tune.families import families
+from fine_tune.generation import DECODE
 
 log = logging.getLogger("fine_tune")
 
@@ -145,7 +146,7 @@ class LoraSchema:
 class GenerationSchema:
     num_prompts: int = at_least(3, 0)
     max_new_tokens: int = positive(32)
-    decode: str = one_of("auto", ("auto", "dynamic", "compiled"))  # fine_tune.generation.DECODE
+    decode: str = one_of("auto", DECODE)  # how samples decode: fine_tune.generation
 
 
 @dataclass
