@@ -415,6 +415,9 @@ def run_fine_tune(prep: dict, args: argparse.Namespace, quant: str) -> dict:
         "steady_tokens_per_s": steady_from_log(steps, args.warmup, args.timed),
         "peak_gib": metrics.get("peak_memory_gib"),
         "metrics_json_tokens_per_second": metrics.get("tokens_per_second"),
+        # the same data and seed in every fine_tune system: runs that differ only in how they compute
+        # (fused_lora, attention kernel) must log the same losses, to a few bf16 roundings
+        "losses": [round(r["train/loss"], 4) for r in rows if "train/loss" in r][:8],
         "log_tail": done.stderr[-600:],
     }
 

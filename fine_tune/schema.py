@@ -184,6 +184,7 @@ class TrainerSchema:
     precision: str = one_of("auto", ("auto", "bf16", "fp16", "fp32"))
     # auto | true | false (OmegaConf has no bool | str union)
     use_liger_kernel: Any = one_of("auto", ("auto", True, False))
+    fused_lora: Any = one_of("auto", ("auto", True, False))  # fine_tune.training.fused_lora
     logging_steps: int = positive(5)
     eval_steps: int = positive(20)
     save_steps: int = positive(50)

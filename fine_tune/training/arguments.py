@@ -48,6 +48,7 @@ def build_training_arguments(
     checkpointing: Any = DEFAULT_CHECKPOINTING,
     precision: str = _default("precision"),
     use_liger_kernel: bool | str = _default("use_liger_kernel"),
+    fused_lora: bool | str = _default("fused_lora"),
     logging_steps: int = _default("logging_steps"),
     eval_steps: int = _default("eval_steps"),
     save_steps: int = _default("save_steps"),
@@ -74,7 +75,7 @@ def build_training_arguments(
     if precision in ("bf16", "fp16") and not has_cuda():
         precision = "fp32"  # mixed precision on CPU is slower and not exact; the log says which was used
     checkpoint_kwargs = checkpointing_kwargs(checkpointing)  # checked even while checkpointing is off
-    return config_class(
+    args = config_class(
         output_dir=output_dir,
         seed=seed,
         data_seed=seed,
@@ -111,6 +112,8 @@ def build_training_arguments(
         **parallel_kwargs(strategy, fsdp, decoder_layer),
         **method,
     )
+    args.fused_lora = resolve_fused_lora(fused_lora, strategy)  # ours, read by EngineMixin
+    return args
 
 
 def parallel_kwargs(strategy: str, fsdp: Any, decoder_layer: str | None) -> dict[str, Any]:
@@ -164,6 +167,25 @@ def resolve_liger(value: bool | str) -> bool:
             "trainer.use_liger_kernel=true needs the liger-kernel package",
             where="trainer.use_liger_kernel",
             hint="pip install 'fine_tune[gpu]', or trainer.use_liger_kernel=auto",
+        )
+    return True
+
+
+def resolve_fused_lora(value: bool | str, strategy: str) -> bool:
+    """`auto`: on with a CUDA GPU, where it was measured (docs/speed.md); off on CPU, where it computes
+    the same numbers (tests) but was not timed, and under FSDP, whose sharded parameters it was
+    never run with (refused when asked for)."""
+    from fine_tune.hardware import has_cuda
+
+    if value == "auto":
+        return has_cuda() and strategy != "fsdp"
+    if value is False or value == "false":
+        return False
+    if strategy == "fsdp":
+        raise UserError(
+            "trainer.fused_lora=true was never run under FSDP's sharded parameters",
+            where="trainer.fused_lora",
+            hint="use trainer.fused_lora=auto (off under fsdp) or false",
         )
     return True
 

@@ -123,12 +123,22 @@ class EngineMixin(ExactResume, ShardedSaves):
 
         return disable_input_dtype_casting(self.model, active=bool(self.args.bf16 or self.args.fp16))
 
+    @contextlib.contextmanager
+    def fast_adapters(self) -> Iterator[None]:
+        """A training or evaluation step's LoRA layers: inputs uncast, computed fused where asked
+        (`trainer.fused_lora`, fine_tune/training/fused_lora.py)."""
+        from fine_tune.training.fused_lora import fused_lora_forward
+
+        fused = getattr(self.args, "fused_lora", False)  # set by build_training_arguments
+        with self.lora_inputs_uncast(), fused_lora_forward(self.model, fused):
+            yield
+
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
-        with self.lora_inputs_uncast():
+        with self.fast_adapters():
             return super().training_step(*args, **kwargs)
 
     def prediction_step(self, *args: Any, **kwargs: Any) -> Any:
-        with self.lora_inputs_uncast():
+        with self.fast_adapters():
             return super().prediction_step(*args, **kwargs)
 
     def _send_telemetry(self) -> None:
