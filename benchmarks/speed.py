@@ -83,11 +83,14 @@ def prepare(work: Path, args: argparse.Namespace) -> dict:
     import torch
     from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
 
-    from fine_tune.models.tokenizer import mistral_v1_tokenizer
+    from fine_tune.models.tokenizer import mistral_common_tokenizer
 
     work.mkdir(parents=True, exist_ok=True)
     # A converted copy spares a GPU machine the mistral-common package (same files as it ships).
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer) if args.tokenizer else mistral_v1_tokenizer()
+    if args.tokenizer:
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    else:
+        tokenizer = mistral_common_tokenizer("mistral_v1")
     examples_path = work / "examples.jsonl"
     alpaca = work / "alpaca.jsonl"
     rows = [row for path in data_files(Path(args.data_dir)) for row in read_rows(path)]

@@ -34,9 +34,9 @@ def main() -> int:
         return 1
     sys.path.insert(0, str(REPO))
     from fine_tune.data import build_data
-    from fine_tune.models.tokenizer import mistral_v1_tokenizer
+    from fine_tune.models.tokenizer import mistral_common_tokenizer
 
-    tok = mistral_v1_tokenizer()
+    tok = mistral_common_tokenizer("mistral_v1")
     common = {
         "format": "alpaca",
         "path": [str(p) for p in paths],
