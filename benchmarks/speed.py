@@ -40,6 +40,7 @@ import argparse
 import gzip
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -375,6 +376,7 @@ def run_trl(prep: dict, args: argparse.Namespace, timer: Timer, liger: bool, uns
 def run_fine_tune(prep: dict, args: argparse.Namespace, quant: str) -> dict:
     """The real CLI on the same checkpoint and data; steady figure from its own per-step log."""
     run_dir = Path(args.work) / f"fine_tune_{quant}_{abs(hash(tuple(args.fine_tune_overrides)))}"
+    shutil.rmtree(run_dir, ignore_errors=True)  # a warm machine keeps the work dir of an earlier call
     overrides = [
         "model=local",
         f"model.name_or_path={prep['model_dir']}",
