@@ -43,10 +43,7 @@ class DataBundle:
     kind: str = "sft"  # sft: input_ids/labels rows; preference: prompt_ids/chosen_ids/rejected_ids rows
 
 
-# ----------------------------------------------------------------------------------------------------
-# Tokenizing
-
-
+# ---- tokenizing -----------------------------------------------------------------------------------
 def _tokenize(
     examples: list[Example],
     opts: dict[str, Any],
@@ -128,9 +125,6 @@ def _prompts(examples: list[Example], template: str, tokenizer, encoder, n: int)
             messages, reference = ex.messages[:last], ex.messages[last]["content"]
         items.append({"messages": messages, "reference": reference, "where": ex.where})
     return pipeline.held_out_prompts(items, template, tokenizer, encoder)
-
-
-# ----------------------------------------------------------------------------------------------------
 
 
 def build_data(
