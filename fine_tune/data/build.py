@@ -182,14 +182,9 @@ def build_data(
     report.rows_read, train_ex, eval_ex, test_ex = pipeline.load_items(
         opts, sources, fmt, fields, convert, skips, seed
     )
-    train_ids, train_labels, train_lens = _tokenize(
-        train_ex, opts, template, tokenizer, encoder, max_length, skips, report
-    )
-    eval_ids, eval_labels, eval_lens = _tokenize(
-        eval_ex, opts, template, tokenizer, encoder, max_length, skips, report
-    )
-    test_ids, test_labels, _ = _tokenize(
-        test_ex, opts, template, tokenizer, encoder, max_length, skips, report
+    (train_ids, train_labels, train_lens), (eval_ids, eval_labels, eval_lens), (test_ids, test_labels, _) = (
+        _tokenize(examples, opts, template, tokenizer, encoder, max_length, skips, report)
+        for examples in (train_ex, eval_ex, test_ex)
     )
     report.rows_dropped, report.dropped_examples = skips.require(len(train_ids), sources.label, "rows")
 
