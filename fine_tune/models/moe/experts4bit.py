@@ -486,9 +486,8 @@ def quantize_fused_experts(
         raise ValueError(f"fused experts are quantized to nf4 or fp4, not {quant_type!r}")
     if isinstance(compute_dtype, str):
         compute_dtype = getattr(torch, compute_dtype)
-    found = {
-        name: reason for name, _, reason in find_fused_experts(model)
-    }  # names: no list keeps the originals alive
+    # names only: no list keeps the originals alive
+    found = {name: reason for name, _, reason in find_fused_experts(model)}
     skipped = {name: reason for name, reason in found.items() if reason is not None}
     if skipped and strict:
         raise ValueError(f"cannot quantize fused experts: {skipped}")
