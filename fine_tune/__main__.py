@@ -39,7 +39,8 @@ def before_training(cfg: DictConfig, run_dir: Path, multirun: bool) -> tuple[boo
     use_cache_only_if_unreachable(cfg)  # no network: fail now, not after a minute of retries
     if modes.selected(cfg):
         try:
-            return True, modes.dispatch(cfg, run_dir)
+            modes.dispatch(cfg)
+            return True, None
         finally:
             run_dirs.discard_if_unused(run_dir)
     where = run_dirs.shown(run_dir)

@@ -29,16 +29,7 @@ from fine_tune.utils.format import finite_number, format_metric
 from fine_tune.utils.io import atomic_file, atomic_write_json, atomic_write_text, read_json
 
 _BROKEN = {"failed", "oom", "preempted", "unknown"}
-_SKIP_DIRS = {
-    "wandb",
-    "tensorboard",
-    "checkpoints",
-    "adapter",
-    "tokenizer",
-    "compare",
-    ".hydra",
-    "__pycache__",
-}
+_SKIP_DIRS = {"wandb", "tensorboard", "checkpoints", "adapter", "tokenizer", "compare", "__pycache__"}
 # Extra columns shown after the chosen metric (metrics.json key -> header).
 _EXTRA = [
     ("train_loss", "train_loss"),

@@ -32,6 +32,11 @@ RESIDUAL_NOTE = (
     " (trained on a residual base; saved as the equal plain LoRA of rank 2r on the original base, "
     "so it loads like any adapter)"
 )
+MERGED_USAGE = [
+    "from transformers import AutoModelForCausalLM, AutoTokenizer",
+    "model = AutoModelForCausalLM.from_pretrained('<this directory or repo>')",
+    "tokenizer = AutoTokenizer.from_pretrained('<this directory or repo>')",
+]
 UNQUANTIZED = {"_target_": "fine_tune.models.quant.build_quant_config", "kind": "none"}  # quant node
 
 ARGS: dict[str, Any] = {
@@ -99,7 +104,7 @@ def model_card(
         "## Usage",
         "",
         "```python",
-        *(merged_usage() if merged else adapter_usage(model.get("name_or_path"), adapter or {})),
+        *(MERGED_USAGE if merged else adapter_usage(model.get("name_or_path"), adapter or {})),
         "```",
         "",
         "Prompts must use the training template above (`python -m fine_tune.generate` applies it).",
@@ -112,14 +117,6 @@ def model_card(
         "",
     ]
     return "\n".join(lines)
-
-
-def merged_usage() -> list[str]:
-    return [
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "model = AutoModelForCausalLM.from_pretrained('<this directory or repo>')",
-        "tokenizer = AutoTokenizer.from_pretrained('<this directory or repo>')",
-    ]
 
 
 def adapter_usage(base: str | None, adapter: dict) -> list[str]:

@@ -57,7 +57,7 @@ def respond(loaded: LoadedRun, messages: list[dict[str, str]], args: dict[str, A
 
 def answer_file(loaded: LoadedRun, path: str, args: dict[str, Any]) -> None:
     """Every non-empty line of `path` as a user turn, `batch_size` prompts per generate call."""
-    from fine_tune.data import render_prompt
+    from fine_tune.data.templates import encode_prompts
     from fine_tune.generation import choose_decode, generate_batch
 
     file = Path(path).expanduser()
@@ -72,14 +72,8 @@ def answer_file(loaded: LoadedRun, path: str, args: dict[str, Any]) -> None:
     options = {**_decoding(args), "decode": choose_decode(args["decode"], loaded.model, steps)}
     for start in range(0, len(lines), size):
         batch = lines[start : start + size]
-        ids = [
-            render_prompt(
-                _with_system([{"role": "user", "content": text}], args["system"]),
-                loaded.tokenizer,
-                loaded.template,
-            )
-            for text in batch
-        ]
+        prompts = [_with_system([{"role": "user", "content": text}], args["system"]) for text in batch]
+        ids = encode_prompts(prompts, loaded.template, loaded.tokenizer)  # the run's resolved template
         for text, completion in zip(
             batch, generate_batch(loaded.model, loaded.tokenizer, ids, **options), strict=True
         ):

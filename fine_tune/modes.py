@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from omegaconf import DictConfig
 
 MODES = ("plan", "validate", "preview")
@@ -13,7 +11,7 @@ def selected(cfg: DictConfig) -> list[str]:
     return [mode for mode in MODES if cfg.get(mode)]
 
 
-def dispatch(cfg: DictConfig, run_dir: Path) -> float | None:
+def dispatch(cfg: DictConfig) -> None:
     """Run each selected mode in order; none of them loads weights or trains."""
     from fine_tune.schema import check_types
 
@@ -31,4 +29,3 @@ def dispatch(cfg: DictConfig, run_dir: Path) -> float | None:
             from fine_tune.data_preview import preview_from_config
 
             preview_from_config(cfg)
-    return None

@@ -150,11 +150,6 @@ class MemoryPlan:
             loss, self.recompute_per_sample * b, self.reference_per_sample * b
         )
 
-    @property
-    def per_sample_bytes(self) -> int:
-        transients = (self.loss_per_sample, self.recompute_per_sample, self.reference_per_sample)
-        return self.saved_per_sample + max(transients)
-
     def device_bytes(self, batch_size: int | None = None) -> int:
         """Memory the GPU must really have: allocated peak + allocator slack + outside the allocator."""
         b = self.batch_size if batch_size is None else batch_size
@@ -215,7 +210,8 @@ class MemoryPlan:
             "items": [dict(zip(("what", "bytes", "how"), item, strict=True)) for item in self.items],
             "total_bytes": self.total_bytes,
             "device_bytes": self.device_bytes(),
-            "per_sample_bytes": self.per_sample_bytes,
+            "per_sample_bytes": self.saved_per_sample
+            + max(self.loss_per_sample, self.recompute_per_sample, self.reference_per_sample),
             "activation_bytes": self.activation_bytes(self.batch_size),
         }
 

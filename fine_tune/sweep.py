@@ -73,14 +73,6 @@ def finished_metric(run_dir: str | os.PathLike) -> float | None:
     return metric
 
 
-def _current_overrides() -> list[str]:
-    with contextlib.suppress(Exception):
-        from hydra.core.hydra_config import HydraConfig
-
-        return list(HydraConfig.get().overrides.task)
-    return []
-
-
 def _write(run_dir: str | os.PathLike, **fields: Any) -> dict[str, Any]:
     previous = read_status(run_dir) or {}
     status = {
@@ -98,10 +90,9 @@ def _write(run_dir: str | os.PathLike, **fields: Any) -> dict[str, Any]:
     return status
 
 
-def mark_running(run_dir: str | os.PathLike, overrides: Sequence[str] | None = None) -> dict[str, Any]:
+def mark_running(run_dir: str | os.PathLike, overrides: Sequence[str]) -> dict[str, Any]:
     """Record that the job started (again): clears a previous failure, keeps nothing stale."""
-    overrides = list(overrides) if overrides is not None else _current_overrides()
-    return _write(run_dir, status=RUNNING, overrides=overrides, started=_now(), error=None, ended=None)
+    return _write(run_dir, status=RUNNING, overrides=list(overrides), started=_now())
 
 
 def mark_finished(run_dir: str | os.PathLike, metric: Any = None) -> dict[str, Any]:

@@ -43,10 +43,7 @@ class DataBundle:
     kind: str = "sft"  # sft: input_ids/labels rows; preference: prompt_ids/chosen_ids/rejected_ids rows
 
 
-# ----------------------------------------------------------------------------------------------------
-# Tokenizing
-
-
+# ---- tokenizing -----------------------------------------------------------------------------------
 def _tokenize(
     examples: list[Example],
     opts: dict[str, Any],
@@ -130,9 +127,6 @@ def _prompts(examples: list[Example], template: str, tokenizer, encoder, n: int)
     return pipeline.held_out_prompts(items, template, tokenizer, encoder)
 
 
-# ----------------------------------------------------------------------------------------------------
-
-
 def build_data(
     dataset_cfg: Mapping | None = None,
     *,
@@ -188,14 +182,9 @@ def build_data(
     report.rows_read, train_ex, eval_ex, test_ex = pipeline.load_items(
         opts, sources, fmt, fields, convert, skips, seed
     )
-    train_ids, train_labels, train_lens = _tokenize(
-        train_ex, opts, template, tokenizer, encoder, max_length, skips, report
-    )
-    eval_ids, eval_labels, eval_lens = _tokenize(
-        eval_ex, opts, template, tokenizer, encoder, max_length, skips, report
-    )
-    test_ids, test_labels, _ = _tokenize(
-        test_ex, opts, template, tokenizer, encoder, max_length, skips, report
+    (train_ids, train_labels, train_lens), (eval_ids, eval_labels, eval_lens), (test_ids, test_labels, _) = (
+        _tokenize(examples, opts, template, tokenizer, encoder, max_length, skips, report)
+        for examples in (train_ex, eval_ex, test_ex)
     )
     report.rows_dropped, report.dropped_examples = skips.require(len(train_ids), sources.label, "rows")
 

@@ -36,22 +36,21 @@ class BadRow(Exception):
 @dataclass(frozen=True)
 class Format:
     name: str
-    required: tuple[str, ...]
-    optional: tuple[str, ...] = ()
+    required: tuple[str, ...]  # of DEFAULT_FIELDS[name]; the others there are optional
     default_template: str = "auto"
     kind: str = "sft"  # sft: a conversation per row (build_data); preference: a pair (BUILDERS)
 
 
 FORMATS: dict[str, Format] = {
-    "alpaca": Format("alpaca", ("instruction", "output"), ("input", "system")),
-    "dolly": Format("dolly", ("instruction", "response"), ("context", "system")),
-    "qa": Format("qa", ("question", "answer"), ("system",), default_template="qa"),
-    "law_title": Format("law_title", ("body", "title"), ("system",)),
-    "text": Format("text", ("text",), (), default_template="none"),
-    "chat": Format("chat", ("messages",), ("system",)),
-    "preference": Format("preference", ("prompt", "chosen", "rejected"), ("system",), kind="preference"),
+    "alpaca": Format("alpaca", ("instruction", "output")),
+    "dolly": Format("dolly", ("instruction", "response")),
+    "qa": Format("qa", ("question", "answer"), default_template="qa"),
+    "law_title": Format("law_title", ("body", "title")),
+    "text": Format("text", ("text",), default_template="none"),
+    "chat": Format("chat", ("messages",)),
+    "preference": Format("preference", ("prompt", "chosen", "rejected"), kind="preference"),
     "preference_openai": Format(
-        "preference_openai", ("input", "preferred_output", "non_preferred_output"), (), kind="preference"
+        "preference_openai", ("input", "preferred_output", "non_preferred_output"), kind="preference"
     ),
 }
 BUILDERS = {"sft": "fine_tune.data.build_data", "preference": "fine_tune.data.build_preference_data"}

@@ -60,10 +60,7 @@ def make_encoder(opts: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> Se
     return encoder
 
 
-# ----------------------------------------------------------------------------------------------------
-# Bad rows
-
-
+# ---- bad rows -------------------------------------------------------------------------------------
 class Skips:
     """Counts dropped rows by reason, or turns a bad row into a UserError (on_bad_row=error)."""
 
@@ -106,10 +103,7 @@ class Skips:
         raise UserError(detail, where=where, hint=hint)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Sources and reading
-
-
+# ---- sources and reading --------------------------------------------------------------------------
 @dataclass
 class Sources:
     """The files (or the hub) each split comes from; `train is None` means the hub."""

@@ -33,9 +33,7 @@ class Encoded:
     trained: list[bool]
 
 
-# ----------------------------------------------------------------------------------------------------
-# Sentencepiece lookup: find the .model file matching the HF tokenizer, if any.
-
+# ---- sentencepiece lookup: find the .model file matching the HF tokenizer, if any -----------------
 _SP_CACHE: dict[str, Any] = {}
 
 
@@ -117,10 +115,7 @@ class SegmentEncoder:
         return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
-# ----------------------------------------------------------------------------------------------------
-# Template choice
-
-
+# ---- template choice ------------------------------------------------------------------------------
 def special_id(tokenizer: PreTrainedTokenizerBase, token: str) -> int | None:
     """The id of `token` when the tokenizer has it as one (control) token."""
     idx = tokenizer.convert_tokens_to_ids(token)
@@ -170,10 +165,7 @@ def resolve_template(name: str | None, tokenizer: PreTrainedTokenizerBase, fmt_d
     return name
 
 
-# ----------------------------------------------------------------------------------------------------
-# Mistral: segment plans, encoded in one batch per call
-
-
+# ---- Mistral: segment plans, encoded in one batch per call ----------------------------------------
 def merge_consecutive(messages: list[dict[str, str]], keep_system: bool = False) -> list[dict[str, str]]:
     """Join consecutive same-role messages with a blank line, as mistral-common's normalizer does."""
     out: list[dict[str, str]] = []
@@ -240,10 +232,7 @@ def _encode_plans(plans: list[list[tuple[str, Any, bool]]], encoder: SegmentEnco
     return out
 
 
-# ----------------------------------------------------------------------------------------------------
-# String templates: full text + trained character spans
-
-
+# ---- string templates: full text + trained character spans ----------------------------------------
 def _string_render(
     messages: list[dict[str, str]], template: str, tokenizer, add_generation_prompt: bool = False
 ) -> tuple[str, list[tuple[int, int]]]:
@@ -344,10 +333,7 @@ def _encode_strings(
     return out
 
 
-# ----------------------------------------------------------------------------------------------------
-# Public entry points
-
-
+# ---- public entry points --------------------------------------------------------------------------
 def encode_examples(
     examples: list[Example],
     template: str,

@@ -9,13 +9,10 @@ from typing import Any
 from fine_tune.errors import UserError
 
 
-def looks_like_local_path(name: str) -> bool:
-    return name.startswith(("/", "./", "../", "~")) or Path(name).expanduser().exists()
-
-
 def check_local_path(name_or_path: str) -> None:
     """A path that does not exist is a typo, not a hub id: say so before transformers tries the hub."""
-    if looks_like_local_path(name_or_path) and not Path(name_or_path).expanduser().is_dir():
+    path = Path(name_or_path).expanduser()
+    if (name_or_path.startswith(("/", "./", "../", "~")) or path.exists()) and not path.is_dir():
         raise UserError(
             f"model directory '{name_or_path}' does not exist",
             where="model.name_or_path",

@@ -24,15 +24,6 @@ from fine_tune.utils.io import publish_dir
 MATERIALISE_LIMIT = 500_000_000
 
 
-def device_map_for(quant: QuantSpec, device: str | None = None) -> Any:
-    """Quantized weights must be placed while loading; each rank takes its own GPU (`device`: a
-    placement the run chose instead, e.g. the CPU for FSDP to shard from)."""
-    device = device or local_device()
-    if device != "cpu":
-        return {"": device}
-    return "cpu" if quant.enabled else None
-
-
 def materialise_random(architecture: Any, seed: int) -> Path:
     """Save a random model for `architecture` and `seed` once; later runs reuse the same directory."""
     import torch
@@ -62,28 +53,6 @@ def weights_from(path: str | Path) -> Iterator[None]:
             where="model.name_or_path",
             hint="give a local directory with safetensors weights, or a hub id with hub access",
         ) from None
-
-
-def from_pretrained(
-    path: str | Path,
-    quant: QuantSpec,
-    dtype: Any,
-    attn_implementation: str,
-    trust_remote_code: bool,
-    device: str | None = None,
-) -> Any:
-    from transformers import AutoModelForCausalLM
-
-    with weights_from(path):
-        return AutoModelForCausalLM.from_pretrained(
-            path,
-            dtype=dtype,
-            quantization_config=quant.bnb_config,
-            device_map=device_map_for(quant, device),
-            attn_implementation=attn_implementation,
-            trust_remote_code=trust_remote_code,
-            use_safetensors=True,
-        )
 
 
 def load_weights(
@@ -116,12 +85,26 @@ def load_weights(
             device=device,
         )
     path = name_or_path if init == "pretrained" else materialise_random(architecture, seed)
-    if quant.is_4bit and quant.quant_experts and is_moe(architecture.to_dict()):
-        # Streamed tensor by tensor, experts quantized as they arrive: from_pretrained with bitsandbytes
-        # would first place every fused expert on the GPU in bf16 (~84 GiB for Mixtral-8x7B).
-        from fine_tune.models.moe import load_pretrained_moe_4bit
+    with weights_from(path):
+        if quant.is_4bit and quant.quant_experts and is_moe(architecture.to_dict()):
+            # Streamed tensor by tensor, experts quantized as they arrive: from_pretrained with
+            # bitsandbytes would first place every fused expert on the GPU in bf16 (~84 GiB for
+            # Mixtral-8x7B).
+            from fine_tune.models.moe import load_pretrained_moe_4bit
 
-        with weights_from(path):
-            kwargs = {"dtype": dtype, "attn_implementation": attn_implementation, "device": device}
-            return load_pretrained_moe_4bit(path, quant=quant, **kwargs)
-    return from_pretrained(path, quant, dtype, attn_implementation, trust_remote_code, device)
+            return load_pretrained_moe_4bit(
+                path, quant=quant, dtype=dtype, attn_implementation=attn_implementation, device=device
+            )
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=dtype,
+            quantization_config=quant.bnb_config,
+            # quantized weights are placed while loading: on this rank's GPU, or where the run chose
+            # (the CPU, for FSDP to shard from)
+            device_map={"": device} if device != "cpu" else ("cpu" if quant.enabled else None),
+            attn_implementation=attn_implementation,
+            trust_remote_code=trust_remote_code,
+            use_safetensors=True,
+        )

@@ -3,7 +3,3 @@
 Backends are picked by `conf/logger/*.yaml` (`_target_`), so importing this package must stay
 cheap: wandb / tensorboard are imported only when a run starts.
 """
-
-from fine_tune.tracking.base import Tracker
-
-__all__ = ["Tracker"]

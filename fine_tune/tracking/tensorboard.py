@@ -72,11 +72,11 @@ class TensorBoardTracker(Tracker):
     def log_samples(self, rows: Sequence[Mapping[str, Any]], step: int) -> None:
         if self._writer is None or not rows:
             return
+        from fine_tune.compare import markdown_table
+
         names = columns(rows)
-        cell = lambda v: str(redact(v)).replace("|", "\\|").replace("\n", "<br>")  # noqa: E731
-        lines = ["| " + " | ".join(names) + " |", "|" + "---|" * len(names)]
-        lines += ["| " + " | ".join(cell(r.get(c, "")) for c in names) + " |" for r in rows]
-        self._writer.add_text("samples", "\n".join(lines), int(step))
+        cells = [[str(redact(r.get(c, ""))).replace("\n", "<br>") for c in names] for r in rows]
+        self._writer.add_text("samples", markdown_table(names, cells), int(step))
 
     def summary(self, metrics: Mapping[str, Any]) -> None:
         if self._writer is None:

@@ -17,6 +17,7 @@ import logging
 import netrc
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 from urllib.parse import urlparse
@@ -68,40 +69,30 @@ def resolve_mode(explicit: str | None) -> tuple[str, str]:
     return ("online", "API key found") if has_api_key() else ("offline", "no W&B API key found")
 
 
+@dataclass(eq=False)
 class WandbTracker(Tracker):
     """Logs one job to one W&B run; see conf/logger/wandb.yaml for every option."""
 
+    project: str = "fine_tune"
+    entity: str | None = None
+    group: str | None = None
+    job_type: str | None = "train"
+    name: str | None = None
+    tags: Sequence[str] | None = None
+    notes: str | None = None
+    mode: str | None = None
+    dir: str | None = None  # mirrors wandb.init's argument name
+    console: str = "auto"
+    init_timeout: float = 120.0
+    quiet: bool = False
+    log_samples_table: bool = True
+
     _sync_hint_shown: ClassVar[bool] = False
 
-    def __init__(
-        self,
-        project: str = "fine_tune",
-        entity: str | None = None,
-        group: str | None = None,
-        job_type: str | None = "train",
-        name: str | None = None,
-        tags: Sequence[str] | None = None,
-        notes: str | None = None,
-        mode: str | None = None,
-        dir: str | None = None,  # noqa: A002 - mirrors wandb.init's argument name
-        console: str = "auto",
-        init_timeout: float = 120.0,
-        quiet: bool = False,
-        log_samples_table: bool = True,
-    ) -> None:
-        self.project = project
-        self.entity = entity
-        self.group = group
-        self.job_type = job_type
-        self.name = name
-        self.tags = [str(t) for t in (tags or [])]
-        self.notes = notes
-        self.mode = mode
-        self.dir = dir
-        self.console = console
-        self.init_timeout = float(init_timeout)
-        self.quiet = bool(quiet)
-        self.log_samples_table = bool(log_samples_table)
+    def __post_init__(self) -> None:
+        self.tags = [str(t) for t in (self.tags or [])]
+        self.init_timeout = float(self.init_timeout)
+        self.quiet, self.log_samples_table = bool(self.quiet), bool(self.log_samples_table)
         self._run: Any = None
         self._wandb: Any = None
         self._samples: list[dict[str, Any]] = []

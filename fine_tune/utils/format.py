@@ -42,9 +42,7 @@ def format_metric(key: str, value: Any) -> str:
     Keys may be metrics.json names (`eval_loss`) or metrics.jsonl names (`eval/loss`)."""
     if value is None:
         return "-"
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return str(value)
-    if not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return str(value)
     name = key.rsplit("/", 1)[-1]
     if key in _COUNTS or name in _COUNTS:

@@ -241,9 +241,7 @@ def load_adapter(base: nn.Module, directory: str | Path, is_trainable: bool = Fa
     from peft import PeftConfig, PeftModel
 
     directory = Path(directory)
-    if not has_expert_adapter(directory):
-        return PeftModel.from_pretrained(base, str(directory), is_trainable=is_trainable)
-    if experts_modules(base):
+    if experts_modules(base) and has_expert_adapter(directory):
         config = PeftConfig.from_pretrained(str(directory))
         config.target_parameters = None
         model = PeftModel.from_pretrained(base, str(directory), config=config, is_trainable=is_trainable)

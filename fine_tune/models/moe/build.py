@@ -51,20 +51,15 @@ class _RandomSource:
         self.seed = seed
         self._count = 0
 
-    def _gen(self, device: torch.device) -> torch.Generator:
-        # one generator per tensor, seeded by position: reproducible whatever the device
-        g = torch.Generator(device=device)
-        g.manual_seed(self.seed * 1_000_003 + self._count)
-        self._count += 1
-        return g
-
     def tensor(self, key: str, shape: Sequence[int], dtype: torch.dtype, device: torch.device, kind: str):
         if kind == "ones":
             return torch.ones(shape, dtype=dtype, device=device)
         if kind == "zeros":
             return torch.zeros(shape, dtype=dtype, device=device)
-        out = torch.empty(shape, dtype=dtype, device=device)
-        return out.normal_(0.0, self.std, generator=self._gen(device))
+        # one generator per tensor, seeded by position: reproducible whatever the device
+        generator = torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + self._count)
+        self._count += 1
+        return torch.empty(shape, dtype=dtype, device=device).normal_(0.0, self.std, generator=generator)
 
     def expert(
         self, path: str, name: str, e: int, shape: Sequence[int], dtype: torch.dtype, device: torch.device

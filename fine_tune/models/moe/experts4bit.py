@@ -296,23 +296,14 @@ class Experts4bit(nn.Module):
     ) -> torch.Tensor:
         x_all = hidden_states.to(self.compute_dtype)
         if self.uses_grouped(x_all, top_k_index.numel()):
-            return self._forward_grouped(x_all, top_k_index, top_k_weights, hidden_states.dtype)
-        return self._forward_loop(x_all, top_k_index, top_k_weights, hidden_states.dtype)
-
-    def uses_grouped(self, x: torch.Tensor, pairs: int) -> bool:
-        """Which kernel a forward on `x` with `pairs` routed (token, expert) pairs takes."""
-        if self.kernel != "auto":
-            return self.kernel == "grouped"
-        return fused_grouped_mm(x) and pairs >= GROUPED_MIN_ROWS_PER_EXPERT * self.num_experts
-
-    def _forward_loop(
-        self,
-        x_all: torch.Tensor,
-        top_k_index: torch.Tensor,
-        top_k_weights: torch.Tensor,
-        out_dtype: torch.dtype,
-    ) -> torch.Tensor:
-        final_hidden_states = torch.zeros_like(x_all, dtype=out_dtype)
+            routing = SortedRouting.sort(top_k_index, top_k_weights, self.num_experts)
+            x = routing.gather(x_all)
+            parts = self._project_grouped("gate_up_proj", x, routing, self._gate_up_ranges())
+            hidden = self.act_fn(parts[0]) * parts[1] if len(parts) == 2 else self._apply_gate(parts[0])
+            (down,) = self._project_grouped("down_proj", hidden, routing, [None])
+            return routing.combine(down, hidden_states.dtype)
+        # the loop kernel: transformers' eager MixtralExperts.forward, one hit expert at a time
+        final_hidden_states = torch.zeros_like(x_all, dtype=hidden_states.dtype)
         with torch.no_grad():
             expert_mask = F.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
             expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
@@ -327,19 +318,11 @@ class Experts4bit(nn.Module):
             final_hidden_states.index_add_(0, token_idx, hidden.to(final_hidden_states.dtype))
         return final_hidden_states
 
-    def _forward_grouped(
-        self,
-        x_all: torch.Tensor,
-        top_k_index: torch.Tensor,
-        top_k_weights: torch.Tensor,
-        out_dtype: torch.dtype,
-    ) -> torch.Tensor:
-        routing = SortedRouting.sort(top_k_index, top_k_weights, self.num_experts)
-        x = routing.gather(x_all)
-        parts = self._project_grouped("gate_up_proj", x, routing, self._gate_up_ranges())
-        hidden = self.act_fn(parts[0]) * parts[1] if len(parts) == 2 else self._apply_gate(parts[0])
-        (down,) = self._project_grouped("down_proj", hidden, routing, [None])
-        return routing.combine(down, out_dtype)
+    def uses_grouped(self, x: torch.Tensor, pairs: int) -> bool:
+        """Which kernel a forward on `x` with `pairs` routed (token, expert) pairs takes."""
+        if self.kernel != "auto":
+            return self.kernel == "grouped"
+        return fused_grouped_mm(x) and pairs >= GROUPED_MIN_ROWS_PER_EXPERT * self.num_experts
 
     def _gate_up_ranges(self) -> list[tuple[int, int] | None]:
         """The gate and the up rows apart where they are the two halves and each is one stackable
@@ -486,9 +469,8 @@ def quantize_fused_experts(
         raise ValueError(f"fused experts are quantized to nf4 or fp4, not {quant_type!r}")
     if isinstance(compute_dtype, str):
         compute_dtype = getattr(torch, compute_dtype)
-    found = {
-        name: reason for name, _, reason in find_fused_experts(model)
-    }  # names: no list keeps the originals alive
+    # names only: no list keeps the originals alive
+    found = {name: reason for name, _, reason in find_fused_experts(model)}
     skipped = {name: reason for name, reason in found.items() if reason is not None}
     if skipped and strict:
         raise ValueError(f"cannot quantize fused experts: {skipped}")
