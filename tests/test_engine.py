@@ -108,7 +108,7 @@ def test_checkpointing_options_become_transformers_kwargs():
         "every_n_layers": 2,
         "selective": True,
     }
-    assert "offload" not in checkpointing_kwargs({"offload": True})  # CPU: nothing to offload
+    assert "offload" not in checkpointing_kwargs({"offload": True})  # ours: fine_tune.training.offload
     bad_options = (({"mode": "some"}, "mode"), ({"every_n_layers": 0}, "every_n_layers"))
     for bad, where in bad_options:  # the schema checks them, also while checkpointing is off
         with pytest.raises(UserError) as error:

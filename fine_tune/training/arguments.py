@@ -112,7 +112,9 @@ def build_training_arguments(
         **parallel_kwargs(strategy, fsdp, decoder_layer),
         **method,
     )
-    args.fused_lora = resolve_fused_lora(fused_lora, strategy)  # ours, read by EngineMixin
+    # ours, read by EngineMixin
+    args.fused_lora = resolve_fused_lora(fused_lora, strategy)
+    args.offload_checkpoints = bool(gradient_checkpointing) and offloads(checkpointing)
     return args
 
 
@@ -190,24 +192,29 @@ def resolve_fused_lora(value: bool | str, strategy: str) -> bool:
     return True
 
 
+def offloads(checkpointing: Any) -> bool:
+    """`trainer.checkpointing.offload` where there is something to offload: on CPU the saved inputs
+    already live in host memory. Done by fine_tune.training.offload, not by transformers' `offload`
+    (whose copies wait in line with the compute)."""
+    from fine_tune.hardware import has_cuda
+    from fine_tune.schema import CheckpointingSchema
+
+    return bool(_options(CheckpointingSchema, checkpointing)["offload"]) and has_cuda()
+
+
 def checkpointing_kwargs(checkpointing: Any) -> dict[str, Any]:
     """`trainer.checkpointing` -> transformers' `activation_checkpointing_kwargs`.
 
     Always non-reentrant (the only kind that works with packed rows' keyword inputs and with
-    selective checkpointing). `every_n_layers` and `offload` are transformers' own keys; `selective`
-    is TRL's, turned into a selective-checkpointing policy by `FineTuneTrainer`.
+    selective checkpointing). `every_n_layers` is transformers' own key; `selective` is TRL's, turned
+    into a selective-checkpointing policy by `FineTuneTrainer`; `offload` is ours (`offloads`).
     """
-    from fine_tune.hardware import has_cuda
     from fine_tune.schema import CheckpointingSchema
 
     options = _options(CheckpointingSchema, checkpointing)
     kwargs: dict[str, Any] = {"use_reentrant": False}
     if options["every_n_layers"] > 1:
         kwargs["every_n_layers"] = options["every_n_layers"]
-    # On CPU the saved activations already live in host memory (and transformers' offload asks for
-    # pinned memory, which needs a GPU): nothing to offload.
-    if options["offload"] and has_cuda():
-        kwargs["offload"] = True
     if options["mode"] == "selective":
         kwargs["selective"] = True
     return kwargs

@@ -24,6 +24,7 @@ from trl import SFTTrainer
 
 from fine_tune.training.checkpoints import STAGING, rotate
 from fine_tune.training.exact_resume import ExactResume
+from fine_tune.training.offload import OverlappedOffload, offload_checkpoints
 from fine_tune.training.sharded import ShardedSaves
 from fine_tune.training.throughput import PhaseTimer
 from fine_tune.utils.io import replace_dir
@@ -101,6 +102,7 @@ class EngineMixin(ExactResume, ShardedSaves):
     ) -> None:
         self.optimizer_factory = optimizer_factory
         self.timer = timer or PhaseTimer()
+        self.offload = OverlappedOffload() if getattr(args, "offload_checkpoints", False) else None
         self._staging = False
         args.router_aux_loss_coef = router_aux_loss_coef(model.config)
         if args.use_liger_kernel:
@@ -133,8 +135,16 @@ class EngineMixin(ExactResume, ShardedSaves):
         with self.lora_inputs_uncast(), fused_lora_forward(self.model, fused):
             yield
 
+    def offloaded_checkpoints(self) -> contextlib.AbstractContextManager:
+        """`trainer.checkpointing.offload`: the checkpointed layers (enabled by the Trainer when
+        training starts) keep their inputs in host memory for this step (fine_tune.training.offload)."""
+        if self.offload is None:
+            return contextlib.nullcontext()
+        offload_checkpoints(self.model, self.offload)
+        return self.offload.step()
+
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
-        with self.fast_adapters():
+        with self.fast_adapters(), self.offloaded_checkpoints():
             return super().training_step(*args, **kwargs)
 
     def prediction_step(self, *args: Any, **kwargs: Any) -> Any:
