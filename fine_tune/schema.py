@@ -154,7 +154,12 @@ class CheckpointingSchema:
     """How `trainer.gradient_checkpointing` recomputes (docs/speed.md)."""
 
     mode: str = one_of("full", ("full", "selective"))
-    every_n_layers: int = positive(1)
+    # auto: on a GPU, the fewest checkpointed layers whose memory plan fits (fine_tune.plan); N: every Nth
+    every_n_layers: Any = _rule(
+        "auto",
+        lambda v: v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1),
+        "must be a positive integer or auto",
+    )
     offload: bool = False
 
 

@@ -109,7 +109,10 @@ def test_checkpointing_options_become_transformers_kwargs():
         "selective": True,
     }
     assert "offload" not in checkpointing_kwargs({"offload": True})  # ours: fine_tune.training.offload
-    bad_options = (({"mode": "some"}, "mode"), ({"every_n_layers": 0}, "every_n_layers"))
+    assert checkpointing_kwargs({"every_n_layers": "auto"}) == {"use_reentrant": False}  # unresolved: all
+    bad_options = [({"mode": "some"}, "mode")] + [
+        ({"every_n_layers": v}, "every_n_layers") for v in (0, "x", True)
+    ]
     for bad, where in bad_options:  # the schema checks them, also while checkpointing is off
         with pytest.raises(UserError) as error:
             check_group("trainer", {"gradient_checkpointing": False, "checkpointing": bad})

@@ -136,6 +136,37 @@ def test_checkpointing_needs_less():
         assert on < off
 
 
+SEVEN = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def with_checkpointing(every_n_layers="auto", offload=False, **kwargs) -> dict:
+    c = cfg(family="mistral", experts=False, kind="none", targets=SEVEN, **kwargs)
+    c["trainer"]["checkpointing"] = {"every_n_layers": every_n_layers, "offload": offload}
+    return c
+
+
+def test_fewer_checkpointed_layers_need_more_and_offload_less():
+    totals = [plan_memory(with_checkpointing(n)).total_bytes for n in (1, 2, 4, 32)]
+    assert totals == sorted(totals) and len(set(totals)) == 4
+    assert totals[-1] < plan_memory(with_checkpointing(ckpt=False)).total_bytes  # layer 0 still checkpointed
+    assert plan_memory(with_checkpointing(1, offload=True)).total_bytes < totals[0]
+    assert plan_memory(with_checkpointing("auto")).total_bytes == totals[0]  # unresolved: every layer
+
+
+def test_auto_checkpoints_only_as_much_as_the_gpu_needs():
+    from fine_tune.plan import AUTO_CHECKPOINTING_SHARE, choose_every_n_layers
+
+    every_n = choose_every_n_layers(with_checkpointing(), gpu_gib=79.2)
+    assert every_n > 1  # bf16 LoRA of Mistral-7B, batch 4 x 2048, on an 80 GB GPU: room to recompute less
+    limit = AUTO_CHECKPOINTING_SHARE * 79.2 * GIB
+    assert plan_memory(with_checkpointing(every_n)).device_bytes() <= limit
+    fewer = next(n for n in range(every_n + 1, 33) if -(-32 // n) < -(-32 // every_n))  # fewer checkpointed
+    assert plan_memory(with_checkpointing(fewer)).device_bytes() > limit
+    assert choose_every_n_layers(with_checkpointing(), gpu_gib=22.0) == 1  # a 24 GB GPU: every layer
+    assert choose_every_n_layers(with_checkpointing(offload=True), gpu_gib=79.2) == 1  # least memory asked
+    assert choose_every_n_layers(with_checkpointing(ckpt=False), gpu_gib=79.2) == 1
+
+
 def test_8bit_optimizer_needs_less():
     adam = plan_memory(cfg(optim="torch.optim.AdamW"))
     adam8 = plan_memory(cfg(optim="bitsandbytes.optim.AdamW8bit"))

@@ -213,8 +213,9 @@ def checkpointing_kwargs(checkpointing: Any) -> dict[str, Any]:
 
     options = _options(CheckpointingSchema, checkpointing)
     kwargs: dict[str, Any] = {"use_reentrant": False}
-    if options["every_n_layers"] > 1:
-        kwargs["every_n_layers"] = options["every_n_layers"]
+    every_n = options["every_n_layers"]  # "auto" left unresolved (no GPU, no plan): every layer
+    if every_n != "auto" and every_n > 1:
+        kwargs["every_n_layers"] = every_n
     if options["mode"] == "selective":
         kwargs["selective"] = True
     return kwargs
