@@ -156,9 +156,9 @@ def test_fewer_checkpointed_layers_need_more_and_offload_less():
 def test_auto_checkpoints_only_as_much_as_the_gpu_needs():
     from fine_tune.plan import AUTO_CHECKPOINTING_SHARE, choose_every_n_layers
 
-    every_n = choose_every_n_layers(with_checkpointing(), gpu_gib=79.2)
-    assert every_n > 1  # bf16 LoRA of Mistral-7B, batch 4 x 2048, on an 80 GB GPU: room to recompute less
-    limit = AUTO_CHECKPOINTING_SHARE * 79.2 * GIB
+    every_n = choose_every_n_layers(with_checkpointing(), gpu_gib=64.0)
+    assert every_n > 1  # bf16 LoRA of Mistral-7B, batch 4 x 2048, 64 GiB free: room to recompute less
+    limit = AUTO_CHECKPOINTING_SHARE * 64.0 * GIB
     assert plan_memory(with_checkpointing(every_n)).device_bytes() <= limit
     fewer = next(n for n in range(every_n + 1, 33) if -(-32 // n) < -(-32 // every_n))  # fewer checkpointed
     assert plan_memory(with_checkpointing(fewer)).device_bytes() > limit
