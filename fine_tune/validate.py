@@ -16,7 +16,7 @@ import importlib.util
 import inspect
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -204,6 +204,7 @@ def cross_checks(data: dict, checked: Checked) -> None:
     _check_method(data.get("method") or {})
     if data.get("init_adapter"):
         _check_init_adapter(data, checked)
+    _check_data(data)
 
 
 def _check_method(method: dict) -> None:
@@ -215,6 +216,85 @@ def _check_method(method: dict) -> None:
             where="method.label_smoothing",
             hint="set method.loss_type=robust, or method.label_smoothing=0",
         )
+
+
+def _check_data(data: dict) -> None:
+    """The dataset node against its builder and the method (the rules below: the builders run
+    `check_dataset` too, being called directly; `Recipe.data` `check_method_data` on the bundle)."""
+    from fine_tune.data.formats import BUILDERS
+    from fine_tune.schema import schema_for
+    from fine_tune.training.methods import method_of
+
+    dataset, method = data["dataset"], data.get("method")
+    kind = next((k for k, target in BUILDERS.items() if target == dataset.get("_target_")), None)
+    if kind is not None:  # None: a builder fine_tune does not ship, whose bundle says
+        check_dataset(dataset, kind)
+    if not method or schema_for("method", method) is not None:  # ours: checked values, built cheaply
+        check_method_data(method_of(method), kind, dataset)
+
+
+def check_dataset(dataset: Mapping, kind: str) -> None:
+    """The dataset node's keys (completed by its schema) against each other and against its builder,
+    the one that gives `kind` data."""
+    from fine_tune.data.formats import BUILDERS, DEFAULT_FIELDS, format_names, get_format
+    from fine_tune.data.preference import prompt_budget
+
+    pairs = kind == "preference"
+    if pairs and dataset["packing"]:
+        raise UserError(
+            "packing does not apply to preference pairs (each pair is its own chosen and rejected row)",
+            where="dataset.packing",
+            hint="set dataset.packing=false",
+        )
+    if pairs and prompt_budget(dataset) >= dataset["max_length"]:
+        raise UserError(
+            f"max_prompt_length={prompt_budget(dataset)} leaves no room for the answers within "
+            f"max_length={dataset['max_length']}",
+            where="dataset.max_prompt_length",
+            hint="use a value below max_length (null: half of it)",
+        )
+    name, names = dataset["format"], format_names(kind)
+    fmt = get_format(name, kind)
+    if fmt is None:
+        raise UserError(
+            f"unknown dataset format {name!r}", where="dataset.format", hint=f"use one of {names}"
+        )
+    if fmt.kind != kind:
+        raise UserError(
+            f"format {name!r} is {fmt.kind} data, which {BUILDERS[kind]} does not read",
+            where="dataset.format",
+            hint=f"use a dataset option whose _target_ is {BUILDERS[fmt.kind]} "
+            f"({'dataset=preference' if fmt.kind == 'preference' else 'dataset=local'}), "
+            f"or one of {names}",
+        )
+    for key in dataset.get("fields") or {}:
+        if key not in DEFAULT_FIELDS[fmt.name]:
+            raise UserError(
+                f"format {fmt.name!r} has no field {key!r}",
+                where=f"dataset.fields.{key}",
+                hint=f"remappable fields: {sorted(DEFAULT_FIELDS[fmt.name])}",
+            )
+    if pairs and dataset["template"] == "none":
+        raise UserError(
+            "template none (raw text) has no prompt / answer turns to prefer between",
+            where="dataset.template",
+            hint="use dataset.template=auto",
+        )
+
+
+def check_method_data(method: Any, kind: str | None, dataset: Mapping) -> None:
+    """A method trains on one kind of data (`Method.data_kind`); `kind`: what the dataset gives, by its
+    builder (before anything loads) or by the built bundle (None: not known yet)."""
+    if kind is None or kind == method.data_kind:
+        return
+    kinds = {"sft": "instruction, chat or text examples", "preference": "preference pairs"}
+    raise UserError(
+        f"method={method.name} trains on {kinds[method.data_kind]}, but dataset "
+        f"{dataset.get('name') or dataset.get('format')} gives {kinds.get(kind, kind)}",
+        where="method",
+        hint="pick a dataset of that kind, or method=sft for instruction data and method=dpo or "
+        "method=orpo for preference pairs",
+    )
 
 
 def _check_init_adapter(data: dict, checked: Checked) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from conftest_data import FIXTURES
 from lifecycle_helpers import cli, composed
 
 from fine_tune.errors import UserError
@@ -101,6 +102,52 @@ def test_cross_checks_name_the_key(overrides, env, where, monkeypatch):
         monkeypatch.setenv(key, value)
     with pytest.raises(UserError) as error:
         check_config(composed(["logger=wandb", *overrides]))
+    assert error.value.where == where
+
+
+PAIRS = ["dataset=preference", f"dataset.path={FIXTURES / 'preference.jsonl'}"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "where"),
+    [
+        (["method=dpo"], "method"),  # the default instruction data
+        (["method=sft", *PAIRS], "method"),
+        (["method=orpo", *PAIRS, "dataset.packing=true"], "dataset.packing"),
+        (
+            ["method=dpo", *PAIRS, "dataset.max_length=64", "dataset.max_prompt_length=64"],
+            "dataset.max_prompt_length",
+        ),
+        (["method=dpo", *PAIRS, "dataset.template=none"], "dataset.template"),
+        (["method=dpo", *PAIRS, "dataset.format=alpaca"], "dataset.format"),
+        (
+            ["dataset=alpaca", f"dataset.path={FIXTURES / 'alpaca.jsonl'}", "+dataset.fields.answer=a"],
+            "dataset.fields.answer",
+        ),
+    ],
+    ids=[
+        "dpo_on_sft_data",
+        "sft_on_pairs",
+        "packed_pairs",
+        "no_room_for_answers",
+        "pairs_as_raw_text",
+        "sft_format_for_pairs",
+        "field_of_another_format",
+    ],
+)
+def test_validate_refuses_data_the_builder_or_method_cannot_take_before_loading(
+    overrides, where, monkeypatch
+):
+    """The dataset's keys against each other, its builder and the method, from the config alone:
+    validate=true reports them (as every run's `check_config` does) without loading the tokenizer."""
+    from fine_tune import modes
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the tokenizer was loaded")
+
+    monkeypatch.setattr("fine_tune.models.tokenizer.build_tokenizer", loaded)
+    with pytest.raises(UserError) as error:
+        modes.dispatch(composed(["logger=none", "trainer=cpu", "validate=true", *overrides]), Path("unused"))
     assert error.value.where == where
 
 
