@@ -299,13 +299,13 @@ def check_method_data(method: Any, kind: str | None, dataset: Mapping) -> None:
 
 def _check_init_adapter(data: dict, checked: Checked) -> None:
     """The adapter a run starts from must fit its `lora` settings and its base model."""
-    from fine_tune.recipe import init_adapter_dir
+    from fine_tune.recipe import ADAPTER_CONFIG, init_adapter_dir
     from fine_tune.run_dir import saved_config
     from fine_tune.training.checkpoints import adapter_mismatch
     from fine_tune.utils.io import read_json
 
     directory = init_adapter_dir(data["init_adapter"])
-    saved = read_json(directory / "adapter_config.json") or {}
+    saved = read_json(directory / ADAPTER_CONFIG) or {}
     experts = bool(saved.get("target_parameters"))
     mismatch = adapter_mismatch(saved, data["lora"]) or (
         ("experts", experts, data["lora"]["experts"]) if experts != bool(data["lora"]["experts"]) else None
