@@ -179,7 +179,7 @@ def cross_checks(data: dict, checked: Checked) -> None:
         checked.notes.append("packing with eager attention builds a full mask per pack: sdpa is faster")
 
     target = str((optim.get("optimizer") or {}).get("_target_", ""))
-    _check_strategy(data, shapes, checked, cuda)
+    _check_strategy(data, shapes, checked, cuda, target)
     if ("bitsandbytes" in target) and importlib.util.find_spec("bitsandbytes") is None:
         raise UserError(f"{target} needs bitsandbytes", where="optim.optimizer._target_")
 
@@ -219,8 +219,9 @@ def _check_method(method: dict) -> None:
 
 
 def _check_data(data: dict) -> None:
-    """The dataset node against its builder and the method (the rules below: the builders run
-    `check_dataset` too, being called directly; `Recipe.data` `check_method_data` on the bundle)."""
+    """The dataset node against its builder and the method. The rules are the functions below, which
+    the data builders (`check_dataset`: they may be called directly) and `Recipe.data`
+    (`check_method_data`, on the built bundle's kind) call too."""
     from fine_tune.data.formats import BUILDERS
     from fine_tune.schema import schema_for
     from fine_tune.training.methods import method_of
@@ -237,9 +238,9 @@ def check_dataset(dataset: Mapping, kind: str) -> None:
     """The dataset node's keys (completed by its schema) against each other and against its builder,
     the one that gives `kind` data."""
     from fine_tune.data.formats import BUILDERS, DEFAULT_FIELDS, format_names, get_format
-    from fine_tune.data.preference import prompt_budget
+    from fine_tune.data.preference import KIND, prompt_budget
 
-    pairs = kind == "preference"
+    pairs = kind == KIND
     if pairs and dataset["packing"]:
         raise UserError(
             "packing does not apply to preference pairs (each pair is its own chosen and rejected row)",
@@ -264,7 +265,7 @@ def check_dataset(dataset: Mapping, kind: str) -> None:
             f"format {name!r} is {fmt.kind} data, which {BUILDERS[kind]} does not read",
             where="dataset.format",
             hint=f"use a dataset option whose _target_ is {BUILDERS[fmt.kind]} "
-            f"({'dataset=preference' if fmt.kind == 'preference' else 'dataset=local'}), "
+            f"({'dataset=preference' if fmt.kind == KIND else 'dataset=local'}), "
             f"or one of {names}",
         )
     for key in dataset.get("fields") or {}:
@@ -508,7 +509,7 @@ def variant_notes(shapes: Any, lora: dict, kind: str) -> list[str]:
     return notes
 
 
-def _check_strategy(data: dict, shapes: Any, checked: Checked, cuda: Any) -> None:
+def _check_strategy(data: dict, shapes: Any, checked: Checked, cuda: Any, optimizer: str) -> None:
     """What FSDP cannot shard or run with; each refusal names the way that works (docs/scaling.md).
     In `validate=true` the checks of how the job was launched are notes: a laptop may validate a
     config meant for torchrun on GPUs."""
@@ -562,8 +563,7 @@ def _check_strategy(data: dict, shapes: Any, checked: Checked, cuda: Any) -> Non
             "quant.storage_dtype",
             f"quant.storage_dtype={need} (trainer=fsdp sets bfloat16)",
         )
-    target = str((data["optim"].get("optimizer") or {}).get("_target_", ""))
-    if "bitsandbytes" in target:
+    if "bitsandbytes" in optimizer:
         refuse(
             "bitsandbytes optimizers (paged or 8-bit) do not take FSDP's sharded parameters",
             "optim.optimizer._target_",
