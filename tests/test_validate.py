@@ -146,7 +146,7 @@ def test_validate_refuses_data_the_builder_or_method_cannot_take_before_loading(
 
     monkeypatch.setattr("fine_tune.models.tokenizer.build_tokenizer", loaded)
     with pytest.raises(UserError) as error:
-        modes.dispatch(compose(["logger=none", "trainer=cpu", "validate=true", *overrides]), Path("unused"))
+        modes.dispatch(compose(["logger=none", "trainer=cpu", "validate=true", *overrides]))
     assert error.value.where == where
 
 
