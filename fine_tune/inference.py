@@ -101,8 +101,10 @@ def adapter_dir_of(run_dir: Path, checkpoint: str | None) -> Path:
         if found is None:
             raise UserError(f"no checkpoint in '{run_dir}'", where="checkpoint")
         return found
+    from fine_tune.recipe import ADAPTER_CONFIG
+
     adapter = run_dir / "adapter"
-    if not (adapter / "adapter_config.json").is_file():
+    if not (adapter / ADAPTER_CONFIG).is_file():
         raise UserError(
             f"'{run_dir}' has no trained adapter (adapter/adapter_config.json)",
             where="run",

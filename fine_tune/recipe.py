@@ -69,23 +69,16 @@ class Recipe:
         """The data bundle: what the run trains on, validate=true checks and preview=true shows."""
         from fine_tune.models.tokenizer import cache_root
         from fine_tune.utils.build import build
+        from fine_tune.validate import check_method_data
 
         cache_dir = cache_root() / "data" if self.cache_data else None
         cfg = self.cfg
         bundle = build(
             cfg.dataset, tokenizer=self.tokenizer, seed=cfg.seed, cache_dir=cache_dir, _convert_="all"
         )
-        method = self.method
-        if bundle.kind != method.data_kind:
-            kinds = {"preference": "preference pairs", "sft": "instruction, chat or text examples"}
-            dataset = cfg.dataset.get("name") or cfg.dataset.get("format")
-            raise UserError(
-                f"method={method.name} trains on {kinds[method.data_kind]}, but dataset {dataset} "
-                f"gives {kinds.get(bundle.kind, bundle.kind)}",
-                where="method",
-                hint="pick a dataset of that kind, or method=sft for instruction data and method=dpo or "
-                "method=orpo for preference pairs",
-            )
+        check_method_data(
+            self.method, bundle.kind, cfg.dataset
+        )  # as check_config, or its builder unknown there
         return bundle
 
     # ---- method and arguments ---------------------------------------------------------------------

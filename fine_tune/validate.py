@@ -16,7 +16,7 @@ import importlib.util
 import inspect
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -179,7 +179,7 @@ def cross_checks(data: dict, checked: Checked) -> None:
         checked.notes.append("packing with eager attention builds a full mask per pack: sdpa is faster")
 
     target = str((optim.get("optimizer") or {}).get("_target_", ""))
-    _check_strategy(data, shapes, checked, cuda)
+    _check_strategy(data, shapes, checked, cuda, target)
     if ("bitsandbytes" in target) and importlib.util.find_spec("bitsandbytes") is None:
         raise UserError(f"{target} needs bitsandbytes", where="optim.optimizer._target_")
 
@@ -204,6 +204,7 @@ def cross_checks(data: dict, checked: Checked) -> None:
     _check_method(data.get("method") or {})
     if data.get("init_adapter"):
         _check_init_adapter(data, checked)
+    _check_data(data)
 
 
 def _check_method(method: dict) -> None:
@@ -217,15 +218,95 @@ def _check_method(method: dict) -> None:
         )
 
 
+def _check_data(data: dict) -> None:
+    """The dataset node against its builder and the method. The rules are the functions below, which
+    the data builders (`check_dataset`: they may be called directly) and `Recipe.data`
+    (`check_method_data`, on the built bundle's kind) call too."""
+    from fine_tune.data.formats import BUILDERS
+    from fine_tune.schema import schema_for
+    from fine_tune.training.methods import method_of
+
+    dataset, method = data["dataset"], data.get("method")
+    kind = next((k for k, target in BUILDERS.items() if target == dataset.get("_target_")), None)
+    if kind is not None:  # None: a builder fine_tune does not ship, whose bundle says
+        check_dataset(dataset, kind)
+    if not method or schema_for("method", method) is not None:  # ours: checked values, built cheaply
+        check_method_data(method_of(method), kind, dataset)
+
+
+def check_dataset(dataset: Mapping, kind: str) -> None:
+    """The dataset node's keys (completed by its schema) against each other and against its builder,
+    the one that gives `kind` data."""
+    from fine_tune.data.formats import BUILDERS, DEFAULT_FIELDS, format_names, get_format
+    from fine_tune.data.preference import KIND, prompt_budget
+
+    pairs = kind == KIND
+    if pairs and dataset["packing"]:
+        raise UserError(
+            "packing does not apply to preference pairs (each pair is its own chosen and rejected row)",
+            where="dataset.packing",
+            hint="set dataset.packing=false",
+        )
+    if pairs and prompt_budget(dataset) >= dataset["max_length"]:
+        raise UserError(
+            f"max_prompt_length={prompt_budget(dataset)} leaves no room for the answers within "
+            f"max_length={dataset['max_length']}",
+            where="dataset.max_prompt_length",
+            hint="use a value below max_length (null: half of it)",
+        )
+    name, names = dataset["format"], format_names(kind)
+    fmt = get_format(name, kind)
+    if fmt is None:
+        raise UserError(
+            f"unknown dataset format {name!r}", where="dataset.format", hint=f"use one of {names}"
+        )
+    if fmt.kind != kind:
+        raise UserError(
+            f"format {name!r} is {fmt.kind} data, which {BUILDERS[kind]} does not read",
+            where="dataset.format",
+            hint=f"use a dataset option whose _target_ is {BUILDERS[fmt.kind]} "
+            f"({'dataset=preference' if fmt.kind == KIND else 'dataset=local'}), "
+            f"or one of {names}",
+        )
+    for key in dataset.get("fields") or {}:
+        if key not in DEFAULT_FIELDS[fmt.name]:
+            raise UserError(
+                f"format {fmt.name!r} has no field {key!r}",
+                where=f"dataset.fields.{key}",
+                hint=f"remappable fields: {sorted(DEFAULT_FIELDS[fmt.name])}",
+            )
+    if pairs and dataset["template"] == "none":
+        raise UserError(
+            "template none (raw text) has no prompt / answer turns to prefer between",
+            where="dataset.template",
+            hint="use dataset.template=auto",
+        )
+
+
+def check_method_data(method: Any, kind: str | None, dataset: Mapping) -> None:
+    """A method trains on one kind of data (`Method.data_kind`); `kind`: what the dataset gives, by its
+    builder (before anything loads) or by the built bundle (None: not known yet)."""
+    if kind is None or kind == method.data_kind:
+        return
+    kinds = {"sft": "instruction, chat or text examples", "preference": "preference pairs"}
+    raise UserError(
+        f"method={method.name} trains on {kinds[method.data_kind]}, but dataset "
+        f"{dataset.get('name') or dataset.get('format')} gives {kinds.get(kind, kind)}",
+        where="method",
+        hint="pick a dataset of that kind, or method=sft for instruction data and method=dpo or "
+        "method=orpo for preference pairs",
+    )
+
+
 def _check_init_adapter(data: dict, checked: Checked) -> None:
     """The adapter a run starts from must fit its `lora` settings and its base model."""
-    from fine_tune.recipe import init_adapter_dir
+    from fine_tune.recipe import ADAPTER_CONFIG, init_adapter_dir
     from fine_tune.run_dir import saved_config
     from fine_tune.training.checkpoints import adapter_mismatch
     from fine_tune.utils.io import read_json
 
     directory = init_adapter_dir(data["init_adapter"])
-    saved = read_json(directory / "adapter_config.json") or {}
+    saved = read_json(directory / ADAPTER_CONFIG) or {}
     experts = bool(saved.get("target_parameters"))
     mismatch = adapter_mismatch(saved, data["lora"]) or (
         ("experts", experts, data["lora"]["experts"]) if experts != bool(data["lora"]["experts"]) else None
@@ -428,7 +509,7 @@ def variant_notes(shapes: Any, lora: dict, kind: str) -> list[str]:
     return notes
 
 
-def _check_strategy(data: dict, shapes: Any, checked: Checked, cuda: Any) -> None:
+def _check_strategy(data: dict, shapes: Any, checked: Checked, cuda: Any, optimizer: str) -> None:
     """What FSDP cannot shard or run with; each refusal names the way that works (docs/scaling.md).
     In `validate=true` the checks of how the job was launched are notes: a laptop may validate a
     config meant for torchrun on GPUs."""
@@ -482,8 +563,7 @@ def _check_strategy(data: dict, shapes: Any, checked: Checked, cuda: Any) -> Non
             "quant.storage_dtype",
             f"quant.storage_dtype={need} (trainer=fsdp sets bfloat16)",
         )
-    target = str((data["optim"].get("optimizer") or {}).get("_target_", ""))
-    if "bitsandbytes" in target:
+    if "bitsandbytes" in optimizer:
         refuse(
             "bitsandbytes optimizers (paged or 8-bit) do not take FSDP's sharded parameters",
             "optim.optimizer._target_",

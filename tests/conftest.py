@@ -1,23 +1,16 @@
-"""Shared fixtures: compose the real config from conf/, run the CLI as a subprocess, and keep every
-derived artefact (converted tokenizer, tiny model weights, data cache) in one per-session directory."""
+"""pytest's hooks and the shared fixtures; the helpers they use, and that tests import, are in
+tests/helpers.py. Every derived artefact (converted tokenizer, tiny model weights, data cache) is
+kept in one per-session directory."""
 
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
-from lifecycle_helpers import (
-    FAST,  # noqa: F401  the base overrides, re-exported for the tests that import them from here
-    make_shared_runs_dir,
-)
-
-ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf"
-
+from helpers import make_shared_runs_dir, mistral_tokenizer
 
 # glibc hands every block above its mmap threshold (at most 32 MiB by default) back to the kernel on
 # free: the tiny models' logits (batch x length x 32,000 vocabulary, ~260 MB a step) were mapped,
@@ -64,56 +57,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items.sort(key=lambda item: -weight[item.nodeid.split("::")[0]])  # stable: files stay whole
 
 
-def compose(overrides: list[str] | None = None, return_hydra_config: bool = False):
-    """The real config, composed exactly as `python -m fine_tune` would (without running a job)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        return hydra_compose("config", overrides=overrides or [], return_hydra_config=return_hydra_config)
-
-
-def run_cli(
-    args: list[str],
-    cwd: Path | None = None,
-    env: dict | None = None,
-    timeout: int = 600,
-    module: str = "fine_tune",
-) -> subprocess.CompletedProcess:
-    """`python -m fine_tune ARGS` in a subprocess (lifecycle_helpers.cli, with conftest's argument names)."""
-    from lifecycle_helpers import cli
-
-    return cli(args, module=module, extra_env=env, timeout=timeout, cwd=cwd)
-
-
-def tiny_mixtral_config(**overrides):
-    """A 2-layer, 4-expert, top-2 Mixtral small enough for CPU tests of the MoE code."""
-    from transformers import MixtralConfig
-
-    args = dict(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        use_cache=False,
-    )
-    return MixtralConfig(**{**args, **overrides})
-
-
-def tiny_qwen2_moe_config(**overrides):
-    """Qwen2-MoE's own layout: a shared expert, q/k/v biases, experts saved as mlp.experts.{e}.*_proj."""
-    from transformers import Qwen2MoeConfig
-
-    args = dict(vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32)
-    args.update(shared_expert_intermediate_size=48, num_hidden_layers=2, num_attention_heads=4)
-    args.update(num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, use_cache=False)
-    return Qwen2MoeConfig(**{**args, **overrides})
+@pytest.fixture(scope="session")
+def tok():
+    """Mistral's v1 tokenizer (mistral-common), as fine_tune loads it."""
+    return mistral_tokenizer()
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:  # noqa: ARG001 - pytest's hook

@@ -157,7 +157,7 @@ def test_frozen_weights_keep_their_dtype_unless_upcast(upcast: bool):
     """quant.upcast_frozen: PEFT's k-bit preparation makes every frozen non-4-bit weight fp32 (and
     with it the residual stream); without it they stay in the model's dtype. Either way nothing of
     the base trains and checkpointing still gets gradients from the input embeddings."""
-    from conftest import FAST, compose
+    from helpers import FAST, compose
 
     from fine_tune.adapters import prepare_for_adapter
     from fine_tune.utils.build import build

@@ -15,8 +15,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import compose
-from lifecycle_helpers import cli, status
+from helpers import cli, compose, status
 
 from fine_tune.errors import UserError
 

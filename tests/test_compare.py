@@ -5,15 +5,13 @@ from __future__ import annotations
 import json
 import os
 import stat
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import cli
 
 from fine_tune import compare, sweep
 
-ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -203,12 +201,6 @@ def test_run_dirs_can_be_given_one_by_one_and_default_out_is_inside_the_sweep(
 def test_bad_input_exits_2_without_traceback(args, message, sweep_dir, tmp_path):
     (tmp_path / "empty").mkdir()
     args = [str(tmp_path / "empty") if a == "EMPTY" else str(sweep_dir) if a == "SWEEP" else a for a in args]
-    result = subprocess.run(
-        [sys.executable, "-m", "fine_tune.compare", *args, "--out", str(tmp_path / "o")],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = cli([*args, "--out", str(tmp_path / "o")], module="fine_tune.compare", timeout=60)
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr

@@ -7,7 +7,7 @@ import importlib
 import inspect
 
 import pytest
-from conftest import CONF, compose
+from helpers import CONF, checked, compose
 from omegaconf import OmegaConf
 
 from fine_tune.schema import GROUP_SCHEMAS, MOVED, default, schema_for
@@ -43,18 +43,16 @@ def test_defaults_compose():
 @pytest.mark.parametrize(("group", "option"), all_options())
 def test_option_composes_and_target_binds(group: str, option: str):
     """Its `_target_`s import and take its keys (the arguments the run adds are left to the run)."""
-    from fine_tune.schema import check_types
     from fine_tune.validate import Checked, check_targets
 
     overrides = [f"{group}={option}"]
     if group == "model" and option == "local":
         overrides.append("model.name_or_path=/models/any")
-    cfg = compose(overrides)
-    check_types(cfg)  # as every run and validate=true do first (it also moves deprecated keys)
+    cfg = checked(overrides)  # as every run and validate=true do first (it also moves deprecated keys)
     node = OmegaConf.to_container(cfg[group], resolve=True)  # every interpolation resolves
-    checked = Checked()
-    check_targets({group: node}, checked)
-    assert checked.targets, f"conf/{group}/{option}.yaml has no _target_"
+    found = Checked()
+    check_targets({group: node}, found)
+    assert found.targets, f"conf/{group}/{option}.yaml has no _target_"
 
 
 @pytest.mark.parametrize(("group", "option"), [o for o in all_options() if o[0] in GROUP_SCHEMAS])
@@ -129,11 +127,9 @@ def test_cheap_builders_instantiate():
         optimizer = build_optimizer_factory(compose([f"optim={option}"]).optim.optimizer)([param])
         assert optimizer.param_groups[0]["lr"] == pytest.approx(compose().model.lr)
     from fine_tune.recipe import Recipe
-    from fine_tune.schema import check_types
 
     for option in options("trainer"):
-        cfg = compose([f"trainer={option}"])
-        check_types(cfg)
+        cfg = checked([f"trainer={option}"])
         args = Recipe(cfg).arguments("/tmp/x", has_eval=True)
         assert isinstance(args, TrainingArguments)
         assert args.learning_rate == pytest.approx(cfg.optim.lr)
@@ -156,11 +152,9 @@ def test_real_shapes_build_without_weights():
     access, and the planner reads the same shapes from the node."""
     from fine_tune.families.shapes import config_shapes, model_shapes, parameter_counts
     from fine_tune.models.architecture import load_architecture
-    from fine_tune.schema import check_types
 
     for option, expected in [("mistral_7b", 7.24e9), ("mixtral", 46.7e9), ("qwen2_moe", 14.3e9)]:
-        cfg = compose([f"model={option}", "model.init=random"])
-        check_types(cfg)
+        cfg = checked([f"model={option}", "model.init=random"])
         node = cfg.model
         config = load_architecture(node.family, node.name_or_path, node.init, node.architecture, node.config)
         shapes = config_shapes(config)

@@ -5,18 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest_data import FIXTURES, mistral_v1_tokenizer, mistral_v3_tokenizer
+from helpers import FIXTURES, mistral_tokenizer
 
 import fine_tune.data.templates as templates
 from fine_tune.data import build_data
 from fine_tune.data.report import percentiles
 
 IGNORE = -100
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return mistral_v1_tokenizer()
 
 
 def write_rows(path, n: int, start: int = 0) -> None:
@@ -75,7 +70,7 @@ def test_cache_key_changes_with_what_changes_the_ids(tmp_path, tok, change):
     elif change == "file":
         write_rows(path, 10, start=1)
     elif change == "tokenizer":
-        kwargs["tokenizer"] = mistral_v3_tokenizer()
+        kwargs["tokenizer"] = mistral_tokenizer("v3")
     elif change == "train_on_inputs":
         kwargs["train_on_inputs"] = True
     elif change == "packing":

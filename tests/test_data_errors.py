@@ -5,16 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest_data import mistral_v1_tokenizer
 
 from fine_tune.data import build_data
 from fine_tune.errors import UserError
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return mistral_v1_tokenizer()
-
 
 GOOD = {"instruction": "Say hi.", "input": "", "output": "Hi."}
 

@@ -4,17 +4,11 @@ from __future__ import annotations
 
 import json
 
-import pytest
-from conftest_data import FIXTURES, mistral_v1_tokenizer
+from helpers import FIXTURES
 
 from fine_tune.data import build_data, render_prompt
 
 IGNORE = -100
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return mistral_v1_tokenizer()
 
 
 def trained_text(tok, row) -> str:
@@ -181,7 +175,7 @@ SIMPLE_TEMPLATE = (
 
 
 def test_models_own_chat_template_is_used_when_present(tok, tmp_path):
-    from conftest_data import saved_copy
+    from helpers import saved_copy
 
     t = saved_copy(tok, tmp_path / "tok")
     t.add_tokens(["<|extra|>"])  # no longer Mistral's vocabulary: auto picks the model's template
@@ -200,7 +194,7 @@ def test_models_own_chat_template_is_used_when_present(tok, tmp_path):
 
 
 def test_mistral_vocabulary_prefers_the_reference_format_over_a_jinja_template(tok, tmp_path):
-    from conftest_data import saved_copy
+    from helpers import saved_copy
 
     t = saved_copy(tok, tmp_path / "tok")
     t.chat_template = SIMPLE_TEMPLATE
@@ -220,7 +214,7 @@ def test_mistral_vocabulary_prefers_the_reference_format_over_a_jinja_template(t
 def test_chat_template_that_moves_the_system_prompt_still_masks_every_turn(tok, tmp_path):
     """Like HF's Mistral v3 template: the system prompt goes into the last user turn, so prefixes of a
     conversation render differently from the whole; the assistant turns are found by content."""
-    from conftest_data import saved_copy
+    from helpers import saved_copy
 
     t = saved_copy(tok, tmp_path / "tok")
     t.chat_template = (

@@ -6,24 +6,17 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from conftest_data import FIXTURES, SHARED_DATA, mistral_v1_tokenizer
+from helpers import CONF, FIXTURES, ROOT, SHARED_DATA, cli, compose
 
 from fine_tune.data import build_data, render_prompt
 
-REPO = Path(__file__).resolve().parents[1]
 IGNORE = -100
 ROWS = [
     {"instruction": "Double it.", "input": "21", "output": "42"},
     {"instruction": "Name the capital of Chile.", "input": "", "output": "Santiago."},
 ]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return mistral_v1_tokenizer()
 
 
 def ids_of(bundle) -> list[list[int]]:
@@ -98,10 +91,9 @@ def test_system_prompt_goes_where_mistral_puts_it(tok):
     assert tok.decode(chatml).startswith("<s> <|im_start|>system\nBe brief.<|im_end|>")
 
 
-@pytest.mark.parametrize("option", sorted(p.stem for p in (REPO / "conf" / "dataset").glob("*.yaml")))
+@pytest.mark.parametrize("option", sorted(p.stem for p in (CONF / "dataset").glob("*.yaml")))
 def test_every_dataset_option_composes_and_builds(option, tok, tmp_path):
     """Each conf/dataset/*.yaml, composed by Hydra and instantiated the way fine_tune.run does."""
-    from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
     fixture = {
@@ -125,9 +117,8 @@ def test_every_dataset_option_composes_and_builds(option, tok, tmp_path):
         if not shared.is_file():
             pytest.skip("shared data not present")
         overrides += [f"dataset.path=[{shared}]", "dataset.max_samples=50", "dataset.max_eval_samples=5"]
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
-    text = (REPO / "conf" / "dataset" / f"{option}.yaml").read_text()
+    cfg = compose(overrides)
+    text = (CONF / "dataset" / f"{option}.yaml").read_text()
     assert text.startswith("# ") and "python -m fine_tune" in text.split("_target_")[0]  # header with example
     bundle = instantiate(
         cfg.dataset, tokenizer=tok, max_length=512, packing=False, seed=1, cache_dir=None, _convert_="all"
@@ -159,40 +150,21 @@ def test_preview_marks_exactly_the_trained_tokens(tok):
 
 @pytest.mark.subprocess
 def test_preview_cli_runs_with_hydra_overrides():
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fine_tune.data_preview",
-            "dataset=alpaca",
-            f"dataset.path={FIXTURES / 'alpaca.jsonl'}",
-            "--n",
-            "1",
-            "dataset.max_length=64",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    data = f"dataset.path={FIXTURES / 'alpaca.jsonl'}"
+    proc = cli(["dataset=alpaca", data, "--n", "1", "dataset.max_length=64"], module="fine_tune.data_preview")
     assert proc.returncode == 0, proc.stderr
     assert "«" in proc.stdout and "train[0]" in proc.stdout
-    bad = subprocess.run(
-        [sys.executable, "-m", "fine_tune.data_preview", "dataset=alpaca", "dataset.path=/nope.jsonl"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    bad = cli(["dataset=alpaca", "dataset.path=/nope.jsonl"], module="fine_tune.data_preview", timeout=300)
     assert bad.returncode == 2 and "file not found" in bad.stderr and "Traceback" not in bad.stderr
 
 
+@pytest.mark.subprocess
 def test_importing_fine_tune_data_stays_light():
     code = (
         "import sys, fine_tune.data; print(sorted(m for m in ('torch', 'datasets', 'transformers') if m in "
         "sys.modules))"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "[]", out.stderr
 
 

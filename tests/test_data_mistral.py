@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest_data import mistral_v1_tokenizer, reference, saved_copy, tokenizer_for
+from helpers import mistral_tokenizer, reference, saved_copy
 
 from fine_tune.data import build_data, render_prompt
 
@@ -54,7 +54,7 @@ def write_chat(path, conversations) -> None:
 
 @pytest.mark.parametrize("version", ["v1", "v3", "v7"])
 def test_training_ids_match_mistral_common(tmp_path, version):
-    tok = tokenizer_for(version)
+    tok = mistral_tokenizer(version)
     write_chat(tmp_path / "chat.jsonl", CONVERSATIONS)
     bundle = build_data(
         format="chat", path=str(tmp_path / "chat.jsonl"), template="mistral", tokenizer=tok, max_length=512
@@ -67,7 +67,7 @@ def test_training_ids_match_mistral_common(tmp_path, version):
 
 @pytest.mark.parametrize("version", ["v1", "v3", "v7"])
 def test_prompt_ids_match_mistral_common_serving(version):
-    tok = tokenizer_for(version)
+    tok = mistral_tokenizer(version)
     for conv in CONVERSATIONS:
         history = [(r, c) for r, c in conv]
         messages = [{"role": r, "content": c} for r, c in history] + [{"role": "user", "content": "Next?"}]
@@ -75,7 +75,7 @@ def test_prompt_ids_match_mistral_common_serving(version):
 
 
 def test_reference_example_from_the_brief():
-    tok = mistral_v1_tokenizer()
+    tok = mistral_tokenizer()
     ids = render_prompt(
         [
             {"role": "user", "content": "Hello world"},
@@ -93,7 +93,7 @@ def test_reference_example_from_the_brief():
 @pytest.mark.parametrize("version", ["v1", "v3", "v7"])
 def test_labels_are_exactly_the_assistant_turns(tmp_path, version):
     """Trained = from just after each [/INST] through the EOS closing that answer; nothing else."""
-    tok = tokenizer_for(version)
+    tok = mistral_tokenizer(version)
     write_chat(tmp_path / "chat.jsonl", CONVERSATIONS)
     bundle = build_data(
         format="chat", path=str(tmp_path / "chat.jsonl"), tokenizer=tok, template="mistral", max_length=512
@@ -115,7 +115,7 @@ def test_labels_are_exactly_the_assistant_turns(tmp_path, version):
 
 def test_saved_tokenizer_still_encodes_like_mistral_common(tmp_path):
     """save_pretrained drops tokenizer.model; the encoder finds the matching bundled model again."""
-    tok = saved_copy(mistral_v1_tokenizer(), tmp_path / "tok")
+    tok = saved_copy(mistral_tokenizer(), tmp_path / "tok")
     assert getattr(tok, "vocab_file", None) is None
     conv = CONVERSATIONS[2]
     assert render_prompt(
@@ -125,7 +125,7 @@ def test_saved_tokenizer_still_encodes_like_mistral_common(tmp_path):
 
 def test_hf_encoder_differs_on_runs_of_spaces(tmp_path):
     """Why the sentencepiece encoder is the default: the HF fast tokenizer splits '.  H' differently."""
-    tok = mistral_v1_tokenizer()
+    tok = mistral_tokenizer()
     write_chat(tmp_path / "chat.jsonl", [CONVERSATIONS[2]])
     hf = build_data(
         format="chat", path=str(tmp_path / "chat.jsonl"), tokenizer=tok, encoder="hf", max_length=128

@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import pytest
-from conftest_data import FIXTURES, mistral_v1_tokenizer
+from helpers import FIXTURES
 
 from fine_tune.data import build_data
 from fine_tune.data.collate import PackedCollator, PaddingCollator, pack, pack_rows
 
 IGNORE = -100
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return mistral_v1_tokenizer()
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest_data import FIXTURES, mistral_v1_tokenizer, reference, tokenizer_for
+from helpers import FIXTURES, mistral_tokenizer, reference
 
 from fine_tune.data import build_preference_data
 
@@ -17,11 +17,6 @@ LAYOUTS = {
     "preference_openai.jsonl": "preference_openai",
 }
 ROLES = {"human": "user", "gpt": "assistant"}
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return mistral_v1_tokenizer()
 
 
 def rows_of(name: str) -> list[dict]:
@@ -70,7 +65,7 @@ def build(name: str, tokenizer, **options):
 @pytest.mark.parametrize("version", ["v1", "v3", "v7"])
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
 def test_pairs_match_mistral_common(name, version):
-    tokenizer = tokenizer_for(version)
+    tokenizer = mistral_tokenizer(version)
     bundle = build(name, tokenizer, template="mistral")
     raw = rows_of(name)
     assert bundle.kind == "preference" and bundle.collator is None
@@ -96,7 +91,7 @@ def test_pairs_match_mistral_common(name, version):
 
 def test_answer_ids_are_exactly_the_answer_text(tok):
     """Nothing of the prompt leaks into an answer: chosen_ids is the answer's own encoding + EOS."""
-    from conftest_data import mistral_common
+    from helpers import mistral_common
 
     sentencepiece = mistral_common("v1").instruct_tokenizer.tokenizer
     bundle = build("preference.jsonl", tok)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest_data import FIXTURES, mistral_v1_tokenizer
+from helpers import FIXTURES
 
 import fine_tune.data.templates as templates
 from fine_tune.data import build_data, build_preference_data
@@ -14,11 +14,6 @@ from fine_tune.data.report import percentiles
 from fine_tune.errors import UserError
 
 END_INST = [733, 28748, 16289, 28793]  # "▁[/INST]" in Mistral v1: what every prompt ends with
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return mistral_v1_tokenizer()
 
 
 def pair(i: int, prompt_words: int = 3, answer_words: int = 3) -> dict:

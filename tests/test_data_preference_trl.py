@@ -5,17 +5,12 @@ count exactly the answer tokens."""
 from __future__ import annotations
 
 import pytest
-from conftest_data import FIXTURES, mistral_v1_tokenizer
+from helpers import FIXTURES
 
 from fine_tune.data import build_preference_data
 from fine_tune.data.preference import orpo_features
 
 IGNORE = -100
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return mistral_v1_tokenizer()
 
 
 @pytest.fixture(scope="module")

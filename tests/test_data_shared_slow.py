@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest_data import SHARED_DATA, mistral_common, mistral_v1_tokenizer, reference
+from helpers import SHARED_DATA, mistral_common, mistral_tokenizer, reference
 
 from fine_tune.data import build_data, build_preference_data
 
@@ -28,7 +28,7 @@ def shared():
 
 
 def test_all_shared_rows_tokenize_exactly_like_mistral_common(shared):
-    tok = mistral_v1_tokenizer()
+    tok = mistral_tokenizer()
     bundle = build_data(
         format="alpaca", path=[str(p) for p in shared], template="mistral", tokenizer=tok, max_length=512
     )
@@ -54,7 +54,7 @@ def test_all_shared_rows_tokenize_exactly_like_mistral_common(shared):
 
 
 def test_all_shared_pairs_tokenize_exactly_like_mistral_common(shared):
-    tok = mistral_v1_tokenizer()
+    tok = mistral_tokenizer()
     path = SHARED_DATA / PAIRS
     bundle = build_preference_data(format="preference_openai", path=str(path), tokenizer=tok, max_length=4096)
     raw = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import FAST, ROOT, run_cli
+from helpers import FAST, ROOT, cli
 
 TORCHRUN = ["--standalone", "--nproc_per_node", "2", "-m", "fine_tune"]
 SHORT = [*FAST, "trainer.max_steps=4", "trainer.eval_steps=2", "trainer.save_steps=2"]
@@ -27,7 +27,7 @@ def test_two_gloo_ranks_end_cleanly_in_one_run_dir(tmp_path: Path):
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
     }
     # cwd is the empty tmp dir: a rank that made its own run dir would show up there
-    result = run_cli([*TORCHRUN, *SHORT], cwd=tmp_path, env=env, timeout=300, module="torch.distributed.run")
+    result = cli([*TORCHRUN, *SHORT], cwd=tmp_path, env=env, timeout=300, module="torch.distributed.run")
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import FAST, compose
+from helpers import FAST, checked, compose
 
 from fine_tune.errors import UserError
 
@@ -22,11 +22,9 @@ def build_engine(tmp_path: Path, overrides: list[str]):
     from transformers import set_seed
 
     from fine_tune.recipe import Recipe
-    from fine_tune.schema import check_types
     from fine_tune.training.preemption import PreemptionHandler
 
-    cfg = compose([*FAST, *overrides])
-    check_types(cfg)
+    cfg = checked([*FAST, *overrides])
     set_seed(cfg.seed)
     recipe = Recipe(cfg)
     trainer, _ = recipe.trainer(tmp_path, instantiate(cfg.logger), PreemptionHandler())

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from lifecycle_helpers import cli, run_tool, tiny_run, train_here
+from helpers import cli, run_tool, tiny_run, train_here
 from plain_load import in_plain_process as plain_load
 
 from fine_tune.export import UNQUANTIZED
@@ -104,7 +104,7 @@ def test_push_without_a_token_is_a_user_error(trained, tmp_path: Path):
     result = cli(
         [f"run={run}", f"out={tmp_path / 'a'}", "push_to_hub=someone/some-adapter"],
         module="fine_tune.export",
-        extra_env={"HF_TOKEN": "", "HF_HOME": str(tmp_path / "hf")},
+        env={"HF_TOKEN": "", "HF_HOME": str(tmp_path / "hf")},
     )
     assert result.returncode == 2
     assert "push_to_hub" in result.stderr and "Traceback" not in result.stderr

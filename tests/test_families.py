@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from conftest import CONF, compose
+from helpers import CONF, checked, compose
 from test_train import train_in_process
 
 from fine_tune.errors import UserError
@@ -82,11 +82,9 @@ def test_local_llama_trains(tmp_path, quant):
 
 def test_an_unknown_moe_layout_is_a_user_error(tmp_path):
     from fine_tune.recipe import Recipe
-    from fine_tune.schema import check_types
 
     path = save(tiny(transformers.Qwen3MoeConfig, **QWEN), tmp_path / "qwen3")
-    cfg = compose(local(path, "quant=nf4"))
-    check_types(cfg)
+    cfg = checked(local(path, "quant=nf4"))
     with pytest.raises(UserError) as error:
         _ = Recipe(cfg).model
     assert "qwen3_moe" in str(error.value) and error.value.where == "model.name_or_path"

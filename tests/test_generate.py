@@ -6,7 +6,7 @@ itself is run by test_run_dir.py (a clean run) and test_bad_inputs.py (its error
 from __future__ import annotations
 
 import pytest
-from lifecycle_helpers import read_jsonl, run_tool, tiny_run
+from helpers import read_jsonl, run_tool, tiny_run
 
 
 @pytest.mark.subprocess

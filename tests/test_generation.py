@@ -9,8 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import compose
-from lifecycle_helpers import run_tool, tiny_run
+from helpers import compose, run_tool, tiny_run
 
 QUESTIONS = [
     "Hi",

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose
-from lifecycle_helpers import FAST, TINY, cli, logged, run_tool, stopped_copy, train_here, trained_run
+from helpers import FAST, TINY, checked, cli, compose, logged, run_tool, stopped_copy, train_here, trained_run
 from plain_load import in_plain_process
 
 from fine_tune.errors import UserError
@@ -137,11 +136,9 @@ def attached(overrides: list[str]):
     """The config and the model with its adapter, as a run builds them (no training)."""
     from fine_tune.adapters import attach_adapter
     from fine_tune.recipe import Recipe
-    from fine_tune.schema import check_types
     from fine_tune.utils.build import build
 
-    cfg = compose(["logger=none", *overrides])
-    check_types(cfg)
+    cfg = checked(["logger=none", *overrides])
     loaded = Recipe(cfg).base
     return cfg, attach_adapter(loaded.model, build(cfg.lora), False)
 

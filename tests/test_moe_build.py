@@ -8,7 +8,7 @@ import bitsandbytes as bnb
 import pytest
 import torch
 import transformers
-from conftest import tiny_mixtral_config, tiny_qwen2_moe_config
+from helpers import tiny_mixtral_config, tiny_qwen2_moe_config
 
 from fine_tune.errors import UserError
 from fine_tune.families.shapes import config_shapes, parameter_counts

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_mixtral_config, tiny_qwen2_moe_config
-from lifecycle_helpers import step_losses
+from helpers import step_losses, tiny_mixtral_config, tiny_qwen2_moe_config
 from test_train import train_in_process
 
 from fine_tune.models.moe import Experts4bit, attach_expert_lora, build_random_model
@@ -211,7 +210,7 @@ def test_auto_groups_on_fused_kernels_with_enough_rows(monkeypatch):
 def test_config_key_reaches_the_experts_and_trains_the_same(tmp_path):
     """`quant.expert_kernel` is a checked config key; the same 3 training steps of tiny Mixtral
     QLoRA (packed, expert adapters) give the same losses and grad norms with either kernel."""
-    from conftest import compose
+    from helpers import compose
 
     from fine_tune.errors import UserError
     from fine_tune.schema import check_types

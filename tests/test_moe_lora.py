@@ -9,7 +9,7 @@ import peft
 import pytest
 import torch
 import transformers
-from conftest import tiny_mixtral_config
+from helpers import tiny_mixtral_config
 
 from fine_tune.models.moe import (
     attach_expert_lora,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from conftest import tiny_mixtral_config
+from helpers import tiny_mixtral_config
 
 from fine_tune.models.moe import Experts4bit, count_parameters, quantize_fused_experts
 

@@ -9,20 +9,11 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import FAST, ROOT, compose, run_cli
-from lifecycle_helpers import train_here
+from helpers import FAST, ROOT, checked, cli, compose, train_here
 
 from fine_tune.errors import UserError
 
 MISTRAL_7B = ["model=mistral_7b", "quant=nf4", "trainer=gpu", "model.name_or_path=null", "model.init=random"]
-
-
-def composed(overrides: list[str]):
-    from fine_tune.schema import check_types
-
-    cfg = compose(["logger=none", *overrides])
-    check_types(cfg)
-    return cfg
 
 
 # ---- what the options compose to ---------------------------------------------------------------
@@ -42,7 +33,7 @@ def test_fsdp_shards_by_each_familys_decoder_layer(model: str, layer: str):
     from fine_tune.families import get_family
     from fine_tune.recipe import Recipe
 
-    cfg = composed([f"model={model}", "trainer=fsdp"])
+    cfg = checked(["logger=none", f"model={model}", "trainer=fsdp"])
     family = get_family(cfg.model.family)
     model_class = getattr(transformers, family.config_class.replace("Config", "ForCausalLM"))
     assert family.decoder_layer == layer and model_class._no_split_modules == [layer]
@@ -62,9 +53,8 @@ def test_fsdp_shards_by_each_familys_decoder_layer(model: str, layer: str):
 def test_fsdp_options_reach_the_plugin():
     from fine_tune.recipe import Recipe
 
-    cfg = composed(
-        ["trainer=fsdp", "trainer.fsdp.reshard_after_forward=false", "trainer.fsdp.cpu_offload=true"]
-    )
+    reshard, offload = "trainer.fsdp.reshard_after_forward=false", "trainer.fsdp.cpu_offload=true"
+    cfg = checked(["logger=none", "trainer=fsdp", reshard, offload])
     plugin = Recipe(cfg).arguments("/tmp/unused", has_eval=True).fsdp_plugin_args
     assert plugin["reshard_after_forward"] is False and plugin["cpu_offload"] is True
 
@@ -73,15 +63,15 @@ def test_fsdp_options_reach_the_plugin():
 def test_ddp_neither_searches_unused_parameters_nor_broadcasts_buffers(option: str):
     from fine_tune.recipe import Recipe
 
-    args = Recipe(composed([f"trainer={option}"])).arguments("/tmp/unused", has_eval=True)
+    args = Recipe(checked(["logger=none", f"trainer={option}"])).arguments("/tmp/unused", has_eval=True)
     assert not args.fsdp
     assert args.ddp_find_unused_parameters is False and args.ddp_broadcast_buffers is False
 
 
 def test_trainer_fsdp_stores_4bit_weights_in_bf16():
-    cfg = composed(["trainer=fsdp", "quant=nf4"])
+    cfg = checked(["logger=none", "trainer=fsdp", "quant=nf4"])
     assert cfg.trainer.strategy == "fsdp" and cfg.quant.storage_dtype == "bfloat16"
-    assert composed(["trainer=ddp"]).trainer.strategy == "ddp"
+    assert checked(["logger=none", "trainer=ddp"]).trainer.strategy == "ddp"
 
 
 # ---- what FSDP refuses, at validation, in one line each ----------------------------------------
@@ -299,7 +289,7 @@ def run_ranks(tmp_path: Path, script: str, nproc: int = 2, timeout: int = 300):
     path = tmp_path / "ranks.py"
     path.write_text(script)
     args = ["--standalone", "--nproc_per_node", str(nproc), str(path)]
-    return run_cli(args, cwd=tmp_path, env=pythonpath(), timeout=timeout, module="torch.distributed.run")
+    return cli(args, cwd=tmp_path, env=pythonpath(), timeout=timeout, module="torch.distributed.run")
 
 
 def pythonpath() -> dict:
@@ -334,7 +324,7 @@ SHARDED_EQUALS_UNSHARDED = """
 import json, sys, torch, torch.distributed as dist
 from pathlib import Path
 from types import SimpleNamespace
-from conftest import compose
+from helpers import checked
 from accelerate.utils import FullyShardedDataParallelPlugin
 from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 from safetensors.torch import load_file
@@ -345,13 +335,11 @@ from fine_tune.distributed import sharded_trainable_state
 from fine_tune.families import get_family
 from fine_tune.recipe import Recipe
 from fine_tune.run import save_adapter
-from fine_tune.schema import check_types
 from fine_tune.utils.build import build
 
 dist.init_process_group("gloo")
 rank = dist.get_rank()
-cfg = compose(sys.argv[1:])
-check_types(cfg)
+cfg = checked(sys.argv[1:])
 
 def adapted():
     loaded = Recipe(cfg).base  # a fresh base each time
@@ -468,7 +456,7 @@ def one_process(tmp_path_factory) -> Path:
 def two_processes(tmp_path: Path, entry: list[str], overrides: list[str]):
     """torchrun without FINE_TUNE_RUN_DIR, from an empty directory: rank 0 names the one run dir."""
     args = ["--standalone", "--nproc_per_node", "2", *entry, *EQUAL, "trainer.per_device_train_batch_size=2"]
-    result = run_cli(
+    result = cli(
         [*args, *overrides], cwd=tmp_path, env=pythonpath(), timeout=600, module="torch.distributed.run"
     )
     output = result.stdout + result.stderr
@@ -529,7 +517,7 @@ def test_a_sweep_under_torchrun_writes_one_sweep_dir(tmp_path: Path):
     args += ["trainer.max_steps=2", "trainer.eval_steps=2", "trainer.save_steps=2"]
     # microseconds: the ranks' own `${now:}` always differ, so only sharing rank 0's dir gives one
     args += ["hydra.sweep.dir=multirun/train/${now:%Y-%m-%d_%H-%M-%S-%f}"]
-    result = run_cli(args, cwd=tmp_path, env=pythonpath(), timeout=600, module="torch.distributed.run")
+    result = cli(args, cwd=tmp_path, env=pythonpath(), timeout=600, module="torch.distributed.run")
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     sweeps = list((tmp_path / "multirun" / "train").iterdir())
     assert len(sweeps) == 1, sweeps  # not one `${now:}` per rank

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, ROOT, compose, run_cli
+from helpers import FAST, ROOT, cli, compose
 
 from fine_tune.errors import UserError
 from fine_tune.training.optim import build_optimizer_factory, inherited_keys
@@ -71,7 +71,7 @@ def test_a_key_the_user_added_that_the_class_cannot_take_is_refused(overrides):
 def test_readme_sgd_command_trains(tmp_path: Path):
     """The README's line, as a user types it (with short CPU settings)."""
     assert f"`{README_SGD}`" in (ROOT / "README.md").read_text()
-    result = run_cli([*FAST, "trainer.max_steps=4", README_SGD, f"hydra.run.dir={tmp_path}"])
+    result = cli([*FAST, "trainer.max_steps=4", README_SGD, f"hydra.run.dir={tmp_path}"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((tmp_path / "status.json").read_text())["status"] == "finished"
     assert json.loads((tmp_path / "metrics.json").read_text())["steps"] == 4

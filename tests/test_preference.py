@@ -10,9 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose
-from conftest_data import FIXTURES
-from lifecycle_helpers import cli, read_jsonl, run_tool, stopped_copy, trained_run
+from helpers import FIXTURES, checked, cli, compose, read_jsonl, run_tool, stopped_copy, trained_run
 
 from fine_tune.errors import UserError
 
@@ -56,14 +54,6 @@ def arithmetic(tmp_path_factory) -> Path:
     ]
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
-
-
-def checked(overrides: list[str]):
-    from fine_tune.schema import check_types
-
-    cfg = compose(overrides)
-    check_types(cfg)
-    return cfg
 
 
 def train(tmp_path: Path, overrides: list[str]):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import bitsandbytes as bnb
 import pytest
 import torch
-from conftest import FAST, compose
+from helpers import FAST, compose
 
 from fine_tune.models.quant import CPU_REPACK_FLAG
 

@@ -11,8 +11,7 @@ from itertools import takewhile
 from pathlib import Path
 
 import pytest
-from conftest import CONF, ROOT, compose
-from lifecycle_helpers import train_here
+from helpers import CONF, ROOT, checked, compose, train_here
 
 from fine_tune.errors import UserError
 
@@ -144,10 +143,8 @@ def test_recipe_keeps_the_issue_settings(name: str):
     """The settings issue 13 lists, after the schema completes the config; checkpointing is
     non-reentrant in the arguments the trainer gets."""
     from fine_tune.recipe import Recipe
-    from fine_tune.schema import check_types
 
-    cfg = compose([f"experiment={name}"])
-    check_types(cfg)
+    cfg = checked([f"experiment={name}"])
     assert {key: value(cfg, key) for key in ISSUE_13[name]} == ISSUE_13[name]
     assert cfg.task_name == name
     args = Recipe(cfg).arguments("/tmp/unused", has_eval=True)

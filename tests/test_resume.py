@@ -9,10 +9,10 @@ import time
 from pathlib import Path
 
 import pytest
-from lifecycle_helpers import (
+from helpers import (
     TINY,
     cli,
-    composed,
+    compose,
     logged,
     popen,
     read_jsonl,
@@ -254,7 +254,7 @@ def killed_during_save(target: Path, replacing: bool = False) -> list[Path]:
     import subprocess
     import sys
 
-    from lifecycle_helpers import ROOT, env
+    from helpers import ROOT, child_env
 
     killed = (
         "import os, shutil, signal, sys\n"
@@ -276,7 +276,7 @@ def killed_during_save(target: Path, replacing: bool = False) -> list[Path]:
     result = subprocess.run(
         [sys.executable, "-c", killed, str(target), "replacing" if replacing else "writing"],
         cwd=ROOT,
-        env=env(),
+        env=child_env(),
         capture_output=True,
         timeout=120,
     )
@@ -384,8 +384,8 @@ def test_a_run_from_before_the_method_group_resumes_with_its_defaults():
 
     from fine_tune.resume_config import differences, with_new_keys
 
-    current = OmegaConf.to_container(composed(TINY), resolve=False)
+    current = OmegaConf.to_container(compose(TINY), resolve=False)
     saved = {k: v for k, v in current.items() if k not in ("method", "init_adapter")}
     assert differences(with_new_keys(saved), current) == []
-    dpo = OmegaConf.to_container(composed([*TINY, "method=dpo"]), resolve=False)
+    dpo = OmegaConf.to_container(compose([*TINY, "method=dpo"]), resolve=False)
     assert differences(with_new_keys(dict(saved)), dpo)[0].startswith("method.")

@@ -7,8 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
-from lifecycle_helpers import stopped_copy
+from helpers import cli, stopped_copy
 from safetensors import safe_open
 
 ARGS = [
@@ -28,13 +27,13 @@ def train_losses(run_dir: Path) -> list[tuple[int, float]]:
 
 @pytest.mark.subprocess
 def test_resume_restores_expert_adapters(tmp_path: Path):
-    full = run_cli([*ARGS, "trainer.max_steps=8", f"hydra.run.dir={tmp_path / 'full'}"])
+    full = cli([*ARGS, "trainer.max_steps=8", f"hydra.run.dir={tmp_path / 'full'}"])
     assert full.returncode == 0, full.stderr[-2000:]
     part = stopped_copy(tmp_path / "full", tmp_path / "part", last_checkpoint=4)
     checkpoint = part / "checkpoints" / "checkpoint-4"
     with safe_open(str(checkpoint / "adapter_model.safetensors"), "pt") as saved:  # PEFT's format
         assert any(".mlp.experts." in key for key in saved.keys())  # noqa: SIM118
-    resumed = run_cli(["resume=true", f"hydra.run.dir={part}"])  # the run's own overrides are re-applied
+    resumed = cli(["resume=true", f"hydra.run.dir={part}"])  # the run's own overrides are re-applied
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     expected = train_losses(tmp_path / "full")
     assert [step for step, _ in expected] == list(range(1, 9))

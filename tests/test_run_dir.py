@@ -10,8 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
-from lifecycle_helpers import ROOT, TINY, cli, composed, env, tiny_run
+from helpers import ROOT, TINY, child_env, cli, compose, tiny_run
 
 from fine_tune.errors import UserError
 from fine_tune.resume_config import check_unchanged, with_saved_overrides
@@ -25,7 +24,7 @@ def test_modes_and_runs_stopped_before_training_leave_no_run_directory(tmp_path:
         (["trainer.precision=fp64"], 2),  # a config error
         (["dataset=alpaca", "dataset.path=broken.jsonl"], 2),  # a data error, met once the run started
     ):
-        result = run_cli(["logger=none", "trainer=cpu", *args], cwd=tmp_path)
+        result = cli(["logger=none", "trainer=cpu", *args], cwd=tmp_path)
         assert result.returncode == code, result.stdout[-2000:] + result.stderr[-2000:]
         assert not (tmp_path / "outputs").exists(), args
     # the run had said where it would write; it says what became of that directory
@@ -44,7 +43,7 @@ def test_modes_and_runs_stopped_before_training_leave_no_run_directory(tmp_path:
 )
 def test_a_hub_model_without_the_hub_fails_at_once_with_the_hint(network, reason, tmp_path: Path):
     extra = {"HF_HOME": str(tmp_path / "hf"), **network}  # an empty hub cache
-    result = cli(["model=mistral_7b", "validate=true", "logger=none"], extra_env=extra, timeout=300)
+    result = cli(["model=mistral_7b", "validate=true", "logger=none"], env=extra, timeout=300)
     output = result.stdout + result.stderr
     assert result.returncode == 2, output[-3000:]
     assert reason in result.stderr and "model.tokenizer=mistral_v1" in result.stderr
@@ -91,7 +90,7 @@ def test_a_clean_run_prints_no_library_warnings(module: str, tmp_path: Path):
     result = subprocess.run(
         [sys.executable, "-c", IMPORT_HOOK, module, *args],
         cwd=ROOT,
-        env=env(),
+        env=child_env(),
         capture_output=True,
         text=True,
         timeout=600,
@@ -139,7 +138,7 @@ def saved_run(tmp_path: Path, overrides: list[str]) -> Path:
     run = tmp_path / "run"
     (run / ".hydra").mkdir(parents=True)
     OmegaConf.save(OmegaConf.create(overrides), run / ".hydra" / "overrides.yaml")
-    OmegaConf.save(composed(overrides), run / ".hydra" / "config.yaml")
+    OmegaConf.save(compose(overrides), run / ".hydra" / "config.yaml")
     return run
 
 
@@ -164,9 +163,9 @@ def test_resume_composes_the_runs_own_overrides_first(tmp_path: Path, monkeypatc
 
 def test_resume_refuses_a_config_that_differs_from_the_saved_one(tmp_path: Path):
     run = saved_run(tmp_path, list(TINY))
-    check_unchanged(composed([*TINY, "resume=true"]), run)  # only `resume` may differ
+    check_unchanged(compose([*TINY, "resume=true"]), run)  # only `resume` may differ
     with pytest.raises(UserError) as error:
-        check_unchanged(composed([*TINY, "trainer.max_steps=9", "lora.r=4"]), run)
+        check_unchanged(compose([*TINY, "trainer.max_steps=9", "lora.r=4"]), run)
     assert error.value.where == "resume"
     assert "trainer.max_steps: 8 -> 9" in error.value.message and "lora.r: 16 -> 4" in error.value.message
 
@@ -174,10 +173,10 @@ def test_resume_refuses_a_config_that_differs_from_the_saved_one(tmp_path: Path)
 def test_the_hub_is_asked_only_for_names_that_are_not_paths(tmp_path: Path):
     from fine_tune.models.hub import named_in
 
-    assert named_in(composed(["model=mistral_7b"])) == ["mistralai/Mistral-7B-v0.1"]
-    assert named_in(composed([])) == []  # tiny model, tokenizer from mistral-common, shipped data
+    assert named_in(compose(["model=mistral_7b"])) == ["mistralai/Mistral-7B-v0.1"]
+    assert named_in(compose([])) == []  # tiny model, tokenizer from mistral-common, shipped data
     local = ["model=local", f"model.name_or_path={tmp_path}", "model.tokenizer=/no/such/dir"]
-    assert named_in(composed(local)) == []  # a missing local path is the loader's error, not the hub's
-    assert named_in(composed(["dataset=alpaca", "dataset.hub_name=yahma/alpaca-cleaned"])) == [
+    assert named_in(compose(local)) == []  # a missing local path is the loader's error, not the hub's
+    assert named_in(compose(["dataset=alpaca", "dataset.hub_name=yahma/alpaca-cleaned"])) == [
         "yahma/alpaca-cleaned"
     ]

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from lifecycle_helpers import ROOT, TINY, cli, composed, status
+from helpers import ROOT, TINY, cli, compose, status
 
 from fine_tune.errors import UserError
 from fine_tune.secrets import check_no_secrets, find_secret
@@ -30,7 +30,7 @@ def test_environment_tokens_never_reach_run_files_or_wandb(tmp_path: Path):
     run_dir = tmp_path / "run"
     args = [*TINY, "logger=wandb", "logger.mode=offline", "trainer.max_steps=4", f"hydra.run.dir={run_dir}"]
     env = {"HF_TOKEN": HF, "WANDB_API_KEY": WANDB, "MY_SERVICE_TOKEN": OTHER, "WANDB_MODE": "offline"}
-    result = cli(args, extra_env=env)
+    result = cli(args, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert status(run_dir) == "finished"
     wandb_files = list((run_dir / "wandb").rglob("*.wandb"))
@@ -71,7 +71,7 @@ def test_find_secret(data, key):
 @pytest.mark.parametrize("model", sorted(p.stem for p in (ROOT / "conf" / "model").glob("*.yaml")))
 def test_remote_code_is_off_in_every_model_preset(model):
     overrides = [f"model={model}"] + (["model.name_or_path=/x"] if model == "local" else [])
-    assert composed(overrides).model.trust_remote_code is False
+    assert compose(overrides).model.trust_remote_code is False
 
 
 def test_a_tokenizer_path_in_the_environment_is_not_a_credential(monkeypatch):

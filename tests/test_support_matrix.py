@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import CONF, compose
+from helpers import CONF, compose
 
 from fine_tune import support_matrix as matrix
 from fine_tune.errors import UserError

@@ -12,14 +12,11 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
+from helpers import ROOT
 
 from fine_tune import sweep
-
-ROOT = Path(__file__).resolve().parents[1]
-
 
 # --- status helpers --------------------------------------------------------------------------
 

@@ -8,19 +8,17 @@ uploaded.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from helpers import ROOT, cli
 
 from fine_tune import compare
 from fine_tune.tracking.wandb_offline import find_runs, read_run
 from fine_tune.utils.format import format_metric
 
-ROOT = Path(__file__).resolve().parents[1]
 FAKE_WANDB_KEY = "0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c"
 FAKE_HF_TOKEN = "hf_ZyXwVuTsRqPoNmLkJiHgFeDcBa9876543210"
 TINY = [
@@ -38,22 +36,10 @@ TINY = [
 
 
 def fine_tune(cwd: Path, *args: str, timeout: int = 400) -> subprocess.CompletedProcess:
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT),
-        "WANDB_MODE": "offline",
-        "WANDB_API_KEY": FAKE_WANDB_KEY,
-        "HF_TOKEN": FAKE_HF_TOKEN,
-        "OMP_NUM_THREADS": "2",
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "fine_tune", *args, *TINY],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    """`python -m fine_tune ARGS` + TINY from `cwd`, with (fake) secrets in the environment."""
+    env = {"PYTHONPATH": str(ROOT), "WANDB_MODE": "offline", "OMP_NUM_THREADS": "2"}
+    env.update(WANDB_API_KEY=FAKE_WANDB_KEY, HF_TOKEN=FAKE_HF_TOKEN)
+    return cli([*args, *TINY], env=env, timeout=timeout, cwd=cwd)
 
 
 def job_dirs(sweep_dir: Path) -> dict[str, Path]:

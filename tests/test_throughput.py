@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import tiny_mixtral_config
+from helpers import tiny_mixtral_config
 
 
 class FakeClock:

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import pytest
+from helpers import CONF
 from omegaconf import OmegaConf
 
 from fine_tune.tracking import base
 from fine_tune.tracking.redact import MASK, is_secret_key, redact, redact_override, redact_text
 
-ROOT = Path(__file__).resolve().parents[1]
 FAKE_WANDB_KEY = "5f3c2a9e8d7b6a5f4e3d2c1b0a9f8e7d6c5b4a39"  # 40 hex, shaped like a W&B key
 FAKE_HF = "hf_QwErTyUiOpAsDfGhJkLzXcVbNm123456"
 
@@ -237,10 +236,10 @@ def test_logger_yaml_instantiates_with_every_documented_option(option, tmp_path)
     """Each option of conf/logger must be an argument of its tracker (a typo would fail at run start)."""
     from hydra.utils import instantiate
 
-    node = OmegaConf.load(ROOT / "conf" / "logger" / f"{option}.yaml")
+    node = OmegaConf.load(CONF / "logger" / f"{option}.yaml")
     tracker = instantiate(node)
     assert isinstance(tracker, base.Tracker)
-    text = (ROOT / "conf" / "logger" / f"{option}.yaml").read_text()
+    text = (CONF / "logger" / f"{option}.yaml").read_text()
     for key in node:
         if key != "_target_":
             assert "# " in text.split(f"\n{key}:", 1)[1].splitlines()[0], f"{option}.{key} has no comment"

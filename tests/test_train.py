@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, compose, run_cli
+from helpers import FAST, cli, compose
 
 
 def train_in_process(tmp_path: Path, overrides: list[str]):
@@ -47,7 +47,7 @@ def logits_of(model, tokenizer) -> torch.Tensor:
 @pytest.mark.subprocess
 def test_default_run_from_the_command_line(tmp_path: Path):
     """`python -m fine_tune` with no group overrides: trains, evaluates, saves, and the loss falls."""
-    result = run_cli(["logger=none", f"hydra.run.dir={tmp_path}"])
+    result = cli(["logger=none", f"hydra.run.dir={tmp_path}"])
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["steps"] == 60

@@ -7,7 +7,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from lifecycle_helpers import cli, composed
+from helpers import FIXTURES, cli, compose
 
 from fine_tune.errors import UserError
 from fine_tune.families.shapes import experts_in_4bit, model_shapes, parameter_counts
@@ -74,7 +74,7 @@ def test_analytic_parameter_counts_match_the_built_model(overrides):
     what PEFT builds."""
     from fine_tune.plan import plan_memory
 
-    cfg = composed(["logger=none", *overrides])
+    cfg = compose(["logger=none", *overrides])
     counts = analytic_counts(cfg)
     real_trainable, real_total = real_counts(cfg)
     assert counts.trainable == real_trainable == plan_memory(cfg).trainable_params
@@ -100,12 +100,58 @@ def test_cross_checks_name_the_key(overrides, env, where, monkeypatch):
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     with pytest.raises(UserError) as error:
-        check_config(composed(["logger=wandb", *overrides]))
+        check_config(compose(["logger=wandb", *overrides]))
+    assert error.value.where == where
+
+
+PAIRS = ["dataset=preference", f"dataset.path={FIXTURES / 'preference.jsonl'}"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "where"),
+    [
+        (["method=dpo"], "method"),  # the default instruction data
+        (["method=sft", *PAIRS], "method"),
+        (["method=orpo", *PAIRS, "dataset.packing=true"], "dataset.packing"),
+        (
+            ["method=dpo", *PAIRS, "dataset.max_length=64", "dataset.max_prompt_length=64"],
+            "dataset.max_prompt_length",
+        ),
+        (["method=dpo", *PAIRS, "dataset.template=none"], "dataset.template"),
+        (["method=dpo", *PAIRS, "dataset.format=alpaca"], "dataset.format"),
+        (
+            ["dataset=alpaca", f"dataset.path={FIXTURES / 'alpaca.jsonl'}", "+dataset.fields.answer=a"],
+            "dataset.fields.answer",
+        ),
+    ],
+    ids=[
+        "dpo_on_sft_data",
+        "sft_on_pairs",
+        "packed_pairs",
+        "no_room_for_answers",
+        "pairs_as_raw_text",
+        "sft_format_for_pairs",
+        "field_of_another_format",
+    ],
+)
+def test_validate_refuses_data_the_builder_or_method_cannot_take_before_loading(
+    overrides, where, monkeypatch
+):
+    """The dataset's keys against each other, its builder and the method, from the config alone:
+    validate=true reports them (as every run's `check_config` does) without loading the tokenizer."""
+    from fine_tune import modes
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the tokenizer was loaded")
+
+    monkeypatch.setattr("fine_tune.models.tokenizer.build_tokenizer", loaded)
+    with pytest.raises(UserError) as error:
+        modes.dispatch(compose(["logger=none", "trainer=cpu", "validate=true", *overrides]))
     assert error.value.where == where
 
 
 def test_notes_for_cpu_limits():
-    checked = check_config(composed(["logger=none", "quant=nf4", "trainer.precision=bf16"]))
+    checked = check_config(compose(["logger=none", "quant=nf4", "trainer.precision=bf16"]))
     text = " ".join(checked.notes)
     assert "quant=nf4 on CPU" in text and "bf16 requested on CPU" in text
     assert ("lora", "fine_tune.adapters.build_lora_config") in checked.targets
@@ -125,7 +171,7 @@ def test_validate_prints_the_plan_and_writes_no_run(tmp_path: Path):
     result = cli(["validate=true", "trainer=cpu", "logger=none", f"hydra.run.dir={run_dir}"])
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
-    trainable = analytic_counts(composed(["trainer=cpu", "logger=none"])).trainable
+    trainable = analytic_counts(compose(["trainer=cpu", "logger=none"])).trainable
     for needle in (
         "validation passed",
         "checks:",
@@ -146,24 +192,24 @@ def test_config_errors_are_found_before_torch_is_imported():
     import subprocess
     import sys
 
-    from lifecycle_helpers import ROOT, env
+    from helpers import ROOT, child_env
 
     script = (
         "import sys\n"
-        "from lifecycle_helpers import composed\n"
+        "from helpers import compose\n"
         "from fine_tune.validate import check_config\n"
         "from fine_tune.errors import UserError\n"
         "for ov in (['lora.r=0'], ['trainer.precision=fp64'], ['+dataset.colour=1'], ['lora.experts=true'],\n"
         "           ['model.attn_implementation=magic'], ['dataset=alpaca', 'dataset.path=/nope.jsonl']):\n"
         "    try:\n"
-        "        check_config(composed(['logger=none', *ov]))\n"
+        "        check_config(compose(['logger=none', *ov]))\n"
         "    except UserError as error:\n"
         "        print(error.where, 'torch' in sys.modules, 'transformers' in sys.modules)\n"
     )
     result = subprocess.run(
         [sys.executable, "-c", script],
         cwd=ROOT / "tests",
-        env=env(),
+        env=child_env(),
         capture_output=True,
         text=True,
         timeout=300,

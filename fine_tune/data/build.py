@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, Any
 
 from fine_tune.data import pipeline
 from fine_tune.data.collate import IGNORE_INDEX
-from fine_tune.data.formats import Example, to_example
+from fine_tune.data.formats import SAMPLE, Example, to_example
 from fine_tune.data.report import DataReport, percentiles
-from fine_tune.schema import DatasetSchema, RunSchema, default
+from fine_tune.schema import RunSchema, default
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -26,7 +26,6 @@ if TYPE_CHECKING:
 RESOURCES = Path(__file__).resolve().parents[1] / "resources" / "data"
 SAMPLE_TRAIN = RESOURCES / "sample_instructions.jsonl"
 SAMPLE_VALIDATION = RESOURCES / "sample_instructions.validation.jsonl"
-TARGET = default(DatasetSchema, "_target_")
 
 
 @dataclass
@@ -144,7 +143,7 @@ def build_data(
     from fine_tune.data.templates import resolve_template, template_fingerprint
 
     started = time.perf_counter()
-    opts = pipeline.read_options(dataset_cfg, options, TARGET)
+    opts = pipeline.read_options(dataset_cfg, options, "sft")
     max_length, packing = opts["max_length"], opts["packing"]
     fmt, fields = pipeline.format_and_fields(opts, "sft")
     template = (
@@ -152,7 +151,7 @@ def build_data(
     )
     encoder = pipeline.make_encoder(opts, tokenizer)
     sources = pipeline.resolve_sources(
-        opts, (SAMPLE_TRAIN, SAMPLE_VALIDATION) if opts["format"] == "sample" else None
+        opts, (SAMPLE_TRAIN, SAMPLE_VALIDATION) if opts["format"] == SAMPLE else None
     )
     report = DataReport(
         source=sources.label,

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fine_tune.errors import UserError
+from fine_tune.schema import DatasetSchema, PreferenceDatasetSchema, default
 
 
 @dataclass
@@ -53,7 +54,12 @@ FORMATS: dict[str, Format] = {
         "preference_openai", ("input", "preferred_output", "non_preferred_output"), kind="preference"
     ),
 }
-BUILDERS = {"sft": "fine_tune.data.build_data", "preference": "fine_tune.data.build_preference_data"}
+# The builder of each kind of data (`DataBundle.kind`), by the `_target_` its schema gives it.
+BUILDERS = {
+    "sft": default(DatasetSchema, "_target_"),
+    "preference": default(PreferenceDatasetSchema, "_target_"),
+}
+SAMPLE = "sample"  # build_data's shipped instruction data, in the alpaca format
 # Column names as they appear in the public datasets each format is named after.
 DEFAULT_FIELDS: dict[str, dict[str, str]] = {
     "alpaca": {"instruction": "instruction", "input": "input", "output": "output", "system": "system"},
@@ -81,39 +87,21 @@ ROLE_ALIASES = {
 }
 
 
-def get_format(name: str, kind: str = "sft") -> Format:
-    """The format `name`, which must be of `kind` (the builder reading it)."""
-    if name == "sample" and kind == "sft":
-        name = "alpaca"
-    names = sorted(n for n, f in FORMATS.items() if f.kind == kind) + (["sample"] if kind == "sft" else [])
-    if name not in FORMATS:
-        raise UserError(
-            f"unknown dataset format {name!r}", where="dataset.format", hint=f"use one of {names}"
-        )
-    fmt = FORMATS[name]
-    if fmt.kind != kind:
-        raise UserError(
-            f"format {name!r} is {fmt.kind} data, which {BUILDERS[kind]} does not read",
-            where="dataset.format",
-            hint=f"use a dataset option whose _target_ is {BUILDERS[fmt.kind]} "
-            f"({'dataset=preference' if fmt.kind == 'preference' else 'dataset=local'}), "
-            f"or one of {names}",
-        )
-    return fmt
+def get_format(name: str, kind: str = "sft") -> Format | None:
+    """The format `name` as the builder of `kind` reads it; None when there is none. Which formats a
+    builder accepts, and field names, are checked in `fine_tune.validate.check_dataset`."""
+    return FORMATS.get("alpaca" if name == SAMPLE and kind == "sft" else name)
+
+
+def format_names(kind: str) -> list[str]:
+    """The formats the builder of `kind` reads."""
+    return sorted(n for n, f in FORMATS.items() if f.kind == kind) + ([SAMPLE] if kind == "sft" else [])
 
 
 def resolve_fields(fmt: Format, fields: dict[str, str] | None) -> dict[str, str]:
-    """Merge user remapping over the defaults, rejecting names the format does not know (typos)."""
+    """The user's remapping (checked: `validate.check_dataset`) over the format's column names."""
     merged = dict(DEFAULT_FIELDS[fmt.name])
-    for key, column in (fields or {}).items():
-        if key not in merged:
-            raise UserError(
-                f"format {fmt.name!r} has no field {key!r}",
-                where=f"dataset.fields.{key}",
-                hint=f"remappable fields: {sorted(merged)}",
-            )
-        if column is not None:
-            merged[key] = str(column)
+    merged.update({key: str(column) for key, column in (fields or {}).items() if column is not None})
     return merged
 
 
@@ -183,7 +171,7 @@ def to_example(
     elif fmt.name == "law_title":
         user = _join(instruction or LAW_TITLE_INSTRUCTION, text_field(data, fields["body"], True))
         answer = text_field(data, fields["title"], True)
-    else:  # pragma: no cover - guarded by get_format
+    else:  # pragma: no cover - guarded by validate.check_dataset
         raise AssertionError(fmt.name)
     messages = [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
     if system:

@@ -100,7 +100,7 @@ def to_pair(
         prompt = _openai_prompt(data, fields["input"])
         system = None
         chosen_col, rejected_col = fields["preferred_output"], fields["non_preferred_output"]
-    else:  # pragma: no cover - guarded by get_format(kind="preference")
+    else:  # pragma: no cover - guarded by validate.check_dataset
         raise AssertionError(fmt.name)
     system = system or system_prompt
     if system and prompt[0]["role"] != "system":

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from fine_tune.data.formats import BadRow, Format, check_columns, get_format, resolve_fields
+from fine_tune.data.formats import BUILDERS, BadRow, Format, check_columns, get_format, resolve_fields
 from fine_tune.data.readers import Row, read_file, read_hub, resolve_paths
 from fine_tune.errors import UserError
 
@@ -27,10 +27,12 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
-def read_options(dataset_cfg: Mapping | None, kwargs: dict[str, Any], target: str) -> dict[str, Any]:
+def read_options(dataset_cfg: Mapping | None, kwargs: dict[str, Any], kind: str) -> dict[str, Any]:
     """The dataset node (a DictConfig or a dict) and keyword options, typed, checked and completed by
-    the schema of the builder `target` (fine_tune/schema.py: the one source of the options)."""
+    the schema of the builder of `kind` (fine_tune/schema.py: the one source of the options), then
+    checked against each other as a run checks them before loading (`validate.check_dataset`)."""
     from fine_tune.schema import check_group
+    from fine_tune.validate import check_dataset
 
     raw: dict[str, Any] = {}
     if dataset_cfg is not None:
@@ -41,9 +43,10 @@ def read_options(dataset_cfg: Mapping | None, kwargs: dict[str, Any], target: st
         raw.update(dict(dataset_cfg))
     raw.update(kwargs)
     raw.pop("_convert_", None)
-    raw["_target_"] = target
+    raw["_target_"] = BUILDERS[kind]
     opts = check_group("dataset", raw)
     opts.pop("_target_")
+    check_dataset(opts, kind)
     return opts
 
 

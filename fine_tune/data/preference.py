@@ -39,7 +39,7 @@ from fine_tune.data.formats import Example
 from fine_tune.data.pairs import Pair, to_pair
 from fine_tune.data.report import IDENTICAL, PreferenceReport, percentiles
 from fine_tune.errors import UserError
-from fine_tune.schema import PreferenceDatasetSchema, RunSchema, default
+from fine_tune.schema import RunSchema, default
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -48,7 +48,6 @@ if TYPE_CHECKING:
 
 COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 KIND = "preference"
-TARGET = default(PreferenceDatasetSchema, "_target_")
 
 
 @dataclass
@@ -180,15 +179,9 @@ def _prompts(pairs: list[Pair], template: str, tokenizer, encoder, n: int) -> li
     return pipeline.held_out_prompts(items, template, tokenizer, encoder)
 
 
-def _max_prompt_length(opts: dict[str, Any], max_length: int) -> int:
-    value = opts["max_prompt_length"] or max_length // 2
-    if value >= max_length:
-        raise UserError(
-            f"max_prompt_length={value} leaves no room for the answers within max_length={max_length}",
-            where="dataset.max_prompt_length",
-            hint="use a value below max_length (null: half of it)",
-        )
-    return value
+def prompt_budget(opts: Mapping[str, Any]) -> int:
+    """The prompt tokens `truncation=truncate` always keeps: `max_prompt_length`, or half of max_length."""
+    return opts["max_prompt_length"] or opts["max_length"] // 2
 
 
 def build_preference_data(
@@ -209,23 +202,10 @@ def build_preference_data(
     from fine_tune.data.templates import resolve_template, template_fingerprint
 
     started = time.perf_counter()
-    opts = pipeline.read_options(dataset_cfg, options, TARGET)
-    max_length = opts["max_length"]
-    if opts["packing"]:
-        raise UserError(
-            "packing does not apply to preference pairs (each pair is its own chosen and rejected row)",
-            where="dataset.packing",
-            hint="set dataset.packing=false",
-        )
-    max_prompt_length = _max_prompt_length(opts, max_length)
+    opts = pipeline.read_options(dataset_cfg, options, KIND)  # packing, max_prompt_length: checked
+    max_length, max_prompt_length = opts["max_length"], prompt_budget(opts)
     fmt, fields = pipeline.format_and_fields(opts, KIND)
     template = resolve_template(opts["template"], tokenizer, fmt.default_template)
-    if template == "none":
-        raise UserError(
-            "template none (raw text) has no prompt / answer turns to prefer between",
-            where="dataset.template",
-            hint="use dataset.template=auto",
-        )
     encoder = pipeline.make_encoder(opts, tokenizer)
     sources = pipeline.resolve_sources(opts)
     report = PreferenceReport(

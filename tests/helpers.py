@@ -1,7 +1,11 @@
-"""Helpers for the run-lifecycle tests (resume, export, generate, secrets, bad inputs, validate).
+"""The test helpers, one module (imported explicitly; tests/conftest.py holds pytest's hooks and the
+fixtures made from these): paths, the real config composed, the command line and the tools, tiny
+model configs, tokenizers and mistral-common's reference ids, and the tiny runs a session shares.
 
-One tiny trained run is shared by the tests of a session (training it is the slow part): it is
-trained once, on first use, by `tiny_run()`, with settings every test can reproduce (`TINY`).
+The tokenizer is Mistral's real v1 tokenizer from mistral-common, so the data tests exercise the ids
+the models see, without the hub. One tiny trained run is shared by the lifecycle tests of a session
+(training it is the slow part): trained once, on first use, by `tiny_run()`, with settings every
+test can reproduce (`TINY`).
 """
 
 from __future__ import annotations
@@ -18,9 +22,17 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+FIXTURES = Path(__file__).parent / "fixtures" / "data"
+# The workspace's public data, next to the repository (FINE_TUNE_SHARED_DATA for a checkout elsewhere).
+SHARED_DATA = Path(os.environ.get("FINE_TUNE_SHARED_DATA", ROOT / ".." / "shared" / "data"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Configs
 
 # Small and fast settings for end-to-end runs of the tiny models on CPU: the one base every test's
-# overrides start from (conftest re-exports it).
+# overrides start from.
 FAST = [
     "trainer=cpu",
     "logger=none",
@@ -53,7 +65,32 @@ TINY = with_overrides(
 )
 
 
-def env(extra: dict | None = None) -> dict:
+def compose(overrides: list[str] | None = None, return_hydra_config: bool = False):
+    """The real config, composed exactly as `python -m fine_tune OVERRIDES` would (without a job)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        return hydra_compose("config", overrides=overrides or [], return_hydra_config=return_hydra_config)
+
+
+def checked(overrides: list[str] | None = None):
+    """`compose(overrides)` typed and completed by the schema, as every run and mode does first."""
+    from fine_tune.schema import check_types
+
+    cfg = compose(overrides)
+    check_types(cfg)
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------------
+# The command line and the tools
+
+
+def child_env(extra: dict | None = None) -> dict:
+    """The environment of the interpreters the tests start: offline, `extra` on top."""
     base = {
         **os.environ,
         "WANDB_MODE": os.environ.get("WANDB_MODE", "offline"),
@@ -66,15 +103,16 @@ def env(extra: dict | None = None) -> dict:
 def cli(
     args: list[str],
     module: str = "fine_tune",
-    extra_env: dict | None = None,
+    env: dict | None = None,
     timeout: int = 600,
     cwd: Path | None = None,
 ) -> subprocess.CompletedProcess:
-    """`python -m <module> ARGS` in a subprocess, as a user would type it (the one CLI runner)."""
+    """`python -m <module> ARGS` in a subprocess, as a user would type it (the one CLI runner);
+    `env`: variables on top of `child_env()`."""
     return subprocess.run(
         [sys.executable, "-m", module, *args],
         cwd=cwd or ROOT,
-        env=env(extra_env),
+        env=child_env(env),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -85,11 +123,117 @@ def popen(args: list[str], module: str = "fine_tune") -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", module, *args],
         cwd=ROOT,
-        env=env(),
+        env=child_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
+
+
+def run_tool(module: str, args: list[str], stdin: str = "") -> str:
+    """What `python -m MODULE ARGS` prints (fine_tune.generate, fine_tune.export), run through the
+    tool's own `main` in this process, `stdin` as its input. For tests of what a tool computes or
+    writes; how the command line reports errors (exit 2, no traceback) is tested through `cli`."""
+    import contextlib
+    import importlib
+    import io
+
+    out, before = io.StringIO(), sys.stdin
+    sys.stdin = io.StringIO(stdin)
+    try:
+        with contextlib.redirect_stdout(out):
+            importlib.import_module(module).main(args)
+    finally:
+        sys.stdin = before
+    return out.getvalue()
+
+
+# ------------------------------------------------------------------------------------------------
+# Tiny models
+
+
+def tiny_mixtral_config(**overrides):
+    """A 2-layer, 4-expert, top-2 Mixtral small enough for CPU tests of the MoE code."""
+    from transformers import MixtralConfig
+
+    args = dict(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        use_cache=False,
+    )
+    return MixtralConfig(**{**args, **overrides})
+
+
+def tiny_qwen2_moe_config(**overrides):
+    """Qwen2-MoE's own layout: a shared expert, q/k/v biases, experts saved as mlp.experts.{e}.*_proj."""
+    from transformers import Qwen2MoeConfig
+
+    args = dict(vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32)
+    args.update(shared_expert_intermediate_size=48, num_hidden_layers=2, num_attention_heads=4)
+    args.update(num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, use_cache=False)
+    return Qwen2MoeConfig(**{**args, **overrides})
+
+
+# ------------------------------------------------------------------------------------------------
+# Tokenizers (the `tok` fixture is `mistral_tokenizer()`) and mistral-common's reference ids
+
+
+@functools.cache
+def mistral_tokenizer(version: str = "v1"):
+    """Mistral's tokenizer `version` (v1; v3: a 32768 vocabulary with [INST]/[/INST] as control
+    tokens; v7) from mistral-common, as fine_tune loads it; one per session."""
+    from fine_tune.models.tokenizer import mistral_common_tokenizer
+
+    return mistral_common_tokenizer(f"mistral_{version}")
+
+
+def saved_copy(tokenizer, path: Path):
+    """The tokenizer after save_pretrained/from_pretrained: tokenizer.json only, no .model file."""
+    from transformers import AutoTokenizer
+
+    tokenizer.save_pretrained(str(path))
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+@functools.cache
+def mistral_common(version: str, finetuning: bool = False):
+    """mistral-common's tokenizer `version` (v1/v3/v7); `finetuning` accepts conversations that end
+    with the assistant (the default validator wants a final user turn, a prompt)."""
+    from mistral_common.protocol.instruct.validator import ValidationMode
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+    base = getattr(MistralTokenizer, version)()
+    if not finetuning:
+        return base
+    return MistralTokenizer(
+        base.instruct_tokenizer,
+        validator=type(base._chat_completion_request_validator)(ValidationMode.finetuning),
+        request_normalizer=base._instruct_request_normalizer,
+    )
+
+
+def reference(version: str, conversation, final_user: str | None = None) -> list[int]:
+    """Ids from mistral-common for (role, content) turns; a training conversation (ending with the
+    assistant) in fine-tuning mode, or a prompt when `final_user` is given."""
+    from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
+    from mistral_common.protocol.instruct.request import ChatCompletionRequest
+
+    kinds = {"system": SystemMessage, "user": UserMessage, "assistant": AssistantMessage}
+    messages = [kinds[role](content=content) for role, content in conversation]
+    if final_user is not None:
+        messages.append(UserMessage(content=final_user))
+    tokenizer = mistral_common(version, finetuning=final_user is None)
+    return tokenizer.encode_chat_completion(ChatCompletionRequest(messages=messages)).tokens
+
+
+# ------------------------------------------------------------------------------------------------
+# Runs: trained here or shared by the session, and what they leave
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -185,16 +329,6 @@ def stopped_copy(run_dir: Path, dest: Path, last_checkpoint: int | None = None) 
     return dest
 
 
-def composed(overrides: list[str]):
-    """The config `python -m fine_tune OVERRIDES` would run, composed in-process (no job)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        return compose("config", overrides=overrides)
-
-
 def train_here(run_dir: Path, overrides: list[str]) -> tuple[Any, dict, Any]:
     """`python -m fine_tune OVERRIDES hydra.run.dir=RUN_DIR`, trained in this process: for tests of what
     a run leaves behind (generate and export read it), which a subprocess would only make seconds of
@@ -205,27 +339,9 @@ def train_here(run_dir: Path, overrides: list[str]) -> tuple[Any, dict, Any]:
 
     from fine_tune.run import train
 
-    cfg = composed(list(overrides))
+    cfg = compose(list(overrides))
     (run_dir / ".hydra").mkdir(parents=True)
     OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
     OmegaConf.save(OmegaConf.create(list(overrides)), run_dir / ".hydra" / "overrides.yaml")
     metrics, trainer = train(cfg, run_dir, instantiate(cfg.logger), job={"overrides": list(overrides)})
     return cfg, metrics, trainer
-
-
-def run_tool(module: str, args: list[str], stdin: str = "") -> str:
-    """What `python -m MODULE ARGS` prints (fine_tune.generate, fine_tune.export), run through the
-    tool's own `main` in this process, `stdin` as its input. For tests of what a tool computes or
-    writes; how the command line reports errors (exit 2, no traceback) is tested through `cli`."""
-    import contextlib
-    import importlib
-    import io
-
-    out, before = io.StringIO(), sys.stdin
-    sys.stdin = io.StringIO(stdin)
-    try:
-        with contextlib.redirect_stdout(out):
-            importlib.import_module(module).main(args)
-    finally:
-        sys.stdin = before
-    return out.getvalue()
