@@ -8,8 +8,9 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+from helpers import ROOT
 
-BENCHMARKS = sorted((Path(__file__).parents[1] / "benchmarks").glob("*.py"))
+BENCHMARKS = sorted((ROOT / "benchmarks").glob("*.py"))
 
 
 def fine_tune_imports(path: Path) -> list[tuple[int, str, str]]:
