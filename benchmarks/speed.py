@@ -24,6 +24,11 @@ process (so peak memory is its own):
                  markdown-it-py, mdurl, pygments, shellingham, msgspec, einops, sentencepiece, certifi
   fine_tune_nf4  `python -m fine_tune` on the same checkpoint and data, nf4
   fine_tune_bf16 `python -m fine_tune` with quant=none (bf16 LoRA)
+  fine_tune_mixtral  `python -m fine_tune` on Mixtral-8x7B's shape (random weights, built in 4-bit
+                 layer by layer), nf4 experts, LoRA on attention and experts (lora=attn_experts).
+                 TRL has no counterpart here: a TRL user's `from_pretrained` with bitsandbytes leaves
+                 the fused experts in bf16 (~84 GiB, docs/memory.md: it did not fit an 80 GB GPU), and
+                 a random bf16 checkpoint to load would not fit this machine's 64 GiB disk either
 
 Steady tokens/s: non-padding tokens of the timed steps / their wall time (CUDA synchronised), after
 `--warmup` steps. Peak: torch.cuda.max_memory_allocated. MFU = tokens/s x FLOPs per token / the GPU's
@@ -49,7 +54,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SYSTEMS = ("plain", "trl", "trl_liger", "unsloth", "fine_tune_nf4", "fine_tune_bf16")
+SYSTEMS = ("plain", "trl", "trl_liger", "unsloth", "fine_tune_nf4", "fine_tune_bf16", "fine_tune_mixtral")
 PROFILED = 2  # steps under the profiler (--profile), after the timed steps
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SHARED = ROOT.parent / "shared" / "data"
@@ -373,17 +378,31 @@ def run_trl(prep: dict, args: argparse.Namespace, timer: Timer, liger: bool, uns
     trainer.train()
 
 
-def run_fine_tune(prep: dict, args: argparse.Namespace, quant: str) -> dict:
+# Mixtral-8x7B shape through the CLI: random weights built layer by layer in 4-bit (no checkpoint: it
+# would not fit the GPU machine's disk in bf16), LoRA on attention and every expert, the same data.
+MIXTRAL = ("model=mixtral_8x7b", "model.init=random", "lora=attn_experts")
+MIXTRAL_TINY = ("model=tiny_mixtral", "lora=attn_experts")  # --tiny: the harness on a CPU
+
+
+def run_fine_tune(prep: dict, args: argparse.Namespace, quant: str, mixtral: bool = False) -> dict:
     """The real CLI on the same checkpoint and data; steady figure from its own per-step log."""
-    run_dir = Path(args.work) / f"fine_tune_{quant}_{abs(hash(tuple(args.fine_tune_overrides)))}"
+    name = f"fine_tune_{'mixtral' if mixtral else quant}_{abs(hash(tuple(args.fine_tune_overrides)))}"
+    run_dir = Path(args.work) / name
     shutil.rmtree(run_dir, ignore_errors=True)  # a warm machine keeps the work dir of an earlier call
+    model = (
+        [*(MIXTRAL_TINY if args.tiny else MIXTRAL), f"model.tokenizer={prep['model_dir']}"]
+        if mixtral
+        else [
+            "model=local",
+            f"model.name_or_path={prep['model_dir']}",
+            f"lora.target_modules=[{','.join(TARGETS)}]",
+        ]
+    )
     overrides = [
-        "model=local",
-        f"model.name_or_path={prep['model_dir']}",
+        *model,
         f"quant={quant}",
         "lora.r=16",
         "lora.lora_alpha=32",
-        f"lora.target_modules=[{','.join(TARGETS)}]",
         "optim=paged_adamw_8bit" if not args.tiny else "optim=adamw_torch",
         "trainer=gpu" if not args.tiny else "trainer=cpu",
         f"trainer.max_steps={args.steps}",
@@ -468,7 +487,8 @@ def child(args: argparse.Namespace) -> None:
     else:
         name, _, extra = args.child.partition("@")
         args.fine_tune_overrides = [*args.fine_tune_overrides, *filter(None, extra.split("+"))]
-        result = run_fine_tune(prep, args, "nf4" if name == "fine_tune_nf4" else "none")
+        quant = "none" if name == "fine_tune_bf16" else "nf4"
+        result = run_fine_tune(prep, args, quant, mixtral=name == "fine_tune_mixtral")
     if torch.cuda.is_available() and "peak_gib" not in result:
         result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     result["wall_s"] = time.perf_counter() - started
