@@ -87,7 +87,7 @@ def test_under_autocast_it_matches_peft_in_bf16(tmp_path: Path):
         return out, x.grad, {n: p.grad for n, p in layer.named_parameters() if p.requires_grad}
 
     def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-        return float((a.float() - b.float()).norm() / b.float().norm())
+        return float((a.detach().float() - b.detach().float()).norm() / b.detach().float().norm())
 
     out, x_grad, grads = run(fused=False)
     fused_out, fused_x_grad, fused_grads = run(fused=True)
