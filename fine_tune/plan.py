@@ -326,7 +326,7 @@ def plan_memory(cfg: Any) -> MemoryPlan:
         layer += k * (CALIBRATION["lora_experts"] + dropout) * (h + s.expert_intermediate_size)
     if ckpt:
         options = trainer["checkpointing"]
-        every_n = 1 if options["every_n_layers"] == "auto" else options["every_n_layers"]
+        every_n = every_n_layers(options["every_n_layers"])
         checkpointed = math.ceil(n_layers / every_n)  # transformers: the layers whose index % every_n == 0
         # offloaded inputs: on the GPU only the one being copied and the one fetched ahead
         inputs = min(2, checkpointed) if options["offload"] else checkpointed
@@ -406,6 +406,12 @@ def plan_memory(cfg: Any) -> MemoryPlan:
         world_size=world,
         strategy=strategy,
     )
+
+
+def every_n_layers(value: int | str) -> int:
+    """`trainer.checkpointing.every_n_layers` as it runs: `auto` left unresolved (no GPU, no plan:
+    `check_before_loading` resolves it on a GPU) checkpoints every layer."""
+    return 1 if value == "auto" else int(value)
 
 
 #: share of the GPU a plan may fill when `every_n_layers=auto` picks less checkpointing: the planner
@@ -553,12 +559,12 @@ def check_before_loading(cfg: Any) -> MemoryPlan | None:
     gpu_gib = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / GIB
     if cfg.trainer.checkpointing.every_n_layers == "auto":
         # what is free now: another process on the GPU (a second job, a notebook) keeps its share
-        every_n = choose_every_n_layers(cfg, torch.cuda.mem_get_info()[0] / GIB)
+        free = torch.cuda.mem_get_info()[0] / GIB
+        every_n = choose_every_n_layers(cfg, free)
         cfg.trainer.checkpointing.every_n_layers = every_n  # what the trainer's arguments will read
         plan = plan_memory(cfg)
         if cfg.trainer.gradient_checkpointing:
             which = "every decoder layer" if every_n == 1 else f"one decoder layer in {every_n}"
-            free = torch.cuda.mem_get_info()[0] / GIB
             log.info("checkpointing %s (every_n_layers=auto, %.0f of %.0f GiB free)", which, free, gpu_gib)
     check_fits(plan, gpu_gib)
     return plan

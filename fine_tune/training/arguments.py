@@ -209,12 +209,13 @@ def checkpointing_kwargs(checkpointing: Any) -> dict[str, Any]:
     selective checkpointing). `every_n_layers` is transformers' own key; `selective` is TRL's, turned
     into a selective-checkpointing policy by `FineTuneTrainer`; `offload` is ours (`offloads`).
     """
+    from fine_tune.plan import every_n_layers
     from fine_tune.schema import CheckpointingSchema
 
     options = _options(CheckpointingSchema, checkpointing)
     kwargs: dict[str, Any] = {"use_reentrant": False}
-    every_n = options["every_n_layers"]  # "auto" left unresolved (no GPU, no plan): every layer
-    if every_n != "auto" and every_n > 1:
+    every_n = every_n_layers(options["every_n_layers"])
+    if every_n > 1:
         kwargs["every_n_layers"] = every_n
     if options["mode"] == "selective":
         kwargs["selective"] = True
