@@ -31,6 +31,16 @@ def build_engine(tmp_path: Path, overrides: list[str]):
     return trainer, recipe.data
 
 
+def seeded_step(trainer, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One training step from a fixed RNG state (dropout masks): its loss and the adapter gradients."""
+    model = trainer.model
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(1234)
+    trained = int((batch["labels"][:, 1:] != -100).sum())
+    loss = trainer.training_step(model, dict(batch), num_items_in_batch=torch.tensor(trained))
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
 def direct_loss(model, batch: dict) -> torch.Tensor:
     """Mean next-token cross-entropy over the labelled positions, from the model's full logits."""
     inputs = {key: value for key, value in batch.items() if key != "labels"}

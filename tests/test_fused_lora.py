@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_engine import build_engine
+from test_engine import build_engine, seeded_step
 
 from fine_tune.training import fused_lora
 from fine_tune.training.fused_lora import LoraLinear, fused_lora_forward
@@ -19,15 +19,8 @@ FP32 = {"rtol": 1e-5, "atol": 1e-6}
 
 
 def step(trainer, batch: dict, fused: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One training step from a fixed RNG state; the loss and the adapter gradients it left."""
-    model = trainer.model
-    model.zero_grad(set_to_none=True)
     trainer.args.fused_lora = fused
-    torch.manual_seed(1234)
-    trained = int((batch["labels"][:, 1:] != -100).sum())
-    loss = trainer.training_step(model, dict(batch), num_items_in_batch=torch.tensor(trained))
-    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
-    return loss.detach(), grads
+    return seeded_step(trainer, batch)
 
 
 def counted_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:

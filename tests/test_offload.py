@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from test_engine import build_engine
+from test_engine import build_engine, seeded_step
 
 from fine_tune.training import offload as offload_module
 from fine_tune.training.arguments import offloads
@@ -37,13 +37,6 @@ class Recording(OverlappedOffload):
         return super().unpack(packed)
 
 
-def gradients(trainer, batch) -> dict[str, torch.Tensor]:
-    trainer.model.zero_grad(set_to_none=True)
-    torch.manual_seed(0)
-    trainer.training_step(trainer.model, dict(batch), num_items_in_batch=torch.tensor(1000))
-    return {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
-
-
 def test_offloaded_inputs_give_the_same_gradients_and_are_fetched_one_layer_ahead(tmp_path: Path):
     trainer, _ = build_engine(tmp_path, ["trainer.gradient_checkpointing=true", "dataset.packing=true"])
     model = trainer.model
@@ -51,13 +44,13 @@ def test_offloaded_inputs_give_the_same_gradients_and_are_fetched_one_layer_ahea
     # as Trainer.train() does before the first step
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     batch = next(iter(trainer.get_train_dataloader()))
-    expected = gradients(trainer, batch)
+    _, expected = seeded_step(trainer, batch)
 
     recording = trainer.offload = Recording()
     layers = model.config.num_hidden_layers
     assert offload_module.offload_checkpoints(model, recording) == layers
     assert offload_module.offload_checkpoints(model, recording) == layers  # wrapped once, not twice
-    got = gradients(trainer, batch)
+    _, got = seeded_step(trainer, batch)
     assert got.keys() == expected.keys()
     for name, grad in got.items():
         torch.testing.assert_close(grad, expected[name], rtol=0, atol=0, msg=name)
