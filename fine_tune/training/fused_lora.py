@@ -13,7 +13,7 @@ change: tests/test_fused_lora.py compares losses and every adapter gradient with
 
 Only plain LoRA on `nn.Linear` and bitsandbytes' `Linear4bit` bases is fused; anything else (DoRA,
 trainable biases, merged or disabled adapters, several active adapters, int8 bases) runs PEFT's own
-forward. Swapped in for a training or evaluation step only (`fused_lora_forward`), like
+forward. Swapped in for a training or evaluation step only (`swapped_forwards`), like
 `EngineMixin.lora_inputs_uncast`: samples and exports see PEFT's modules untouched.
 """
 
@@ -159,17 +159,25 @@ def fusable_layers(model: Any) -> Iterator[tuple[Any, str, _Base]]:
             yield module, name, kind(module.get_base_layer())
 
 
+def fused_forwards(model: Any) -> list[tuple[Any, Any]]:
+    """Each fusable LoRA layer of `model` with its `LoraLinear` forward. Built once per trainer:
+    the same forwards every step walk no modules and keep `torch.compile`'s guards valid."""
+    layers = fusable_layers(model)
+    return [(module, _fused_forward(module, name, base, module.forward)) for module, name, base in layers]
+
+
 @contextlib.contextmanager
-def fused_lora_forward(model: Any, enabled: bool = True) -> Iterator[None]:
-    """Within the block, every fusable LoRA layer of `model` computes through `LoraLinear`."""
-    swapped = [
-        (module, _fused_forward(module, name, base, module.forward))
-        for module, name, base in (fusable_layers(model) if enabled else ())
-    ]
-    for module, forward in swapped:
+def swapped_forwards(forwards: list[tuple[Any, Any]]) -> Iterator[None]:
+    """Within the block, each module computes through its given forward."""
+    for module, forward in forwards:
         module.forward = forward
     try:
         yield
     finally:
-        for module, _ in swapped:
+        for module, _ in forwards:
             del module.forward
+
+
+def fused_lora_forward(model: Any, enabled: bool = True) -> contextlib.AbstractContextManager:
+    """Within the block, every fusable LoRA layer of `model` computes through `LoraLinear`."""
+    return swapped_forwards(fused_forwards(model) if enabled else [])

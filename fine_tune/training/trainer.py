@@ -104,6 +104,7 @@ class EngineMixin(ExactResume, ShardedSaves):
         self.timer = timer or PhaseTimer()
         self.offload = OverlappedOffload() if getattr(args, "offload_checkpoints", False) else None
         self._staging = False
+        self._fused: tuple[bool, list] | None = None  # (trainer.fused_lora, its forwards): fast_adapters
         args.router_aux_loss_coef = router_aux_loss_coef(model.config)
         if args.use_liger_kernel:
             liger = {**(args.liger_kernel_config or {}), **liger_kernel_config(model.config)}
@@ -129,10 +130,12 @@ class EngineMixin(ExactResume, ShardedSaves):
     def fast_adapters(self) -> Iterator[None]:
         """A training or evaluation step's LoRA layers: inputs uncast, computed fused where asked
         (`trainer.fused_lora`, fine_tune/training/fused_lora.py)."""
-        from fine_tune.training.fused_lora import fused_lora_forward
+        from fine_tune.training.fused_lora import fused_forwards, swapped_forwards
 
         fused = getattr(self.args, "fused_lora", False)  # set by build_training_arguments
-        with self.lora_inputs_uncast(), fused_lora_forward(self.model, fused):
+        if self._fused is None or self._fused[0] != fused:  # found on the first step: the model is final
+            self._fused = fused, fused_forwards(self.model) if fused else []
+        with self.lora_inputs_uncast(), swapped_forwards(self._fused[1]):
             yield
 
     def offloaded_checkpoints(self) -> contextlib.AbstractContextManager:
