@@ -13,6 +13,7 @@ compare.md, compare.html, compare.json and loss_curves.png.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import html
 import json
 import math
@@ -153,18 +154,10 @@ def _read_overrides(path: Path) -> list[str] | None:
 def _read_history(path: Path) -> list[dict[str, Any]]:
     rows = []
     file = path / "metrics.jsonl"
-    if not file.is_file():
-        return rows
-    for line in file.read_text(encoding="utf-8", errors="replace").splitlines():
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # the line being written right now
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
+    for line in file.read_text(encoding="utf-8", errors="replace").splitlines() if file.is_file() else []:
+        with contextlib.suppress(json.JSONDecodeError):  # a blank line, or the one being written now
+            rows.append(json.loads(line))
+    return [row for row in rows if isinstance(row, dict)]
 
 
 def load_job(path: Path, root: Path | None = None) -> Job:

@@ -68,7 +68,6 @@ class Feature:
 DDP = "reasoned: DDP ran on 2 H100s with Mistral-7B nf4 only, scaling.md"
 DATA = "reasoned: prepared on the CPU before training, whatever the device"
 SAME = "reasoned: the same code on every device"
-PLANNED = ("planned", "planned", "planned")
 F = Feature
 
 # fmt: off
