@@ -277,12 +277,6 @@ def _table(
     return headers, body
 
 
-def _label(job: Job, differ: Sequence[str]) -> str:
-    mapping = dict(split_override(o) for o in job.overrides)
-    label = run_name([f"{k}={mapping[k]}" for k in differ if k in mapping], fallback=job.name) or job.name
-    return label if job.state in ("finished", "running") else f"{label} ({job.state})"
-
-
 # One colour, line style and marker per job: where curves coincide (two optimizers doing the same
 # math, say), a thinner dashed line drawn over a thicker solid one keeps both visible.
 _LINESTYLES = ["-", "--", "-.", ":"]
@@ -334,7 +328,9 @@ def plot_curves(jobs: Sequence[Job], path: Path, title: str = "", legend_title: 
     drawn: list[list[tuple[str, tuple]]] = [[], []]  # (label, curve) already on each panel
     longest = [0, 0]
     for index, job in enumerate(jobs):
-        label = _label(job, differ)
+        mapping = dict(split_override(o) for o in job.overrides)
+        label = run_name([f"{k}={mapping[k]}" for k in differ if k in mapping], fallback=job.name)
+        label = label if job.state in ("finished", "running") else f"{label} ({job.state})"
         style = {
             "color": f"C{index % 10}",
             "linestyle": _LINESTYLES[index % len(_LINESTYLES)],

@@ -367,14 +367,6 @@ def encode_examples(
     return out
 
 
-def _as_messages(messages_or_text: str | list[dict[str, str]] | dict) -> list[dict[str, str]]:
-    if isinstance(messages_or_text, str):
-        return [{"role": "user", "content": messages_or_text}]
-    if isinstance(messages_or_text, dict):
-        return [dict(messages_or_text)]
-    return [dict(m) for m in messages_or_text]
-
-
 def render_prompt(
     messages_or_text: str | list[dict[str, str]],
     tokenizer: PreTrainedTokenizerBase,
@@ -385,7 +377,10 @@ def render_prompt(
 
     A trailing assistant message is dropped, so a training conversation can be passed as is.
     """
-    messages = _as_messages(messages_or_text)
+    given = messages_or_text
+    if isinstance(given, str):
+        given = {"role": "user", "content": given}
+    messages = [dict(m) for m in ([given] if isinstance(given, dict) else given)]
     if messages and messages[-1]["role"] == "assistant":
         messages = messages[:-1]
     return encode_prompts([messages], resolve_template(template, tokenizer), tokenizer, encoder)[0]
