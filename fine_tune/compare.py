@@ -168,12 +168,9 @@ def load_job(path: Path, root: Path | None = None) -> Job:
     if overrides is None:
         overrides = [str(o) for o in (status or {}).get("overrides") or []]
     metrics = read_json(path / "metrics.json")
-    name = path.name
-    if root is not None and path != root:
-        name = path.relative_to(root).as_posix()
     return Job(
         path=path,
-        name=name,
+        name=path.relative_to(root).as_posix() if root is not None and path != root else path.name,
         overrides=overrides,
         status=status,
         metrics=metrics if isinstance(metrics, dict) else None,
