@@ -13,6 +13,7 @@ compare.md, compare.html, compare.json and loss_curves.png.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import html
 import json
 import math
@@ -153,18 +154,10 @@ def _read_overrides(path: Path) -> list[str] | None:
 def _read_history(path: Path) -> list[dict[str, Any]]:
     rows = []
     file = path / "metrics.jsonl"
-    if not file.is_file():
-        return rows
-    for line in file.read_text(encoding="utf-8", errors="replace").splitlines():
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # the line being written right now
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
+    for line in file.read_text(encoding="utf-8", errors="replace").splitlines() if file.is_file() else []:
+        with contextlib.suppress(json.JSONDecodeError):  # a blank line, or the one being written now
+            rows.append(json.loads(line))
+    return [row for row in rows if isinstance(row, dict)]
 
 
 def load_job(path: Path, root: Path | None = None) -> Job:
@@ -175,12 +168,9 @@ def load_job(path: Path, root: Path | None = None) -> Job:
     if overrides is None:
         overrides = [str(o) for o in (status or {}).get("overrides") or []]
     metrics = read_json(path / "metrics.json")
-    name = path.name
-    if root is not None and path != root:
-        name = path.relative_to(root).as_posix()
     return Job(
         path=path,
-        name=name,
+        name=path.relative_to(root).as_posix() if root is not None and path != root else path.name,
         overrides=overrides,
         status=status,
         metrics=metrics if isinstance(metrics, dict) else None,
@@ -284,12 +274,6 @@ def _table(
     return headers, body
 
 
-def _label(job: Job, differ: Sequence[str]) -> str:
-    mapping = dict(split_override(o) for o in job.overrides)
-    label = run_name([f"{k}={mapping[k]}" for k in differ if k in mapping], fallback=job.name) or job.name
-    return label if job.state in ("finished", "running") else f"{label} ({job.state})"
-
-
 # One colour, line style and marker per job: where curves coincide (two optimizers doing the same
 # math, say), a thinner dashed line drawn over a thicker solid one keeps both visible.
 _LINESTYLES = ["-", "--", "-.", ":"]
@@ -341,7 +325,9 @@ def plot_curves(jobs: Sequence[Job], path: Path, title: str = "", legend_title: 
     drawn: list[list[tuple[str, tuple]]] = [[], []]  # (label, curve) already on each panel
     longest = [0, 0]
     for index, job in enumerate(jobs):
-        label = _label(job, differ)
+        mapping = dict(split_override(o) for o in job.overrides)
+        label = run_name([f"{k}={mapping[k]}" for k in differ if k in mapping], fallback=job.name)
+        label = label if job.state in ("finished", "running") else f"{label} ({job.state})"
         style = {
             "color": f"C{index % 10}",
             "linestyle": _LINESTYLES[index % len(_LINESTYLES)],

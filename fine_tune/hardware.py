@@ -117,9 +117,7 @@ def world_size() -> int:
 
 def local_device() -> str:
     """This process's device: its own GPU under torchrun/accelerate/srun (its local rank), else the CPU."""
-    if has_cuda():
-        return f"cuda:{local_rank()}"
-    return "cpu"
+    return f"cuda:{local_rank()}" if has_cuda() else "cpu"
 
 
 def is_main_process() -> bool:

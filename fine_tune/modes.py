@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import importlib
+
 from omegaconf import DictConfig
 
-MODES = ("plan", "validate", "preview")
+# Each mode's function, `module:name`, imported only when the mode is chosen.
+RUNNERS = {
+    "plan": "fine_tune.plan:print_plan",
+    "validate": "fine_tune.validate:print_validation",
+    "preview": "fine_tune.data_preview:preview_from_config",
+}
+MODES = tuple(RUNNERS)
 
 
 def selected(cfg: DictConfig) -> list[str]:
@@ -17,15 +25,5 @@ def dispatch(cfg: DictConfig) -> None:
 
     check_types(cfg)
     for mode in selected(cfg):
-        if mode == "plan":
-            from fine_tune.plan import print_plan
-
-            print_plan(cfg)
-        elif mode == "validate":
-            from fine_tune.validate import print_validation
-
-            print_validation(cfg)
-        elif mode == "preview":
-            from fine_tune.data_preview import preview_from_config
-
-            preview_from_config(cfg)
+        module, name = RUNNERS[mode].split(":")
+        getattr(importlib.import_module(module), name)(cfg)

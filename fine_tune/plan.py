@@ -528,9 +528,7 @@ def print_plan(cfg: Any, gpu_gib: float | None = None) -> MemoryPlan:
         )
         for name, gib in COMMON_GPUS.items():
             print(f"    {name:<24}{plan.max_batch_size(gib):>5}")
-        gib = COMMON_GPUS["80 GB (A100/H100)"]
-    else:
-        gib = gpu_gib
+    gib = gpu_gib if gpu_gib is not None else COMMON_GPUS["80 GB (A100/H100)"]
     if plan.gradient_checkpointing and complete(cfg)["trainer"]["checkpointing"]["every_n_layers"] == "auto":
         print(
             f"  checkpointing every_n_layers=auto: the plan above checkpoints every layer; a run on "

@@ -66,8 +66,8 @@ def one_of(default: Any, choices: tuple) -> Any:
     return _rule(default, lambda v: v in choices, f"must be one of {list(choices)}")
 
 
-def positive(default: Any) -> Any:
-    return _rule(default, lambda v: v is None or v > 0, "must be positive")
+def positive(default: Any, hint: str | None = None) -> Any:
+    return _rule(default, lambda v: v is None or v > 0, "must be positive", hint)
 
 
 def at_least(default: Any, low: int, hint: str | None = None) -> Any:
@@ -210,9 +210,7 @@ class OptimSchema:
     warmup_ratio: float = fraction(0.03)
     max_grad_norm: float = 0.3
     # LoRA+: B matrices at lr x this; null = off (conf/optim/loraplus.yaml)
-    loraplus_lr_ratio: float | None = _rule(
-        None, lambda v: v is None or v > 0, "must be positive", "null turns LoRA+ off; the paper suggests 16"
-    )
+    loraplus_lr_ratio: float | None = positive(None, "null turns LoRA+ off; the paper suggests 16")
     optimizer: dict[str, Any] = MISSING  # a `_partial_` factory: called with the trainable parameters
 
 

@@ -68,7 +68,6 @@ class Feature:
 DDP = "reasoned: DDP ran on 2 H100s with Mistral-7B nf4 only, scaling.md"
 DATA = "reasoned: prepared on the CPU before training, whatever the device"
 SAME = "reasoned: the same code on every device"
-PLANNED = ("planned", "planned", "planned")
 F = Feature
 
 # fmt: off
@@ -319,15 +318,14 @@ def status(cell: str) -> str:
     return cell.split(":", 1)[0].strip()
 
 
-def _linked(text: str, docs: str) -> str:
-    """`memory.md` -> a link to docs/memory.md, relative to the file being written."""
-    return re.sub(r"(?<![\[/\w])([a-z_]+\.md)\b", lambda m: f"[{m.group(1)}]({docs}{m.group(1)})", text)
-
-
 def _cell(cell: str, docs: str) -> str:
+    """`status: note`, the status in bold; `memory.md` in the note -> a link to docs/memory.md,
+    relative to the file being written."""
     word, _, note = cell.partition(":")
-    note = note.strip()
-    return f"**{word.strip()}**" + (f": {_linked(note, docs)}" if note else "")
+    note = re.sub(
+        r"(?<![\[/\w])([a-z_]+\.md)\b", lambda m: f"[{m.group(1)}]({docs}{m.group(1)})", note.strip()
+    )
+    return f"**{word.strip()}**" + (f": {note}" if note else "")
 
 
 def _combinations(docs: str) -> list[str]:

@@ -87,64 +87,18 @@ DEFINITIONS = {
     "a volcano": "an opening in the Earth's crust through which molten rock, ash and gases escape",
     "an orbit": "the curved path of an object around a star, planet or moon",
 }
-NAMES = [
-    "Ana",
-    "Ben",
-    "Chloé",
-    "Dev",
-    "Elif",
-    "Farid",
-    "Grace",
-    "Hiro",
-    "Ines",
-    "Jonas",
-    "Kofi",
-    "Lena",
-    "Mateo",
-    "Nia",
-    "Omar",
-    "Priya",
-    "Quinn",
-    "Rosa",
-    "Sami",
-    "Tara",
-]
-ITEMS = [
-    ("apples", "apple"),
-    ("pencils", "pencil"),
-    ("stickers", "sticker"),
-    ("marbles", "marble"),
-    ("books", "book"),
-    ("cookies", "cookie"),
-    ("stamps", "stamp"),
-    ("seashells", "seashell"),
-]
-WORDS = [
-    "planet",
-    "garden",
-    "rocket",
-    "window",
-    "silver",
-    "market",
-    "pillow",
-    "violin",
-    "harbor",
-    "lantern",
-    "meadow",
-    "puzzle",
-    "candle",
-    "bridge",
-    "forest",
-    "tunnel",
-    "anchor",
-    "basket",
-    "copper",
-    "dragon",
-]
+# fmt: off
+NAMES = ["Ana", "Ben", "Chloé", "Dev", "Elif", "Farid", "Grace", "Hiro", "Ines", "Jonas", "Kofi", "Lena",
+         "Mateo", "Nia", "Omar", "Priya", "Quinn", "Rosa", "Sami", "Tara"]
+ITEMS = ["apples", "pencils", "stickers", "marbles", "books", "cookies", "stamps", "seashells"]
+WORDS = ["planet", "garden", "rocket", "window", "silver", "market", "pillow", "violin", "harbor",
+         "lantern", "meadow", "puzzle", "candle", "bridge", "forest", "tunnel", "anchor", "basket",
+         "copper", "dragon"]
+# fmt: on
 
 
 def _word_problem(rng: random.Random) -> dict[str, str]:
-    name, (plural, _) = rng.choice(NAMES), rng.choice(ITEMS)
+    name, plural = rng.choice(NAMES), rng.choice(ITEMS)
     kind = rng.randrange(4)
     a, b = rng.randint(3, 60), rng.randint(2, 30)
     if kind == 0:
@@ -198,24 +152,12 @@ def _conversion(rng: random.Random) -> dict[str, str]:
 
 
 def _capital(country: str, capital: str, rng: random.Random) -> dict[str, str]:
-    style = rng.randrange(3)
-    if style == 0:
-        return {
-            "instruction": f"What is the capital of {country}?",
-            "input": "",
-            "output": f"The capital of {country} is {capital}.",
-        }
-    if style == 1:
-        return {
-            "instruction": "Name the capital city of the country below.",
-            "input": country,
-            "output": f"The capital of {country} is {capital}.",
-        }
-    return {
-        "instruction": f"Which country has {capital} as its capital?",
-        "input": "",
-        "output": f"{capital} is the capital of {country}.",
-    }
+    instruction, given, output = [
+        (f"What is the capital of {country}?", "", f"The capital of {country} is {capital}."),
+        ("Name the capital city of the country below.", country, f"The capital of {country} is {capital}."),
+        (f"Which country has {capital} as its capital?", "", f"{capital} is the capital of {country}."),
+    ][rng.randrange(3)]
+    return {"instruction": instruction, "input": given, "output": output}
 
 
 def _string_task(rng: random.Random) -> dict[str, str]:

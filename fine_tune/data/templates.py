@@ -339,40 +339,32 @@ def encode_examples(
     template: str,
     tokenizer: PreTrainedTokenizerBase,
     encoder: SegmentEncoder | None = None,
+    prompt: bool = False,
 ) -> list[Encoded]:
-    """Encode many examples in one batch per backend (the tokenizers are parallel inside)."""
+    """Encode many examples in one batch per backend (the tokenizers are parallel inside); with
+    `prompt`, each up to where the assistant's answer starts (`encode_prompts`)."""
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    # the final EOS is trained so that generation learns to stop
+    tail = [eos] if eos is not None and not prompt else []
     if template == "none":
         texts = [
             ex.text if ex.text is not None else "\n\n".join(m["content"] for m in ex.messages)
             for ex in examples
         ]
-        enc = (encoder or SegmentEncoder(tokenizer)).encode_many(texts)
-        bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-        return [
-            Encoded(
-                [*([bos] if bos is not None else []), *ids, *([eos] if eos is not None else [])],
-                [True] * (len(ids) + (bos is not None) + (eos is not None)),
-            )
-            for ids in enc
-        ]
+        head = [bos] if bos is not None else []
+        ids = (encoder or SegmentEncoder(tokenizer)).encode_many(texts)
+        return [Encoded([*head, *x, *tail], [True] * (len(head) + len(x) + len(tail))) for x in ids]
     if template.startswith("mistral"):
         encoder = encoder or SegmentEncoder(tokenizer)
         return _encode_plans([_mistral_plan(ex.messages, template, tokenizer) for ex in examples], encoder)
-    items = [_string_render(ex.messages, template, tokenizer) for ex in examples]
+    items = [
+        _string_render(ex.messages, template, tokenizer, add_generation_prompt=prompt) for ex in examples
+    ]
     out = _encode_strings(items, tokenizer, add_bos=template != "chat_template")
-    if template != "chat_template" and tokenizer.eos_token_id is not None:
-        for e in out:  # the final EOS is trained so that generation learns to stop
-            e.input_ids.append(tokenizer.eos_token_id)
-            e.trained.append(True)
+    for e in out if template != "chat_template" else ():
+        e.input_ids += tail
+        e.trained += [True] * len(tail)
     return out
-
-
-def _as_messages(messages_or_text: str | list[dict[str, str]] | dict) -> list[dict[str, str]]:
-    if isinstance(messages_or_text, str):
-        return [{"role": "user", "content": messages_or_text}]
-    if isinstance(messages_or_text, dict):
-        return [dict(messages_or_text)]
-    return [dict(m) for m in messages_or_text]
 
 
 def render_prompt(
@@ -385,7 +377,10 @@ def render_prompt(
 
     A trailing assistant message is dropped, so a training conversation can be passed as is.
     """
-    messages = _as_messages(messages_or_text)
+    given = messages_or_text
+    if isinstance(given, str):
+        given = {"role": "user", "content": given}
+    messages = [dict(m) for m in ([given] if isinstance(given, dict) else given)]
     if messages and messages[-1]["role"] == "assistant":
         messages = messages[:-1]
     return encode_prompts([messages], resolve_template(template, tokenizer), tokenizer, encoder)[0]
@@ -399,16 +394,8 @@ def encode_prompts(
 ) -> list[list[int]]:
     """Many prompts (conversations ending with the user) at once, each rendered up to where the
     assistant's answer starts; `template` is a resolved name (see `resolve_template`)."""
-    encoder = encoder or SegmentEncoder(tokenizer)
-    if template == "none":
-        ids = encoder.encode_many(["\n\n".join(m["content"] for m in msgs) for msgs in prompts])
-        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-        return [[*bos, *x] for x in ids]
-    if template.startswith("mistral"):
-        plans = [_mistral_plan(msgs, template, tokenizer) for msgs in prompts]
-        return [e.input_ids for e in _encode_plans(plans, encoder)]
-    items = [_string_render(msgs, template, tokenizer, add_generation_prompt=True) for msgs in prompts]
-    return [e.input_ids for e in _encode_strings(items, tokenizer, add_bos=template != "chat_template")]
+    examples = [Example("", messages) for messages in prompts]
+    return [e.input_ids for e in encode_examples(examples, template, tokenizer, encoder, prompt=True)]
 
 
 def template_fingerprint(

@@ -59,8 +59,9 @@ def iter_records(path: str | os.PathLike) -> Iterator[Any]:
             yield record
 
 
-def _item_key(item: Any) -> str:
-    return "/".join(item.nested_key) if item.nested_key else item.key
+def _values(items: Any) -> dict[str, Any]:
+    """{key: value} of protobuf config / history / summary items (nested keys joined by `/`)."""
+    return {"/".join(i.nested_key) if i.nested_key else i.key: json.loads(i.value_json) for i in items}
 
 
 def read_run(path: str | os.PathLike) -> dict[str, Any]:
@@ -80,16 +81,13 @@ def read_run(path: str | os.PathLike) -> dict[str, Any]:
                 tags=list(run.tags),
                 notes=run.notes,
             )
-            for item in run.config.update:
-                out["config"][_item_key(item)] = json.loads(item.value_json)
+            out["config"].update(_values(run.config.update))
         elif kind == "config":
-            for item in record.config.update:
-                out["config"][_item_key(item)] = json.loads(item.value_json)
+            out["config"].update(_values(record.config.update))
         elif kind == "history":
-            out["history"].append({_item_key(i): json.loads(i.value_json) for i in record.history.item})
+            out["history"].append(_values(record.history.item))
         elif kind == "summary":
-            for item in record.summary.update:
-                out["summary"][_item_key(item)] = json.loads(item.value_json)
+            out["summary"].update(_values(record.summary.update))
         elif kind == "exit":
             out["exit_code"] = record.exit.exit_code
     return out

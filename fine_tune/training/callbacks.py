@@ -17,36 +17,23 @@ from fine_tune.utils.io import append_jsonl
 
 log = logging.getLogger("fine_tune")
 
+# The console line's metrics: label and number format.
 SHOWN = {
-    "train/loss": "loss",
-    "eval/loss": "eval loss",
-    "eval/perplexity": "ppl",
-    "train/learning_rate": "lr",
-    "train/grad_norm": "grad",
-    "train/rewards/accuracies": "acc",
-    "train/rewards/margins": "margin",
-    "perf/tokens_per_second": "tok/s",
-    "perf/mfu": "mfu",
+    "train/loss": ("loss", ".4f"),
+    "eval/loss": ("eval loss", ".4f"),
+    "eval/perplexity": ("ppl", ".3f"),
+    "train/learning_rate": ("lr", ".3g"),
+    "train/grad_norm": ("grad", ".3f"),
+    "train/rewards/accuracies": ("acc", ".3f"),
+    "train/rewards/margins": ("margin", ".3f"),
+    "perf/tokens_per_second": ("tok/s", ".0f"),
+    "perf/mfu": ("mfu", ".3f"),
 }
 
 
 def format_row(row: dict[str, float]) -> str:
     """One short console line per logging step (the full record is in metrics.jsonl)."""
-    parts = []
-    for key, label in SHOWN.items():
-        if key in row:
-            value = row[key]
-            text = (
-                f"{value:.3g}"
-                if key == "train/learning_rate"
-                else f"{value:.4f}"
-                if "loss" in key
-                else f"{value:.0f}"
-                if key == "perf/tokens_per_second"
-                else f"{value:.3f}"
-            )
-            parts.append(f"{label} {text}")
-    return "  ".join(parts)
+    return "  ".join(f"{label} {row[key]:{spec}}" for key, (label, spec) in SHOWN.items() if key in row)
 
 
 # HF / TRL log keys -> our stable metric names (the same in metrics.jsonl, W&B and TensorBoard).

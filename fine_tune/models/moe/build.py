@@ -101,12 +101,7 @@ class _CheckpointSource:
 
     def tensor(self, key: str, shape: Sequence[int], dtype: torch.dtype, device: torch.device, kind: str):
         src = key if key in self.where else self._legacy(key)
-        t = self._get(src)
-        if tuple(t.shape) != tuple(shape):
-            raise ValueError(
-                f"checkpoint tensor {src} has shape {tuple(t.shape)}, model expects {tuple(shape)}"
-            )
-        return t.to(device=device, dtype=dtype)
+        return _checked(self._get(src), src, shape).to(device=device, dtype=dtype)
 
     def expert(
         self, path: str, name: str, e: int, shape: Sequence[int], dtype: torch.dtype, device: torch.device
@@ -124,11 +119,13 @@ class _CheckpointSource:
                 t = self._get(f"{legacy}.{names.down}.weight")
             else:
                 raise KeyError(fused)
-        if tuple(t.shape) != tuple(shape):
-            raise ValueError(
-                f"checkpoint expert {fused}[{e}] has shape {tuple(t.shape)}, expected {tuple(shape)}"
-            )
-        return t.to(device=device, dtype=dtype)
+        return _checked(t, f"{fused}[{e}]", shape).to(device=device, dtype=dtype)
+
+
+def _checked(t: torch.Tensor, name: str, shape: Sequence[int]) -> torch.Tensor:
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"checkpoint tensor {name} has shape {tuple(t.shape)}, model expects {tuple(shape)}")
+    return t
 
 
 # ---- materialization --------------------------------------------------------------------------------

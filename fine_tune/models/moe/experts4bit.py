@@ -188,19 +188,25 @@ class Experts4bit(nn.Module):
     # ---- dequantization -----------------------------------------------------------------------
     def quant_state(self, name: str, expert: int, dtype: torch.dtype):
         """bitsandbytes QuantState for one expert, built as views on the stacked buffers."""
-        state2 = offset = None
+        nested = {}
         if self.double_quant:
-            state2 = self._nested_state(name, expert)
-            offset = self._f32(f"{name}_offset")[expert]
+            nested = {
+                "state2": self._nested_state(name, expert),
+                "offset": self._f32(f"{name}_offset")[expert],
+            }
+        return self._state(self._f32(f"{name}_absmax")[expert], self.shapes[name], dtype, **nested)
+
+    def _state(self, absmax: torch.Tensor, shape: tuple[int, int], dtype: torch.dtype, **nested: Any):
+        """A QuantState of this module's 4-bit code and blocks, over `absmax` (float32 scales, or
+        with `nested` the double-quantized ones)."""
         return _bnb_functional().QuantState(
-            absmax=self._f32(f"{name}_absmax")[expert],
-            shape=torch.Size(self.shapes[name]),
+            absmax=absmax,
+            shape=torch.Size(shape),
             code=self._f32("quant_code"),
             blocksize=self.blocksize,
             quant_type=self.quant_type,
             dtype=dtype,
-            offset=offset,
-            state2=state2,
+            **nested,
         )
 
     def _nested_state(self, name: str, expert: int | None):
@@ -244,15 +250,7 @@ class Experts4bit(nn.Module):
         if (start, stop) != (0, out_f):
             packed = packed[:, start * in_f // 2 : stop * in_f // 2]
             absmax = absmax[:, start * in_f // self.blocksize : stop * in_f // self.blocksize]
-        bnbf = _bnb_functional()
-        state = bnbf.QuantState(
-            absmax=absmax.reshape(-1),
-            shape=torch.Size((self.num_experts * n_rows, in_f)),
-            code=self._f32("quant_code"),
-            blocksize=self.blocksize,
-            quant_type=self.quant_type,
-            dtype=dtype,
-        )
+        state = self._state(absmax.reshape(-1), (self.num_experts * n_rows, in_f), dtype)
         weight = dequantize_4bit(packed.reshape(-1), state)
         return weight.view(self.num_experts, n_rows, in_f)
 
