@@ -26,9 +26,12 @@ process (so peak memory is its own):
   fine_tune_bf16 `python -m fine_tune` with quant=none (bf16 LoRA)
   fine_tune_mixtral  `python -m fine_tune` on Mixtral-8x7B's shape (random weights, built in 4-bit
                  layer by layer), nf4 experts, LoRA on attention and experts (lora=attn_experts).
-                 TRL has no counterpart here: a TRL user's `from_pretrained` with bitsandbytes leaves
-                 the fused experts in bf16 (~84 GiB, docs/memory.md: it did not fit an 80 GB GPU), and
-                 a random bf16 checkpoint to load would not fit this machine's 64 GiB disk either
+  trl_mixtral    TRL's counterpart: a random bf16 Mixtral-8x7B checkpoint (87 GiB) written to host
+                 memory (`--mixtral-dir`, /dev/shm: it does not fit the GPU machine's 64 GiB disk), loaded
+                 as a TRL user does (`from_pretrained` with bitsandbytes nf4, which converts nn.Linear
+                 only: the fused experts stay bf16, ~84 GiB), LoRA on attention and, through PEFT's
+                 `target_parameters`, the experts; then SFTTrainer as `trl`. Expected: out of memory
+                 on an 80 GB GPU while loading; the table records what happened
 
 Steady tokens/s: non-padding tokens of the timed steps / their wall time (CUDA synchronised), after
 `--warmup` steps. Peak: torch.cuda.max_memory_allocated. MFU = tokens/s x FLOPs per token / the GPU's
@@ -55,6 +58,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 SYSTEMS = ("plain", "trl", "trl_liger", "unsloth", "fine_tune_nf4", "fine_tune_bf16", "fine_tune_mixtral")
+SYSTEMS += ("trl_mixtral",)
 PROFILED = 2  # steps under the profiler (--profile), after the timed steps
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SHARED = ROOT.parent / "shared" / "data"
@@ -250,12 +254,54 @@ def profiler(args: argparse.Namespace, name: str) -> list:
     return [profile_callback(Path(args.profile), name, start=args.timed, steps=PROFILED)]
 
 
-def lora_config(dropout: float = 0.05):
+def lora_config(dropout: float = 0.05, moe: bool = False):
+    """Mistral: the seven projections. Mixtral: attention, and the fused 3-D experts through PEFT's
+    `target_parameters` (the only way PEFT reaches them in transformers 5), which refuses dropout."""
     from peft import LoraConfig
 
+    dropout = 0.0 if moe else dropout
+
+    targets = TARGETS[:4] if moe else TARGETS
+    experts = ["experts.gate_up_proj", "experts.down_proj"] if moe else None
     return LoraConfig(
-        r=16, lora_alpha=32, lora_dropout=dropout, target_modules=TARGETS, task_type="CAUSAL_LM"
-    )
+        r=16, lora_alpha=32, lora_dropout=dropout, target_modules=targets, target_parameters=experts,
+        task_type="CAUSAL_LM",
+    )  # fmt: skip
+
+
+def mixtral_checkpoint(prep: dict, args: argparse.Namespace) -> str:
+    """A random bf16 checkpoint of Mixtral-8x7B's shape (transformers' default MixtralConfig), one
+    safetensors shard per layer, drawn on the GPU; plus the benchmark's tokenizer. Written once."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer, MixtralConfig, MixtralForCausalLM
+
+    out = Path(args.mixtral_dir)
+    if (out / "config.json").exists():
+        return str(out)
+    out.mkdir(parents=True, exist_ok=True)
+    shape = dict(TINY, num_local_experts=4) if args.tiny else {}  # the defaults are 8x7B's
+    config = MixtralConfig(**shape, max_position_embeddings=32768)
+    with torch.device("meta"):
+        shapes = {name: t.shape for name, t in MixtralForCausalLM(config).state_dict().items()}
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    generator = torch.Generator(device).manual_seed(0)
+    shards: dict[str, dict[str, tuple]] = {}
+    for name, shape in shapes.items():
+        layer = name.split(".")[2] if name.startswith("model.layers.") else "rest"
+        shards.setdefault(f"layer-{layer}.safetensors", {})[name] = shape
+    index = {}
+    for file, names in shards.items():
+        tensors = {}
+        for name, shape in names.items():
+            drawn = torch.randn(shape, generator=generator, device=device, dtype=torch.bfloat16)
+            tensors[name] = drawn.mul_(0.02).cpu()
+        save_file(tensors, str(out / file), metadata={"format": "pt"})
+        index.update(dict.fromkeys(names, file))
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
+    AutoTokenizer.from_pretrained(prep["model_dir"]).save_pretrained(out)
+    config.save_pretrained(out)  # last: its presence says the checkpoint is whole
+    return str(out)
 
 
 def run_plain(prep: dict, args: argparse.Namespace, timer: Timer) -> None:
@@ -305,7 +351,9 @@ def run_plain(prep: dict, args: argparse.Namespace, timer: Timer) -> None:
     trainer.train()
 
 
-def run_trl(prep: dict, args: argparse.Namespace, timer: Timer, liger: bool, unsloth: bool = False) -> None:
+def run_trl(
+    prep: dict, args: argparse.Namespace, timer: Timer, liger: bool, unsloth: bool = False, moe: bool = False
+) -> None:
     """TRL's SFTTrainer on the pre-tokenized examples, packed bfd (padding-free)."""
     import torch
     from datasets import Dataset
@@ -338,7 +386,7 @@ def run_trl(prep: dict, args: argparse.Namespace, timer: Timer, liger: bool, uns
             use_gradient_checkpointing=True,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
-        model = get_peft_model(model, lora_config())
+        model = get_peft_model(model, lora_config(moe=moe))
     from trl import SFTConfig, SFTTrainer
 
     rows = load_examples(prep["examples"], args.batch * 16 * (args.steps + 1))
@@ -484,6 +532,9 @@ def child(args: argparse.Namespace) -> None:
     elif args.child in ("trl", "trl_liger", "unsloth"):
         run_trl(prep, args, timer, liger=args.child == "trl_liger", unsloth=args.child == "unsloth")
         result = timer.result()
+    elif args.child == "trl_mixtral":
+        run_trl({**prep, "model_dir": mixtral_checkpoint(prep, args)}, args, timer, liger=False, moe=True)
+        result = timer.result()
     else:
         name, _, extra = args.child.partition("@")
         args.fine_tune_overrides = [*args.fine_tune_overrides, *filter(None, extra.split("+"))]
@@ -524,6 +575,9 @@ def main() -> None:
     parser.add_argument(
         "--fine-tune-overrides", nargs="*", default=[], help="extra overrides for fine_tune runs"
     )
+    parser.add_argument(
+        "--mixtral-dir", default="/dev/shm/speed_mixtral", help="trl_mixtral's bf16 checkpoint (87 GiB)"
+    )
     parser.add_argument("--profile", default=None, help="profile 2 steps after warm-up into DIR")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--prep", default=None, help=argparse.SUPPRESS)
@@ -556,7 +610,7 @@ def main() -> None:
         command = [
             sys.executable, __file__, "--child", system, "--prep", str(work / "prep.json"),
             "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
-            "--max-length", str(args.max_length), "--work", str(work),
+            "--max-length", str(args.max_length), "--work", str(work), "--mixtral-dir", args.mixtral_dir,
             *(["--tiny"] if args.tiny else []),
             *(["--profile", args.profile] if args.profile else []),
             *(["--fine-tune-overrides", *args.fine_tune_overrides] if args.fine_tune_overrides else []),
