@@ -16,24 +16,24 @@ from fine_tune.training.offload import OverlappedOffload
 
 
 class Recording(OverlappedOffload):
-    """Records what was packed, fetched and unpacked, in order."""
+    """Records what was packed, fetched and unpacked, in order: (what, layer, item)."""
 
     def __init__(self) -> None:
         super().__init__(min_bytes=0, devices=("cpu",))
-        self.log: list[tuple[str, int]] = []
+        self.log: list[tuple[str, int, int]] = []
 
     def pack(self, tensor):
         item = super().pack(tensor)
-        self.log.append(("pack", item.index))
+        self.log.append(("pack", item.layer, id(item)))
         return item
 
     def _fetch(self, item) -> None:
         if item.fetched is None:
-            self.log.append(("fetch", item.index))
+            self.log.append(("fetch", item.layer, id(item)))
         super()._fetch(item)
 
     def unpack(self, packed):
-        self.log.append(("unpack", packed.index))
+        self.log.append(("unpack", packed.layer, id(packed)))
         return super().unpack(packed)
 
 
@@ -55,12 +55,15 @@ def test_offloaded_inputs_give_the_same_gradients_and_are_fetched_one_layer_ahea
     for name, grad in got.items():
         torch.testing.assert_close(grad, expected[name], rtol=0, atol=0, msg=name)
 
-    packed = [i for kind, i in recording.log if kind == "pack"]
-    assert len(packed) >= layers  # each checkpointed layer's input at least
-    assert sorted(i for kind, i in recording.log if kind == "unpack") == packed  # each came back once
-    for index in packed[:-1]:  # the backward runs in reverse: each was fetched while the next recomputed
-        assert recording.log.index(("fetch", index)) < recording.log.index(("unpack", index))
-    assert recording.items == []  # nothing of this step carried into the next
+    packed = {item: layer for kind, layer, item in recording.log if kind == "pack"}
+    assert sorted(set(packed.values())) == list(range(layers))  # each checkpointed layer's input at least
+    unpacked = [item for kind, _, item in recording.log if kind == "unpack"]
+    assert sorted(unpacked) == sorted(packed)  # each came back once
+    position = {entry: i for i, entry in reversed(list(enumerate(recording.log)))}  # first occurrence
+    for item, layer in packed.items():
+        if layer < layers - 1:  # the backward runs in reverse: fetched while the layer after recomputed
+            assert position["fetch", layer, item] < position["unpack", layer, item]
+    assert recording.layers == []  # nothing of this step carried into the next
 
 
 def test_offload_is_for_gpus_only(monkeypatch):
@@ -70,3 +73,39 @@ def test_offload_is_for_gpus_only(monkeypatch):
     assert offloads({"offload": True}) is False
     monkeypatch.setattr(hardware, "has_cuda", lambda: True)
     assert offloads({"offload": True}) is True and offloads({"offload": False}) is False
+
+
+def test_a_layer_that_saves_several_inputs_is_fetched_whole_one_layer_ahead():
+    """Layers may save more than their hidden states (in torch 2.11 they save two tensors), and the
+    backward unpacks a layer's tensors in no fixed order: every one of the layer before is fetched
+    ahead all the same."""
+    import functools
+
+    from torch.utils.checkpoint import checkpoint
+
+    recording = Recording()
+    run = recording.around(functools.partial(checkpoint, use_reentrant=False))
+    weights = [torch.randn(8, 8, requires_grad=True) for _ in range(3)]
+    x = torch.randn(4, 8, requires_grad=True)
+    scale = torch.randn(4, 8, requires_grad=True)  # a second input every layer saves
+
+    def forward(h, s, w):
+        return torch.tanh(h @ w) * s + s.sin()
+
+    expected = x
+    for w in weights:
+        expected = forward(expected, scale, w)
+    reference = torch.autograd.grad(expected.sum(), [x, scale, *weights])
+    with recording.step():
+        h = x
+        for w in weights:
+            h = run(forward, h, scale, w)
+        got = torch.autograd.grad(h.sum(), [x, scale, *weights])
+        layers = list(recording.layers)
+    for a, b in zip(got, reference, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert [len(items) for items in layers] == [3, 3, 3]  # input, scale and weight, per layer
+    position = {entry: i for i, entry in reversed(list(enumerate(recording.log)))}
+    for layer, items in enumerate(layers[:-1]):
+        for item in items:
+            assert position["fetch", layer, id(item)] < position["unpack", layer, id(item)]

@@ -27,22 +27,25 @@ MIN_BYTES = 1 << 20
 class _Offloaded:
     host: torch.Tensor
     device: torch.device
-    index: int
+    layer: int  # which checkpointed call saved it, in forward order
     fetched: torch.Tensor | None = None
+    unpacked: bool = False  # given to the backward: no fetch ahead any more
     ready: Any = None  # torch.cuda.Event: the fetch has landed
 
 
 class OverlappedOffload:
     """saved_tensors_hooks for the inputs that checkpointed layers save, one instance per trainer.
 
-    Items are numbered in the order the forward saves them; the backward recomputes layers in the
-    reverse order, so unpacking item i starts the fetch of item i - 1 (one layer's input ahead)."""
+    Items are grouped by the checkpointed call that saved them, in forward order; the backward
+    recomputes layers in the reverse order, so the first unpack of layer L's items fetches all of
+    them and starts the fetch of layer L - 1's. A layer may save more than its hidden states (in
+    torch 2.11 a second tensor, in 2.13 not), and the order of those within a layer is not fixed."""
 
     def __init__(self, min_bytes: int = MIN_BYTES, devices: tuple[str, ...] = ("cuda",)) -> None:
         self.min_bytes = min_bytes
         self.devices = devices  # tests add "cpu": the same bookkeeping, copies without streams
         self.stream: Any = None
-        self.items: list[_Offloaded] = []
+        self.layers: list[list[_Offloaded]] = []  # this step's items, by checkpointed call
 
     def _side_stream(self) -> Any:
         if self.stream is None:
@@ -61,8 +64,8 @@ class OverlappedOffload:
             tensor.record_stream(side)  # its memory is not reused before the copy has read it
         else:
             host = tensor.clone()
-        item = _Offloaded(host, tensor.device, len(self.items))
-        self.items.append(item)
+        item = _Offloaded(host, tensor.device, len(self.layers) - 1)
+        self.layers[-1].append(item)
         return item
 
     def _fetch(self, item: _Offloaded) -> None:
@@ -81,29 +84,32 @@ class OverlappedOffload:
         if not isinstance(packed, _Offloaded):
             return packed
         self._fetch(packed)
-        tensor, packed.fetched = packed.fetched, None
+        tensor, packed.fetched, packed.unpacked = packed.fetched, None, True
         if packed.ready is not None:
             current = torch.cuda.current_stream()
             current.wait_event(packed.ready)
             tensor.record_stream(current)
-        if packed.index > 0:
-            self._fetch(self.items[packed.index - 1])
+        ahead = self.layers[packed.layer - 1] if packed.layer > 0 else []
+        for item in self.layers[packed.layer] + ahead:  # the rest of this layer's, and the layer before's
+            if not item.unpacked:
+                self._fetch(item)
         return tensor
 
     @contextlib.contextmanager
     def step(self) -> Iterator[None]:
         """One forward and backward: items of an earlier step are never fetched ahead."""
-        self.items = []
+        self.layers = []
         try:
             yield
         finally:
-            self.items = []
+            self.layers = []
 
     def around(self, checkpoint: Callable) -> Callable:
         """`checkpoint` with what it saves for the backward (the layer's inputs) offloaded."""
 
         @functools.wraps(checkpoint)
         def offloaded(*args: Any, **kwargs: Any) -> Any:
+            self.layers.append([])  # what this call saves; its recompute in the backward saves nothing here
             with torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack):
                 return checkpoint(*args, **kwargs)
 
