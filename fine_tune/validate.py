@@ -641,7 +641,7 @@ def planned_steps(trainer: dict, train_rows: int) -> tuple[int, float]:
 
 def check_prompts(bundle: Any, max_length: int) -> int:
     """Held-out prompts must leave room for an answer inside max_length (the model never saw more);
-    returns the longest prompt's length."""
+    returns the longest prompt's length. `Recipe.data` checks it: validate=true and every run."""
     longest = max((len(p["prompt_ids"]) for p in bundle.prompts), default=0)
     if longest >= max_length:
         raise UserError(
