@@ -237,7 +237,7 @@ def _check_data(data: dict) -> None:
 def check_dataset(dataset: Mapping, kind: str) -> None:
     """The dataset node's keys (completed by its schema) against each other and against its builder,
     the one that gives `kind` data."""
-    from fine_tune.data.formats import BUILDERS, DEFAULT_FIELDS, format_names, get_format
+    from fine_tune.data.formats import BUILDERS, DEFAULT_FIELDS, SAMPLE, format_names, get_format
     from fine_tune.data.preference import KIND, prompt_budget
 
     pairs = kind == KIND
@@ -267,6 +267,12 @@ def check_dataset(dataset: Mapping, kind: str) -> None:
             hint=f"use a dataset option whose _target_ is {BUILDERS[fmt.kind]} "
             f"({'dataset=preference' if fmt.kind == KIND else 'dataset=local'}), "
             f"or one of {names}",
+        )
+    if not (dataset["path"] or dataset["hub_name"] or name == SAMPLE):  # the sample is shipped
+        raise UserError(
+            f"format {name!r} needs data: set dataset.path (local file) or dataset.hub_name",
+            where="dataset.path",
+            hint="e.g. dataset.path=/data/train.jsonl",
         )
     for key in dataset.get("fields") or {}:
         if key not in DEFAULT_FIELDS[fmt.name]:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from fine_tune.data import pipeline
 from fine_tune.data.collate import IGNORE_INDEX
-from fine_tune.data.formats import SAMPLE, Example, to_example
+from fine_tune.data.formats import Example, to_example
 from fine_tune.data.report import DataReport, percentiles
 from fine_tune.schema import RunSchema, default
 
@@ -150,9 +150,7 @@ def build_data(
         "none" if fmt.name == "text" else resolve_template(opts["template"], tokenizer, fmt.default_template)
     )
     encoder = pipeline.make_encoder(opts, tokenizer)
-    sources = pipeline.resolve_sources(
-        opts, (SAMPLE_TRAIN, SAMPLE_VALIDATION) if opts["format"] == SAMPLE else None
-    )
+    sources = pipeline.resolve_sources(opts, (SAMPLE_TRAIN, SAMPLE_VALIDATION))
     report = DataReport(
         source=sources.label,
         data_format=fmt.name,

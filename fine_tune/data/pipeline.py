@@ -131,16 +131,11 @@ def resolve_sources(opts: dict[str, Any], sample: tuple[Path, Path] | None = Non
         sources = Sources(", ".join(str(p) for p in train), train)
     elif opts["hub_name"]:
         sources = Sources(f"hub:{opts['hub_name']}", None)
-    elif sample is not None:
+    else:  # `read_options` (validate.check_dataset) let only the sample format come without data
+        assert sample is not None
         sources = Sources("sample", [sample[0]])
         if opts["validation_path"] is None and not opts["val_ratio"]:
             sources.validation = [sample[1]]
-    else:
-        raise UserError(
-            f"format {opts['format']!r} needs data: set dataset.path (local file) or dataset.hub_name",
-            where="dataset.path",
-            hint="e.g. dataset.path=/data/train.jsonl",
-        )
     if opts["validation_path"]:
         sources.validation = resolve_paths(opts["validation_path"], "dataset.validation_path")
     if opts["test_path"]:
