@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from fine_tune.adapters import ADAPTER_CONFIG
 from fine_tune.errors import UserError
 
 if TYPE_CHECKING:
@@ -29,8 +30,6 @@ if TYPE_CHECKING:
     from fine_tune.training.methods import Method
 
 log = logging.getLogger("fine_tune")
-
-ADAPTER_CONFIG = "adapter_config.json"
 
 
 def init_adapter_dir(value: str | Path) -> Path:

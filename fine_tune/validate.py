@@ -306,7 +306,8 @@ def check_method_data(method: Any, kind: str | None, dataset: Mapping) -> None:
 
 def _check_init_adapter(data: dict, checked: Checked) -> None:
     """The adapter a run starts from must fit its `lora` settings and its base model."""
-    from fine_tune.recipe import ADAPTER_CONFIG, init_adapter_dir
+    from fine_tune.adapters import ADAPTER_CONFIG
+    from fine_tune.recipe import init_adapter_dir
     from fine_tune.run_dir import saved_config
     from fine_tune.training.checkpoints import adapter_mismatch
     from fine_tune.utils.io import read_json
