@@ -152,22 +152,24 @@ def run_tool(module: str, args: list[str], stdin: str = "") -> str:
 # Tiny models
 
 
+# The tiny Mistral and Mixtral's shape: 2 layers, 64 wide, 4 heads of 16 (2 KV heads), MLP 128.
+TINY_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+TINY_SHAPE.update(num_key_value_heads=2, vocab_size=256, use_cache=False)
+
+
+def tiny_mistral_config(**overrides):
+    """A 2-layer Mistral (`TINY_SHAPE`) for CPU tests of attention, packing and the engine; `overrides`:
+    other sizes or any other config key."""
+    from transformers import MistralConfig
+
+    return MistralConfig(**{**TINY_SHAPE, **overrides})
+
+
 def tiny_mixtral_config(**overrides):
-    """A 2-layer, 4-expert, top-2 Mixtral small enough for CPU tests of the MoE code."""
+    """The tiny Mistral's shape with 4 experts, top-2: small enough for CPU tests of the MoE code."""
     from transformers import MixtralConfig
 
-    args = dict(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        use_cache=False,
-    )
-    return MixtralConfig(**{**args, **overrides})
+    return MixtralConfig(**{**TINY_SHAPE, "num_local_experts": 4, "num_experts_per_tok": 2, **overrides})
 
 
 def tiny_qwen2_moe_config(**overrides):
