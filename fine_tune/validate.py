@@ -576,6 +576,9 @@ def _check_strategy(data: dict, shapes: Any, checked: Checked, cuda: Any, optimi
             "optim.optimizer._target_",
             "use optim=adamw_torch (FSDP already splits the optimizer state over the GPUs)",
         )
+    if trainer["fused_lora"] is True:
+        hint = "use trainer.fused_lora=auto (off under fsdp) or false"
+        refuse("fused LoRA layers were never run on sharded parameters", "trainer.fused_lora", hint)
     if not cuda:  # last: what the config says comes first
         refuse_here(
             "FSDP runs on GPUs only; on CPU processes accelerate 1.15 would quietly train with DDP",
