@@ -1,24 +1,19 @@
 """The streaming 4-bit loader on CUDA: a tiny Mixtral saved with save_pretrained, loaded expert by expert,
 equals quantizing the whole model in memory."""
 
+import sys
 import tempfile
+from pathlib import Path
 
 import torch
 import transformers
 
 from fine_tune.models.moe import load_pretrained_moe_4bit, quantize_fused_experts, replace_linear_with_4bit
 
-cfg = transformers.MixtralConfig(
-    vocab_size=256,
-    hidden_size=256,
-    intermediate_size=512,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    num_local_experts=4,
-    num_experts_per_tok=2,
-    use_cache=False,
-)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from helpers import tiny_mixtral_config  # noqa: E402
+
+cfg = tiny_mixtral_config(hidden_size=256, intermediate_size=512)  # the tests' tiny Mixtral, 4x wider
 torch.manual_seed(0)
 m = transformers.MixtralForCausalLM(cfg).to(torch.bfloat16)
 d = tempfile.mkdtemp()

@@ -22,6 +22,9 @@ from fine_tune.schema import LORA_TARGETS, LoraSchema, default
 
 log = logging.getLogger(__name__)
 
+# PEFT's files of a saved adapter (a run's adapter/, each checkpoint); expert adapters are in them too.
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+
 
 @dataclass
 class AdapterSpec:

@@ -101,12 +101,12 @@ def adapter_dir_of(run_dir: Path, checkpoint: str | None) -> Path:
         if found is None:
             raise UserError(f"no checkpoint in '{run_dir}'", where="checkpoint")
         return found
-    from fine_tune.recipe import ADAPTER_CONFIG
+    from fine_tune.adapters import ADAPTER_CONFIG
 
     adapter = run_dir / "adapter"
     if not (adapter / ADAPTER_CONFIG).is_file():
         raise UserError(
-            f"'{run_dir}' has no trained adapter (adapter/adapter_config.json)",
+            f"'{run_dir}' has no trained adapter (adapter/{ADAPTER_CONFIG})",
             where="run",
             hint="the run did not finish: use checkpoint=latest, or resume it with resume=true",
         )

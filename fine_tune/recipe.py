@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from fine_tune.adapters import ADAPTER_CONFIG
 from fine_tune.errors import UserError
 
 if TYPE_CHECKING:
@@ -29,8 +30,6 @@ if TYPE_CHECKING:
     from fine_tune.training.methods import Method
 
 log = logging.getLogger("fine_tune")
-
-ADAPTER_CONFIG = "adapter_config.json"
 
 
 def init_adapter_dir(value: str | Path) -> Path:
@@ -69,16 +68,15 @@ class Recipe:
         """The data bundle: what the run trains on, validate=true checks and preview=true shows."""
         from fine_tune.models.tokenizer import cache_root
         from fine_tune.utils.build import build
-        from fine_tune.validate import check_method_data
+        from fine_tune.validate import check_method_data, check_prompts
 
         cache_dir = cache_root() / "data" if self.cache_data else None
         cfg = self.cfg
         bundle = build(
             cfg.dataset, tokenizer=self.tokenizer, seed=cfg.seed, cache_dir=cache_dir, _convert_="all"
         )
-        check_method_data(
-            self.method, bundle.kind, cfg.dataset
-        )  # as check_config, or its builder unknown there
+        check_method_data(self.method, bundle.kind, cfg.dataset)  # check_config's, for any builder
+        check_prompts(bundle, cfg.dataset.max_length)  # what validate=true checks, before weights load
         return bundle
 
     # ---- method and arguments ---------------------------------------------------------------------

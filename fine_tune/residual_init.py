@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from fine_tune.adapters import changes_base
+from fine_tune.adapters import ADAPTER_CONFIG, changes_base
 from fine_tune.errors import UserError
 
 INITIAL = "adapter_init"  # in the run directory
@@ -38,11 +38,10 @@ def save_initial_adapter(model: Any, run_dir: Path) -> Path | None:
     config = getattr(model, "peft_config", {}).get("default")
     if not changes_base(getattr(config, "init_lora_weights", True)):
         return None
-    from fine_tune.models.moe.adapter_files import PEFT_CONFIG
     from fine_tune.utils.io import publish_dir
 
     target = Path(run_dir) / INITIAL
-    if not (target / PEFT_CONFIG).is_file():
+    if not (target / ADAPTER_CONFIG).is_file():
         publish_dir(target, lambda d: model.save_pretrained(d))
     return target
 
@@ -52,9 +51,9 @@ def to_plain_lora(config: dict, tensors: dict[str, Any], initial_dir: Path) -> t
     that needs no conversion (any other init, or converted already) is returned as it is."""
     if not changes_base(config.get("init_lora_weights", True)):
         return config, tensors
-    from fine_tune.models.moe.adapter_files import PEFT_CONFIG, read_peft_adapter
+    from fine_tune.models.moe.adapter_files import read_peft_adapter
 
-    if not (Path(initial_dir) / PEFT_CONFIG).is_file():
+    if not (Path(initial_dir) / ADAPTER_CONFIG).is_file():
         raise UserError(
             f"this {config['init_lora_weights']} adapter trained on a residual base and needs the adapter "
             f"as initialised to convert it, which is missing: {initial_dir}",
@@ -93,10 +92,9 @@ def convert_saved_adapter(directory: Path, initial_dir: Path) -> None:
 @contextlib.contextmanager
 def plain_adapter_dir(adapter_dir: Path, run_dir: Path) -> Iterator[Path]:
     """`adapter_dir`, or a converted copy of it when it was saved as trained (a PiSSA/OLoRA checkpoint)."""
-    from fine_tune.models.moe.adapter_files import PEFT_CONFIG
     from fine_tune.utils.io import read_json
 
-    if not changes_base((read_json(Path(adapter_dir) / PEFT_CONFIG) or {}).get("init_lora_weights", True)):
+    if not changes_base((read_json(Path(adapter_dir) / ADAPTER_CONFIG) or {}).get("init_lora_weights", True)):
         yield Path(adapter_dir)
         return
     from fine_tune.models.moe.adapter_files import read_peft_adapter, write_peft_adapter

@@ -301,6 +301,8 @@ REFUSED: list[Refusal] = [
             "4-bit weights must be stored in the training dtype to be sharded"),
     Refusal(("trainer=fsdp", "optim=paged_adamw_8bit"), "optim.optimizer._target_",
             "bitsandbytes optimizers do not take FSDP's sharded parameters"),
+    Refusal(("trainer=fsdp", "trainer.fused_lora=true"), "trainer.fused_lora",
+            "fused LoRA layers were never run on FSDP's sharded parameters (auto: off under FSDP)"),
     Refusal(("trainer=fsdp",), "trainer.strategy", "FSDP runs on GPUs only (refused on a CPU)"),
     Refusal(("model.attn_implementation=flash_attention_2",), "model.attn_implementation",
             "FlashAttention needs a CUDA GPU and the flash-attn package (refused on a CPU)"),

@@ -237,7 +237,7 @@ def _check_data(data: dict) -> None:
 def check_dataset(dataset: Mapping, kind: str) -> None:
     """The dataset node's keys (completed by its schema) against each other and against its builder,
     the one that gives `kind` data."""
-    from fine_tune.data.formats import BUILDERS, DEFAULT_FIELDS, format_names, get_format
+    from fine_tune.data.formats import BUILDERS, DEFAULT_FIELDS, SAMPLE, format_names, get_format
     from fine_tune.data.preference import KIND, prompt_budget
 
     pairs = kind == KIND
@@ -267,6 +267,12 @@ def check_dataset(dataset: Mapping, kind: str) -> None:
             hint=f"use a dataset option whose _target_ is {BUILDERS[fmt.kind]} "
             f"({'dataset=preference' if fmt.kind == KIND else 'dataset=local'}), "
             f"or one of {names}",
+        )
+    if not (dataset["path"] or dataset["hub_name"] or name == SAMPLE):  # the sample is shipped
+        raise UserError(
+            f"format {name!r} needs data: set dataset.path (local file) or dataset.hub_name",
+            where="dataset.path",
+            hint="e.g. dataset.path=/data/train.jsonl",
         )
     for key in dataset.get("fields") or {}:
         if key not in DEFAULT_FIELDS[fmt.name]:
@@ -300,7 +306,8 @@ def check_method_data(method: Any, kind: str | None, dataset: Mapping) -> None:
 
 def _check_init_adapter(data: dict, checked: Checked) -> None:
     """The adapter a run starts from must fit its `lora` settings and its base model."""
-    from fine_tune.recipe import ADAPTER_CONFIG, init_adapter_dir
+    from fine_tune.adapters import ADAPTER_CONFIG
+    from fine_tune.recipe import init_adapter_dir
     from fine_tune.run_dir import saved_config
     from fine_tune.training.checkpoints import adapter_mismatch
     from fine_tune.utils.io import read_json
@@ -569,6 +576,9 @@ def _check_strategy(data: dict, shapes: Any, checked: Checked, cuda: Any, optimi
             "optim.optimizer._target_",
             "use optim=adamw_torch (FSDP already splits the optimizer state over the GPUs)",
         )
+    if trainer["fused_lora"] is True:
+        hint = "use trainer.fused_lora=auto (off under fsdp) or false"
+        refuse("fused LoRA layers were never run on sharded parameters", "trainer.fused_lora", hint)
     if not cuda:  # last: what the config says comes first
         refuse_here(
             "FSDP runs on GPUs only; on CPU processes accelerate 1.15 would quietly train with DDP",
@@ -641,7 +651,7 @@ def planned_steps(trainer: dict, train_rows: int) -> tuple[int, float]:
 
 def check_prompts(bundle: Any, max_length: int) -> int:
     """Held-out prompts must leave room for an answer inside max_length (the model never saw more);
-    returns the longest prompt's length."""
+    returns the longest prompt's length. `Recipe.data` checks it: validate=true and every run."""
     longest = max((len(p["prompt_ids"]) for p in bundle.prompts), default=0)
     if longest >= max_length:
         raise UserError(

@@ -152,32 +152,36 @@ def run_tool(module: str, args: list[str], stdin: str = "") -> str:
 # Tiny models
 
 
+# The tiny Mistral and Mixtral's shape: 2 layers, 64 wide, 4 heads of 16 (2 KV heads), MLP 128.
+TINY_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+TINY_SHAPE.update(num_key_value_heads=2, vocab_size=256, use_cache=False)
+
+
+def tiny_mistral_config(**overrides):
+    """A 2-layer Mistral (`TINY_SHAPE`) for CPU tests of attention, packing and the engine; `overrides`:
+    other sizes or any other config key."""
+    from transformers import MistralConfig
+
+    return MistralConfig(**{**TINY_SHAPE, **overrides})
+
+
 def tiny_mixtral_config(**overrides):
-    """A 2-layer, 4-expert, top-2 Mixtral small enough for CPU tests of the MoE code."""
+    """The tiny Mistral's shape with 4 experts, top-2: small enough for CPU tests of the MoE code."""
     from transformers import MixtralConfig
 
-    args = dict(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        use_cache=False,
-    )
-    return MixtralConfig(**{**args, **overrides})
+    return MixtralConfig(**{**TINY_SHAPE, "num_local_experts": 4, "num_experts_per_tok": 2, **overrides})
+
+
+# Qwen2-MoE's MoE layers on the tiny shape: 4 experts of 32 (top-2) and a shared expert of 48.
+TINY_QWEN2_MOE = dict(intermediate_size=96, moe_intermediate_size=32, shared_expert_intermediate_size=48)
+TINY_QWEN2_MOE.update(num_experts=4, num_experts_per_tok=2, vocab_size=128)
 
 
 def tiny_qwen2_moe_config(**overrides):
     """Qwen2-MoE's own layout: a shared expert, q/k/v biases, experts saved as mlp.experts.{e}.*_proj."""
     from transformers import Qwen2MoeConfig
 
-    args = dict(vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32)
-    args.update(shared_expert_intermediate_size=48, num_hidden_layers=2, num_attention_heads=4)
-    args.update(num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, use_cache=False)
-    return Qwen2MoeConfig(**{**args, **overrides})
+    return Qwen2MoeConfig(**{**TINY_SHAPE, **TINY_QWEN2_MOE, **overrides})
 
 
 # ------------------------------------------------------------------------------------------------

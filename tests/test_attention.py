@@ -13,6 +13,7 @@ import inspect
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import tiny_mistral_config
 
 from fine_tune.data.collate import PackedCollator, PaddingCollator
 from fine_tune.models import attention
@@ -58,15 +59,11 @@ def as_on_gpu(monkeypatch):
 
 
 def tiny_model(dtype=torch.bfloat16):
-    from transformers import MistralConfig, MistralForCausalLM
+    from transformers import MistralForCausalLM
 
     attention.register()
     torch.manual_seed(0)
-    config = MistralConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=100,
-    )  # fmt: skip
-    return MistralForCausalLM(config).to(dtype).eval()
+    return MistralForCausalLM(tiny_mistral_config(vocab_size=100)).to(dtype).eval()
 
 
 def examples(lengths=(5, 9, 3, 7)):

@@ -51,6 +51,7 @@ CASES = [
     ("negative_lr", ["optim.lr=-1e-4"], "optim.lr"),
     ("bad_on_bad_row", ["dataset.on_bad_row=maybe"], "dataset.on_bad_row"),
     ("unknown_dataset_option", ["+dataset.colour=red"], "dataset.colour"),
+    ("no_data_source", ["dataset=alpaca"], "needs data: set dataset.path"),
     ("unknown_top_level_key", ["+lr=1e-4"], "error: lr:"),
     ("plan_not_bool", ["plan=maybe"], "plan"),
     ("negative_seed", ["seed=-1"], "seed"),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from helpers import FIXTURES
+from helpers import FIXTURES, tiny_mistral_config
 
 from fine_tune.data import build_data
 from fine_tune.data.collate import PackedCollator, PaddingCollator, pack, pack_rows
@@ -19,19 +19,10 @@ def rows(tok):
 
 def tiny_mistral(impl: str):
     import torch
-    from transformers import MistralConfig, MistralForCausalLM
+    from transformers import MistralForCausalLM
 
     torch.manual_seed(0)
-    config = MistralConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=32000,
-        attn_implementation=impl,
-    )
-    return MistralForCausalLM(config)
+    return MistralForCausalLM(tiny_mistral_config(vocab_size=32000, attn_implementation=impl))
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])

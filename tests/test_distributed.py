@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from helpers import FAST, ROOT, cli
 
+from fine_tune.adapters import ADAPTER_CONFIG
+
 TORCHRUN = ["--standalone", "--nproc_per_node", "2", "-m", "fine_tune"]
 SHORT = [*FAST, "trainer.max_steps=4", "trainer.eval_steps=2", "trainer.save_steps=2"]
 
@@ -33,7 +35,7 @@ def test_two_gloo_ranks_end_cleanly_in_one_run_dir(tmp_path: Path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
     assert json.loads((run_dir / "status.json").read_text())["status"] == "finished"
     assert json.loads((run_dir / "metrics.json").read_text())["steps"] == 4
-    assert (run_dir / "adapter" / "adapter_config.json").is_file()
+    assert (run_dir / "adapter" / ADAPTER_CONFIG).is_file()
     assert output.count("final: train loss") == 1  # rank 0 only
     assert "Timeout (0:" not in output  # the exit watchdog did not have to fire
 

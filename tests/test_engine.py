@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import FAST, checked, compose
+from helpers import FAST, checked, compose, tiny_mistral_config
 
 from fine_tune.errors import UserError
 
@@ -225,16 +225,12 @@ def test_adapter_inputs_stay_in_the_compute_dtype_under_mixed_precision(mixed_pr
 
     from peft import LoraConfig, get_peft_model
     from peft.tuners.tuners_utils import BaseTunerLayer
-    from transformers import MistralConfig, MistralForCausalLM
+    from transformers import MistralForCausalLM
 
     from fine_tune.training.trainer import EngineMixin
 
     torch.manual_seed(0)
-    config = MistralConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=100,
-    )  # fmt: skip
-    base = MistralForCausalLM(config).to(torch.bfloat16)
+    base = MistralForCausalLM(tiny_mistral_config(vocab_size=100)).to(torch.bfloat16)
     base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     base.enable_input_require_grads()
     model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "down_proj"], lora_dropout=0.0))

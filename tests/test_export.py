@@ -17,6 +17,7 @@ import torch
 from helpers import cli, run_tool, tiny_run, train_here
 from plain_load import in_plain_process as plain_load
 
+from fine_tune.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from fine_tune.export import UNQUANTIZED
 from fine_tune.utils.io import umask
 
@@ -55,7 +56,7 @@ def test_merged_model_loads_with_plain_transformers(trained, tmp_path: Path):
     out = tmp_path / "merged"
     run_tool("fine_tune.export", [f"run={run}", "merge=true", "dtype=float32", f"out={out}"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]  # no temp dir left next to it
-    assert not (out / "adapter_config.json").exists()  # a full model, no PEFT needed
+    assert not (out / ADAPTER_CONFIG).exists()  # a full model, no PEFT needed
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert "lora" not in " ".join(name for name, _ in model.named_parameters())
@@ -81,7 +82,7 @@ def test_adapter_export_loads_with_plain_peft(trained, tmp_path: Path):
     run, loaded, expected = trained
     out = tmp_path / "adapter"
     run_tool("fine_tune.export", [f"run={run}", f"out={out}"])
-    assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+    assert (out / ADAPTER_CONFIG).is_file() and (out / ADAPTER_WEIGHTS).is_file()
     base = build(loaded.cfg.model, quant=loaded.cfg.quant, seed=loaded.cfg.seed).model
     model = PeftModel.from_pretrained(base, out)
     torch.testing.assert_close(logits(model, loaded.tokenizer), expected, atol=1e-6, rtol=1e-6)
@@ -108,7 +109,7 @@ def test_push_without_a_token_is_a_user_error(trained, tmp_path: Path):
     )
     assert result.returncode == 2
     assert "push_to_hub" in result.stderr and "Traceback" not in result.stderr
-    assert (tmp_path / "a" / "adapter_config.json").is_file()  # the export itself ran and finished
+    assert (tmp_path / "a" / ADAPTER_CONFIG).is_file()  # the export itself ran and finished
 
 
 def test_qlora_run_merges_into_the_unquantized_base(tmp_path: Path):
@@ -156,15 +157,15 @@ def test_mixtral_adapter_loads_whole_in_plain_peft(mixtral, tmp_path: Path):
     out = tmp_path / "adapter"
     run_tool("fine_tune.export", [f"run={run}", f"out={out}"])
     assert sorted(p.name for p in out.glob("*adapter*")) == [
-        "adapter_config.json",
-        "adapter_model.safetensors",
+        ADAPTER_CONFIG,
+        ADAPTER_WEIGHTS,
     ]
     from safetensors.torch import load_file
 
-    exported, own = (load_file(str(d / "adapter_model.safetensors")) for d in (out, run / "adapter"))
+    exported, own = (load_file(str(d / ADAPTER_WEIGHTS)) for d in (out, run / "adapter"))
     assert exported.keys() == own.keys() and all(torch.equal(exported[k], own[k]) for k in own)
-    same_config = json.loads((out / "adapter_config.json").read_text())
-    assert same_config == json.loads((run / "adapter" / "adapter_config.json").read_text())  # adapter/ too
+    same_config = json.loads((out / ADAPTER_CONFIG).read_text())
+    assert same_config == json.loads((run / "adapter" / ADAPTER_CONFIG).read_text())  # adapter/ too
     base = tmp_path / "base"
     dequantize_model(recipe_of(loaded.cfg).base.model, torch.float32).save_pretrained(base)
 

@@ -9,19 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from helpers import CONF, checked, compose
+from helpers import CONF, TINY_QWEN2_MOE, TINY_SHAPE, checked, compose, tiny_qwen2_moe_config
 from test_train import train_in_process
 
 from fine_tune.errors import UserError
 from fine_tune.families import families, family_of, is_moe
 from fine_tune.families.shapes import model_shapes
-
-
-def tiny(config_class, **kw):
-    """A 2-layer model of `config_class` with Mistral's vocabulary (so model.tokenizer=mistral_v1 fits)."""
-    args = dict(vocab_size=32000, hidden_size=64, intermediate_size=96, num_hidden_layers=2)
-    args.update(num_attention_heads=4, num_key_value_heads=2, use_cache=False)
-    return config_class(**{**args, **kw})
 
 
 def save(config, path: Path) -> str:
@@ -30,9 +23,7 @@ def save(config, path: Path) -> str:
     return str(path)
 
 
-QWEN = dict(
-    moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=4, num_experts_per_tok=2
-)
+VOCAB = {"vocab_size": 32000}  # Mistral's vocabulary: model.tokenizer=mistral_v1 fits the tiny models
 
 
 def local(path: str, *overrides: str) -> list[str]:
@@ -56,7 +47,7 @@ def test_local_qwen2_moe_trains_with_4bit_experts_and_expert_lora(tmp_path):
     from fine_tune.models.moe import Experts4bit
     from fine_tune.plan import plan_memory
 
-    path = save(tiny(transformers.Qwen2MoeConfig, **QWEN), tmp_path / "qwen")
+    path = save(tiny_qwen2_moe_config(**VOCAB), tmp_path / "qwen")
     overrides = local(path, "quant=nf4", "lora=attn_experts", "trainer.max_steps=4", "trainer.eval_steps=4")
     cfg, _, metrics, trainer = train_in_process(tmp_path, overrides)
     experts = [m for m in trainer.model.modules() if isinstance(m, Experts4bit)]
@@ -71,7 +62,7 @@ def test_local_qwen2_moe_trains_with_4bit_experts_and_expert_lora(tmp_path):
 @pytest.mark.parametrize("quant", ["none", "nf4"])
 def test_local_llama_trains(tmp_path, quant):
     """A family fine_tune has no module for still loads through transformers."""
-    path = save(tiny(transformers.LlamaConfig), tmp_path / "llama")
+    path = save(transformers.LlamaConfig(**{**TINY_SHAPE, **VOCAB}), tmp_path / "llama")
     _, _, metrics, _ = train_in_process(tmp_path, local(path, f"quant={quant}", "trainer.max_steps=2"))
     assert metrics["steps"] == 2
     assert (
@@ -83,7 +74,7 @@ def test_local_llama_trains(tmp_path, quant):
 def test_an_unknown_moe_layout_is_a_user_error(tmp_path):
     from fine_tune.recipe import Recipe
 
-    path = save(tiny(transformers.Qwen3MoeConfig, **QWEN), tmp_path / "qwen3")
+    path = save(transformers.Qwen3MoeConfig(**{**TINY_SHAPE, **TINY_QWEN2_MOE, **VOCAB}), tmp_path / "qwen3")
     cfg = checked(local(path, "quant=nf4"))
     with pytest.raises(UserError) as error:
         _ = Recipe(cfg).model

@@ -109,15 +109,12 @@ def test_layers_it_cannot_fuse_run_peft(tmp_path: Path, monkeypatch):
     assert len(calls) == 7 * model.config.num_hidden_layers
 
 
-def test_auto_is_on_with_cuda_only_and_refused_under_fsdp(monkeypatch):
+def test_auto_is_on_with_cuda_only_and_off_under_fsdp(monkeypatch):
+    """`true` under FSDP is refused before anything loads: support_matrix.REFUSED."""
     from fine_tune import hardware
-    from fine_tune.errors import UserError
     from fine_tune.training.arguments import resolve_fused_lora
 
     monkeypatch.setattr(hardware, "has_cuda", lambda: False)
     assert resolve_fused_lora("auto", "ddp") is False and resolve_fused_lora(True, "ddp") is True
     monkeypatch.setattr(hardware, "has_cuda", lambda: True)
     assert resolve_fused_lora("auto", "ddp") is True and resolve_fused_lora("auto", "fsdp") is False
-    with pytest.raises(UserError) as error:
-        resolve_fused_lora(True, "fsdp")
-    assert error.value.where == "trainer.fused_lora"

@@ -15,6 +15,7 @@ import torch
 from helpers import FAST, TINY, checked, cli, compose, logged, run_tool, stopped_copy, train_here, trained_run
 from plain_load import in_plain_process
 
+from fine_tune.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from fine_tune.errors import UserError
 
 PROMPTS = ["<s> [INST] Convert 35000 grams to kilograms. [/INST]", "The capital of France is"]
@@ -71,7 +72,7 @@ def test_variant_trains_and_its_adapter_is_the_trained_model_in_plain_peft(varia
     assert report["same_keys"] and report["same_values"]
     assert not [w for w in report["warnings"] if "missing" in w.lower() or "unexpected" in w.lower()]
     torch.testing.assert_close(got, expected, atol=2e-4, rtol=1e-4)
-    saved = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+    saved = json.loads((run_dir / "adapter" / ADAPTER_CONFIG).read_text())
     assert saved["use_dora"] == (variant == "dora") and saved["init_lora_weights"] is True
     # PiSSA/OLoRA trained rank r on a residual base; saved: the same model as rank 2r on the original
     assert saved["r"] == cfg.lora.r * (2 if variant in ("pissa", "olora") else 1)
@@ -86,15 +87,13 @@ def test_pissa_checkpoint_is_converted_for_generate_and_export(root, tmp_path):
 
     _, run_dir, *_ = trained("pissa", root)
     final, latest = load_run(run_dir), load_run(run_dir, checkpoint="latest")  # step 12 = the end
-    assert (
-        json.loads((latest.adapter_dir / "adapter_config.json").read_text())["init_lora_weights"] == "pissa"
-    )
+    assert json.loads((latest.adapter_dir / ADAPTER_CONFIG).read_text())["init_lora_weights"] == "pissa"
     batch = final.tokenizer(PROMPTS, return_tensors="pt", padding=True, add_special_tokens=False)
     with torch.no_grad():
         torch.testing.assert_close(latest.model(**batch).logits, final.model(**batch).logits)
     out = tmp_path / "export"
     run_tool("fine_tune.export", [f"run={run_dir}", "checkpoint=latest", f"out={out}"])
-    exported, own = (load_file(str(d / "adapter_model.safetensors")) for d in (out, run_dir / "adapter"))
+    exported, own = (load_file(str(d / ADAPTER_WEIGHTS)) for d in (out, run_dir / "adapter"))
     assert exported.keys() == own.keys() and all(torch.equal(exported[k], own[k]) for k in own)
     assert "residual base" in (out / "README.md").read_text()
 
@@ -115,7 +114,7 @@ def test_resumed_pissa_run_is_the_uninterrupted_one(tmp_path):
         for d in (run, reference)
     ]
     assert untimed[0] == untimed[1]  # every loss, grad norm and eval as in the run never stopped
-    got, expected = (load_file(str(d / "adapter" / "adapter_model.safetensors")) for d in (run, reference))
+    got, expected = (load_file(str(d / "adapter" / ADAPTER_WEIGHTS)) for d in (run, reference))
     assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
 
 
@@ -164,9 +163,9 @@ def test_pissa_conversion_equals_peft_own(tmp_path):
     )
     model.save_pretrained(tmp_path / "ours")
     convert_saved_adapter(tmp_path / "ours", tmp_path / INITIAL)
-    ours, peft = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("ours", "peft"))
+    ours, peft = (load_file(str(tmp_path / d / ADAPTER_WEIGHTS)) for d in ("ours", "peft"))
     assert ours.keys() == peft.keys() and all(torch.equal(ours[k], peft[k]) for k in peft)
-    ours, peft = (json.loads((tmp_path / d / "adapter_config.json").read_text()) for d in ("ours", "peft"))
+    ours, peft = (json.loads((tmp_path / d / ADAPTER_CONFIG).read_text()) for d in ("ours", "peft"))
     for key in ("r", "lora_alpha", "init_lora_weights", "use_rslora"):
         assert ours[key] == peft[key], key
     # PEFT keeps target_modules as a set: the saved list's order is the string hash's, which differs

@@ -11,6 +11,7 @@ import torch
 import transformers
 from helpers import tiny_mixtral_config
 
+from fine_tune.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from fine_tune.models.moe import (
     attach_expert_lora,
     build_random_model,
@@ -20,7 +21,7 @@ from fine_tune.models.moe import (
     load_expert_adapter,
     save_expert_adapter,
 )
-from fine_tune.models.moe.adapter_files import expert_peft_tensors
+from fine_tune.models.moe.adapter_files import LEGACY_CONFIG, LEGACY_WEIGHTS, expert_peft_tensors
 from fine_tune.models.moe.lora import ExpertLoRA
 
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -129,8 +130,8 @@ def test_adapter_round_trip(tmp_path):
     save_expert_adapter(model, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "README.md",
-        "adapter_config.json",
-        "adapter_model.safetensors",
+        ADAPTER_CONFIG,
+        ADAPTER_WEIGHTS,
     ]
     loaded = load_adapter(fresh_base(), tmp_path).eval()
     torch.testing.assert_close(logits(loaded), expected)
@@ -156,9 +157,9 @@ def test_saved_like_peft_saves_fused_experts(tmp_path):
     assert ours == {k: v for k, v in peft_shapes.items() if ".mlp.experts." in k}
     from safetensors.torch import load_file
 
-    saved = load_file(str(tmp_path / "adapter_model.safetensors"))
+    saved = load_file(str(tmp_path / ADAPTER_WEIGHTS))
     assert {k: tuple(v.shape) for k, v in saved.items()} == peft_shapes
-    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    config = json.loads((tmp_path / ADAPTER_CONFIG).read_text())
     assert sorted(config["target_parameters"]) == sorted(targets) and config["lora_dropout"] == 0
 
 
@@ -197,7 +198,7 @@ def test_runs_saved_in_the_old_format_still_load(tmp_path):
     model.save_pretrained(tmp_path)  # PEFT's files alone: attention only
     save_file(
         {k: v.contiguous() for k, v in expert_lora_state_dict(model).items()},
-        tmp_path / "expert_adapter.safetensors",
+        tmp_path / LEGACY_WEIGHTS,
     )
     old_config = {
         "format": "fine_tune.expert_lora/1",
@@ -209,7 +210,7 @@ def test_runs_saved_in_the_old_format_still_load(tmp_path):
         "dtype": "float32",
         "modules": ["model.layers.0.mlp.experts"],
     }
-    (tmp_path / "expert_adapter_config.json").write_text(json.dumps(old_config))
+    (tmp_path / LEGACY_CONFIG).write_text(json.dumps(old_config))
     torch.testing.assert_close(logits(load_adapter(fresh_base(), tmp_path).eval()), expected)
     plain = dequantize_model(fresh_base(), torch.float32)
     torch.testing.assert_close(logits(load_adapter(plain, tmp_path).eval()), expected, atol=2e-5, rtol=1e-5)

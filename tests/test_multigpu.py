@@ -1,5 +1,6 @@
 """Several processes: trainer.strategy=ddp|fsdp, what FSDP refuses, the per-GPU memory plan, ranks
 from torchrun or SLURM, and end-to-end runs on 2 CPU processes (gloo) that must equal one process
+from fine_tune.adapters import ADAPTER_WEIGHTS
 with the same global batch (docs/scaling.md). GPU throughput and memory: benchmarks/multi_gpu.sh."""
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 from helpers import FAST, ROOT, checked, cli, compose, train_here
 
+from fine_tune.adapters import ADAPTER_WEIGHTS
 from fine_tune.errors import UserError
 
 MISTRAL_7B = ["model=mistral_7b", "quant=nf4", "trainer=gpu", "model.name_or_path=null", "model.init=random"]
@@ -330,7 +332,7 @@ from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 from safetensors.torch import load_file
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
-from fine_tune.adapters import attach_adapter
+from fine_tune.adapters import ADAPTER_WEIGHTS, attach_adapter
 from fine_tune.distributed import sharded_trainable_state
 from fine_tune.families import get_family
 from fine_tune.recipe import Recipe
@@ -376,7 +378,7 @@ if rank == 0:
     reference_losses = train(reference)
     save_adapter(model, "sharded", Path("."), gathered)  # PEFT's files, from the gathered shards
     save_adapter(reference, "reference", Path("."))
-    saved, expected = (load_file(f"{d}/adapter_model.safetensors") for d in ("sharded", "reference"))
+    saved, expected = (load_file(f"{d}/{ADAPTER_WEIGHTS}") for d in ("sharded", "reference"))
     assert saved.keys() == expected.keys()
     assert len(saved) == sum(p.requires_grad for p in reference.parameters())
     diff = max((expected[k] - saved[k]).abs().max().item() for k in saved)
@@ -501,9 +503,9 @@ def test_fsdp_over_two_processes_trains_as_one_process_and_saves_the_whole_adapt
     checkpoint = run_dir / "checkpoints" / "checkpoint-4"
     assert (checkpoint / "pytorch_model_fsdp.bin").is_file()  # FSDP's resume files: not DDP in disguise
     adapter, expected = (
-        load_file(d / "adapter_model.safetensors") for d in (run_dir / "adapter", one_process / "adapter")
+        load_file(d / ADAPTER_WEIGHTS) for d in (run_dir / "adapter", one_process / "adapter")
     )
-    saved_at_step_4 = load_file(checkpoint / "adapter_model.safetensors")
+    saved_at_step_4 = load_file(checkpoint / ADAPTER_WEIGHTS)
     assert adapter.keys() == expected.keys() == saved_at_step_4.keys()
     for key, value in adapter.items():
         assert value.shape == expected[key].shape and value.equal(saved_at_step_4[key])

@@ -12,6 +12,7 @@ import pytest
 import torch
 from helpers import FIXTURES, checked, cli, compose, read_jsonl, run_tool, stopped_copy, trained_run
 
+from fine_tune.adapters import ADAPTER_CONFIG
 from fine_tune.errors import UserError
 
 # Tiny CPU runs: a loss and the rewards logged every step, an eval and a checkpoint at the end.
@@ -111,7 +112,7 @@ def test_each_layout_trains(tmp_path: Path, method: str, layout: str):
     assert metrics["steps"] == 3 and 0 <= metrics["reward_accuracy"] <= 1
     assert metrics["eval_perplexity"] is None  # exp(a preference loss) is no perplexity
     assert not any("eval/perplexity" in r for r in rows)
-    assert (run_dir / "adapter" / "adapter_config.json").is_file()
+    assert (run_dir / "adapter" / ADAPTER_CONFIG).is_file()
     assert [r["step"] for r in read_jsonl(run_dir / "samples.jsonl")] == [3]  # samples for pairs too
     report = json.loads((run_dir / "data_report.json").read_text())
     assert report["data_format"] == LAYOUTS[layout]

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from helpers import CONF, ROOT, checked, compose, train_here
 
+from fine_tune.adapters import ADAPTER_CONFIG
 from fine_tune.errors import UserError
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -224,4 +225,4 @@ def test_recipe_trains_on_cpu(name: str, tmp_path: Path, monkeypatch):
     report = json.loads((tmp_path / "data_report.json").read_text())
     cfg = compose([f"experiment={name}"])
     assert report["data_format"] == cfg.dataset.format
-    assert (tmp_path / "adapter" / "adapter_config.json").exists()
+    assert (tmp_path / "adapter" / ADAPTER_CONFIG).exists()

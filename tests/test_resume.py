@@ -23,6 +23,7 @@ from helpers import (
     trained_run,
 )
 
+from fine_tune.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from fine_tune.errors import UserError
 from fine_tune.training.checkpoints import (
     STAGING,
@@ -37,7 +38,7 @@ from fine_tune.training.checkpoints import (
 def fake_checkpoint(root: Path, step: int, complete: bool = True) -> Path:
     path = root / f"checkpoint-{step}"
     path.mkdir(parents=True)
-    names = ["trainer_state.json", "optimizer.pt", "adapter_model.safetensors"]
+    names = ["trainer_state.json", "optimizer.pt", ADAPTER_WEIGHTS]
     if complete:
         names.append("scheduler.pt")
     for name in names:
@@ -155,7 +156,7 @@ CONSTANT = (*TINY, "optim.scheduler=constant", "trainer.logging_steps=3", "train
 def adapter_tensors(run_dir: Path) -> dict:
     from safetensors.torch import load_file
 
-    return load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    return load_file(run_dir / "adapter" / ADAPTER_WEIGHTS)
 
 
 def assert_same_adapter(run_dir: Path, reference: Path) -> None:
@@ -271,7 +272,7 @@ def killed_during_save(target: Path, replacing: bool = False) -> list[Path]:
     )
     if replacing:
         target.mkdir(parents=True)
-        (target / "adapter_model.safetensors").write_text("old")
+        (target / ADAPTER_WEIGHTS).write_text("old")
     before = set(target.parent.iterdir()) if target.parent.is_dir() else set()
     result = subprocess.run(
         [sys.executable, "-c", killed, str(target), "replacing" if replacing else "writing"],
@@ -363,7 +364,7 @@ def test_resume_refuses_a_checkpoint_of_another_shape_before_touching_the_logs(
     lora, trainer, where, tmp_path
 ):
     checkpoint = fake_checkpoint(tmp_path / "checkpoints", 3)
-    (checkpoint / "adapter_config.json").write_text(
+    (checkpoint / ADAPTER_CONFIG).write_text(
         json.dumps({"r": 16, "lora_alpha": 32, "target_modules": ["q_proj"]})
     )
     (checkpoint / "trainer_state.json").write_text(json.dumps({"train_batch_size": 2, "global_step": 3}))

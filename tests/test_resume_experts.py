@@ -10,6 +10,8 @@ import pytest
 from helpers import cli, stopped_copy
 from safetensors import safe_open
 
+from fine_tune.adapters import ADAPTER_WEIGHTS
+
 ARGS = [
     "experiment=tiny_mixtral_qlora",
     "logger=none",
@@ -31,7 +33,7 @@ def test_resume_restores_expert_adapters(tmp_path: Path):
     assert full.returncode == 0, full.stderr[-2000:]
     part = stopped_copy(tmp_path / "full", tmp_path / "part", last_checkpoint=4)
     checkpoint = part / "checkpoints" / "checkpoint-4"
-    with safe_open(str(checkpoint / "adapter_model.safetensors"), "pt") as saved:  # PEFT's format
+    with safe_open(str(checkpoint / ADAPTER_WEIGHTS), "pt") as saved:  # PEFT's format
         assert any(".mlp.experts." in key for key in saved.keys())  # noqa: SIM118
     resumed = cli(["resume=true", f"hydra.run.dir={part}"])  # the run's own overrides are re-applied
     assert resumed.returncode == 0, resumed.stderr[-2000:]

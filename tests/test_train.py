@@ -10,6 +10,8 @@ import pytest
 import torch
 from helpers import FAST, cli, compose
 
+from fine_tune.adapters import ADAPTER_CONFIG
+
 
 def train_in_process(tmp_path: Path, overrides: list[str]):
     from hydra.utils import instantiate
@@ -54,7 +56,7 @@ def test_default_run_from_the_command_line(tmp_path: Path):
     assert metrics["train_loss"] < metrics["first_train_loss"] - 1.0
     assert metrics["eval_loss"] is not None and metrics["tokens_seen"] > 0
     assert json.loads((tmp_path / "status.json").read_text())["status"] == "finished"
-    assert (tmp_path / "adapter" / "adapter_config.json").exists()
+    assert (tmp_path / "adapter" / ADAPTER_CONFIG).exists()
     assert (tmp_path / "tokenizer" / "tokenizer.json").exists()
     assert (tmp_path / ".hydra" / "config.yaml").exists()
     assert len(losses(tmp_path)) >= 10

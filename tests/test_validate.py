@@ -165,6 +165,23 @@ def test_prompt_longer_than_max_length_is_refused():
     assert error.value.where == "dataset.max_length"
 
 
+def test_a_run_refuses_a_long_prompt_as_validate_does_before_loading(tmp_path: Path, monkeypatch):
+    """The sample's held-out prompts reach 41 tokens: a run stops at the data, with validate=true's
+    error, before any weights load."""
+    from fine_tune import modes
+    from fine_tune.recipe import Recipe
+    from fine_tune.run import train
+
+    monkeypatch.setattr(Recipe, "base", property(lambda self: pytest.fail("weights were loaded")))
+    overrides = ["trainer=cpu", "logger=none", "dataset.truncation=drop", "dataset.max_length=40"]
+    with pytest.raises(UserError) as validated:
+        modes.dispatch(compose([*overrides, "validate=true"]))
+    with pytest.raises(UserError) as trained:
+        train(compose(overrides), tmp_path, tracker=None, job={})
+    assert str(trained.value) == str(validated.value)
+    assert trained.value.where == "dataset.max_length" and "longest prompt" in str(trained.value)
+
+
 @pytest.mark.subprocess
 def test_validate_prints_the_plan_and_writes_no_run(tmp_path: Path):
     run_dir = tmp_path / "run"

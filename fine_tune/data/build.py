@@ -8,24 +8,18 @@ cache entry is written only after the whole pipeline succeeded, atomically.
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fine_tune.data import pipeline
 from fine_tune.data.collate import IGNORE_INDEX
-from fine_tune.data.formats import SAMPLE, Example, to_example
+from fine_tune.data.formats import Example, to_example
 from fine_tune.data.report import DataReport, percentiles
 from fine_tune.schema import RunSchema, default
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
-
-RESOURCES = Path(__file__).resolve().parents[1] / "resources" / "data"
-SAMPLE_TRAIN = RESOURCES / "sample_instructions.jsonl"
-SAMPLE_VALIDATION = RESOURCES / "sample_instructions.validation.jsonl"
 
 
 @dataclass
@@ -139,39 +133,14 @@ def build_data(
     Takes the dataset node either as `dataset_cfg` or as keyword arguments (Hydra's instantiate);
     its keys and their defaults are `fine_tune.schema.DatasetSchema`'s (max_length and packing too).
     """
-    from fine_tune.data.cache import cache_entry, load_cache, save_cache
-    from fine_tune.data.templates import resolve_template, template_fingerprint
-
-    started = time.perf_counter()
-    opts = pipeline.read_options(dataset_cfg, options, "sft")
-    max_length, packing = opts["max_length"], opts["packing"]
-    fmt, fields = pipeline.format_and_fields(opts, "sft")
-    template = (
-        "none" if fmt.name == "text" else resolve_template(opts["template"], tokenizer, fmt.default_template)
-    )
-    encoder = pipeline.make_encoder(opts, tokenizer)
-    sources = pipeline.resolve_sources(
-        opts, (SAMPLE_TRAIN, SAMPLE_VALIDATION) if opts["format"] == SAMPLE else None
-    )
-    report = DataReport(
-        source=sources.label,
-        data_format=fmt.name,
-        template=template,
-        encoder=encoder.backend,
-        max_length=max_length,
-        packing=packing,
-    )
-    fingerprint = template_fingerprint(template, tokenizer, encoder)
-    entry = cache_entry(cache_dir, "sft", opts, sources.files, fingerprint, seed=seed)
-    cached = load_cache(entry)
-    if cached is not None:
-        splits, meta = cached
-        report = DataReport.from_dict(meta["report"])
-        report.from_cache, report.seconds = True, time.perf_counter() - started
-        collator = _collator(packing, tokenizer, opts)
-        return DataBundle(
-            splits["train"], splits["eval"], collator, report, meta["prompts"], template, splits["test"]
-        )
+    start = pipeline.start(dataset_cfg, options, "sft", tokenizer, cache_dir, seed, DataReport)
+    opts, fmt, fields, template, encoder, sources = start[:6]
+    max_length, packing, report = opts["max_length"], opts["packing"], start.report
+    if start.cached is not None:
+        splits, meta = start.cached
+        test, collator = splits["test"], _collator(packing, tokenizer, opts)
+        return DataBundle(splits["train"], splits["eval"], collator, report, meta["prompts"], template, test)
+    report.packing = packing
 
     skips = pipeline.Skips(opts["on_bad_row"])
 
@@ -203,13 +172,7 @@ def build_data(
     else:
         report.padding_efficiency = round(sum(lengths) / (len(lengths) * max(lengths)), 4)
     prompts = _prompts(eval_ex or train_ex, template, tokenizer, encoder, int(opts["num_prompts"] or 0))
-    report.seconds = time.perf_counter() - started
-    if entry is not None:
-        save_cache(
-            entry,
-            {"train": train, "eval": ev, "test": test},
-            {"report": report.to_dict(), "prompts": prompts},
-        )
+    start.finish({"train": train, "eval": ev, "test": test}, prompts)
     return DataBundle(train, ev, _collator(packing, tokenizer, opts), report, prompts, template, test)
 
 

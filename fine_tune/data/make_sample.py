@@ -219,7 +219,7 @@ def generate(seed: int = 7) -> tuple[list[dict[str, str]], list[dict[str, str]]]
 
 
 def main() -> None:
-    from fine_tune.data.build import SAMPLE_TRAIN, SAMPLE_VALIDATION
+    from fine_tune.data.pipeline import SAMPLE_TRAIN, SAMPLE_VALIDATION
     from fine_tune.utils.io import atomic_write_text
 
     train, val = generate()

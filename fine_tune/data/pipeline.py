@@ -9,11 +9,12 @@ seeded split, the caps) behaves the same for both because it is this code.
 from __future__ import annotations
 
 import random
+import time
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from fine_tune.data.formats import BUILDERS, BadRow, Format, check_columns, get_format, resolve_fields
 from fine_tune.data.readers import Row, read_file, read_hub, resolve_paths
@@ -25,6 +26,9 @@ if TYPE_CHECKING:
     from fine_tune.data.templates import SegmentEncoder
 
 T = TypeVar("T")
+# The shipped sample (dataset.format=sample): what a run trains on when it names no data.
+SAMPLE_TRAIN = Path(__file__).resolve().parents[1] / "resources" / "data" / "sample_instructions.jsonl"
+SAMPLE_VALIDATION = SAMPLE_TRAIN.with_suffix(".validation.jsonl")
 
 
 def read_options(dataset_cfg: Mapping | None, kwargs: dict[str, Any], kind: str) -> dict[str, Any]:
@@ -48,6 +52,63 @@ def read_options(dataset_cfg: Mapping | None, kwargs: dict[str, Any], kind: str)
     opts.pop("_target_")
     check_dataset(opts, kind)
     return opts
+
+
+class Start(NamedTuple):
+    """What both builders begin with (`start`); `cached`: (splits, meta) from the cache, else None and
+    `report` is a fresh one, which `finish` times and caches with what the builder made."""
+
+    opts: dict[str, Any]
+    fmt: Format
+    fields: dict[str, str]
+    template: str
+    encoder: SegmentEncoder
+    sources: Sources
+    report: Any
+    entry: Path | None
+    cached: tuple[dict[str, Any], dict[str, Any]] | None
+    started: float
+
+    def finish(self, splits: dict[str, Any], prompts: list[dict[str, Any]]) -> None:
+        from fine_tune.data.cache import save_cache
+
+        self.report.seconds = time.perf_counter() - self.started
+        if self.entry is not None:
+            save_cache(self.entry, splits, {"report": self.report.to_dict(), "prompts": prompts})
+
+
+def start(
+    dataset_cfg: Mapping | None,
+    options: dict[str, Any],
+    kind: str,
+    tokenizer: PreTrainedTokenizerBase,
+    cache_dir: Any,
+    seed: int,
+    report_class: Any,
+) -> Start:
+    """Options, format, template, encoder, sources, and the cache entry (keyed by all of them)."""
+    from fine_tune.data.cache import cache_entry, load_cache
+    from fine_tune.data.templates import resolve_template, template_fingerprint
+
+    started = time.perf_counter()
+    opts = read_options(dataset_cfg, options, kind)
+    fmt = get_format(opts["format"], kind)
+    template = (
+        "none" if fmt.name == "text" else resolve_template(opts["template"], tokenizer, fmt.default_template)
+    )
+    encoder = make_encoder(opts, tokenizer)
+    sources = resolve_sources(opts)
+    fingerprint = template_fingerprint(template, tokenizer, encoder)
+    entry = cache_entry(cache_dir, kind, opts, sources.files, fingerprint, seed=seed)  # max_length: in opts
+    cached = load_cache(entry)
+    if cached is None:
+        report = report_class(source=sources.label, data_format=fmt.name, template=template)
+        report.encoder, report.max_length = encoder.backend, opts["max_length"]
+    else:
+        report = report_class.from_dict(cached[1]["report"])
+        report.from_cache, report.seconds = True, time.perf_counter() - started
+    fields = resolve_fields(fmt, opts["fields"])
+    return Start(opts, fmt, fields, template, encoder, sources, report, entry, cached, started)
 
 
 def make_encoder(opts: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> SegmentEncoder:
@@ -124,23 +185,17 @@ class Sources:
         return self.train + (self.validation or []) + (self.test or [])
 
 
-def resolve_sources(opts: dict[str, Any], sample: tuple[Path, Path] | None = None) -> Sources:
-    """Explicit path > hub name > the shipped sample (train, validation), if the builder has one."""
+def resolve_sources(opts: dict[str, Any]) -> Sources:
+    """Explicit path > hub name > the shipped sample (train, validation)."""
     if opts["path"]:
         train = resolve_paths(opts["path"], "dataset.path")
         sources = Sources(", ".join(str(p) for p in train), train)
     elif opts["hub_name"]:
         sources = Sources(f"hub:{opts['hub_name']}", None)
-    elif sample is not None:
-        sources = Sources("sample", [sample[0]])
+    else:  # format sample: `read_options` (validate.check_dataset) lets no other come without data
+        sources = Sources("sample", [SAMPLE_TRAIN])
         if opts["validation_path"] is None and not opts["val_ratio"]:
-            sources.validation = [sample[1]]
-    else:
-        raise UserError(
-            f"format {opts['format']!r} needs data: set dataset.path (local file) or dataset.hub_name",
-            where="dataset.path",
-            hint="e.g. dataset.path=/data/train.jsonl",
-        )
+            sources.validation = [SAMPLE_VALIDATION]
     if opts["validation_path"]:
         sources.validation = resolve_paths(opts["validation_path"], "dataset.validation_path")
     if opts["test_path"]:
@@ -221,11 +276,6 @@ def load_items(
 
     held = each(raw.validation) if raw.validation is not None else None
     return raw.rows_read, *split_and_cap(each(raw.train), held, each(raw.test), opts, seed)
-
-
-def format_and_fields(opts: dict[str, Any], kind: str) -> tuple[Format, dict[str, str]]:
-    fmt = get_format(opts["format"], kind)
-    return fmt, resolve_fields(fmt, opts["fields"])
 
 
 def split_and_cap(

@@ -27,7 +27,6 @@ Pairs whose chosen and rejected ids are identical carry no preference: dropped a
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -198,34 +197,15 @@ def build_preference_data(
     `DataBundle` with kind "preference", rows of `COLUMNS`, `collator=None` (TRL's own collator
     pads these rows) and a `PreferenceReport`.
     """
-    from fine_tune.data.cache import cache_entry, load_cache, save_cache
-    from fine_tune.data.templates import resolve_template, template_fingerprint
-
-    started = time.perf_counter()
-    opts = pipeline.read_options(dataset_cfg, options, KIND)  # packing, max_prompt_length: checked
-    max_length, max_prompt_length = opts["max_length"], prompt_budget(opts)
-    fmt, fields = pipeline.format_and_fields(opts, KIND)
-    template = resolve_template(opts["template"], tokenizer, fmt.default_template)
-    encoder = pipeline.make_encoder(opts, tokenizer)
-    sources = pipeline.resolve_sources(opts)
-    report = PreferenceReport(
-        source=sources.label,
-        data_format=fmt.name,
-        template=template,
-        encoder=encoder.backend,
-        max_length=max_length,
-        max_prompt_length=max_prompt_length,
-    )
-    fingerprint = template_fingerprint(template, tokenizer, encoder)
-    entry = cache_entry(cache_dir, KIND, opts, sources.files, fingerprint, seed=seed)  # max_length: in opts
-    cached = load_cache(entry)
-    if cached is not None:
-        splits, meta = cached
-        report = PreferenceReport.from_dict(meta["report"])
-        report.from_cache, report.seconds = True, time.perf_counter() - started
+    start = pipeline.start(dataset_cfg, options, KIND, tokenizer, cache_dir, seed, PreferenceReport)
+    opts, fmt, fields, template, encoder, sources = start[:6]
+    max_length, max_prompt_length, report = opts["max_length"], prompt_budget(opts), start.report
+    if start.cached is not None:
+        splits, meta = start.cached
         return DataBundle(
             splits["train"], splits["eval"], None, report, meta["prompts"], template, splits["test"], KIND
         )
+    report.max_prompt_length = max_prompt_length
 
     skips = pipeline.Skips(opts["on_bad_row"])
 
@@ -248,9 +228,7 @@ def build_preference_data(
     _count(report, encoded, fitted)
     splits = {name: _dataset(pairs) for name, pairs in fitted.items()}
     prompts = _prompts(held or train, template, tokenizer, encoder, int(opts["num_prompts"] or 0))
-    report.seconds = time.perf_counter() - started
-    if entry is not None:
-        save_cache(entry, splits, {"report": report.to_dict(), "prompts": prompts})
+    start.finish(splits, prompts)
     return DataBundle(splits["train"], splits["eval"], None, report, prompts, template, splits["test"], KIND)
 
 

@@ -176,20 +176,10 @@ def resolve_liger(value: bool | str) -> bool:
 def resolve_fused_lora(value: bool | str, strategy: str) -> bool:
     """`auto`: on with a CUDA GPU, where it was measured (docs/speed.md); off on CPU, where it computes
     the same numbers (tests) but was not timed, and under FSDP, whose sharded parameters it was
-    never run with (refused when asked for)."""
+    never run with (`true` there: refused by validate's FSDP checks)."""
     from fine_tune.hardware import has_cuda
 
-    if value == "auto":
-        return has_cuda() and strategy != "fsdp"
-    if value is False or value == "false":
-        return False
-    if strategy == "fsdp":
-        raise UserError(
-            "trainer.fused_lora=true was never run under FSDP's sharded parameters",
-            where="trainer.fused_lora",
-            hint="use trainer.fused_lora=auto (off under fsdp) or false",
-        )
-    return True
+    return has_cuda() and strategy != "fsdp" if value == "auto" else value is True
 
 
 def offloads(checkpointing: Any) -> bool:

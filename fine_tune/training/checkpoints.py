@@ -172,9 +172,10 @@ def check_compatible(checkpoint: Path, lora: Any, trainer: Any) -> None:
     batch size silently breaks the data position (the loader skips `step x batch` examples), so the
     resumed run would no longer be the interrupted one.
     """
+    from fine_tune.adapters import ADAPTER_CONFIG
     from fine_tune.utils.io import read_json
 
-    mismatch = adapter_mismatch(read_json(checkpoint / "adapter_config.json") or {}, lora)
+    mismatch = adapter_mismatch(read_json(checkpoint / ADAPTER_CONFIG) or {}, lora)
     if mismatch:
         key, saved, wanted = mismatch
         raise UserError(

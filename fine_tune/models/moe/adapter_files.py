@@ -34,11 +34,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from fine_tune.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+
 from .experts4bit import EXPERT_PARAM_NAMES
 from .lora import PEFT_PREFIX, attach_expert_lora, canonical_path, experts_modules, from_peft, to_peft
 
-PEFT_WEIGHTS = "adapter_model.safetensors"
-PEFT_CONFIG = "adapter_config.json"
 LEGACY_WEIGHTS = "expert_adapter.safetensors"
 LEGACY_CONFIG = "expert_adapter_config.json"
 _LAYER = re.compile(r"layers\.\d+\.(.+)$")
@@ -83,7 +83,7 @@ def has_expert_adapter(directory: str | Path) -> bool:
     if (directory / LEGACY_WEIGHTS).is_file():
         return True
     try:
-        config = json.loads((directory / PEFT_CONFIG).read_text())
+        config = json.loads((directory / ADAPTER_CONFIG).read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return False
     return bool(config.get("target_parameters"))
@@ -94,8 +94,8 @@ def read_peft_adapter(directory: str | Path) -> tuple[dict, dict[str, torch.Tens
     from safetensors.torch import load_file
 
     directory = Path(directory)
-    config = json.loads((directory / PEFT_CONFIG).read_text())
-    tensors = load_file(str(directory / PEFT_WEIGHTS))
+    config = json.loads((directory / ADAPTER_CONFIG).read_text())
+    tensors = load_file(str(directory / ADAPTER_WEIGHTS))
     if (directory / LEGACY_WEIGHTS).is_file():
         legacy = json.loads((directory / LEGACY_CONFIG).read_text())
         old = load_file(str(directory / LEGACY_WEIGHTS))
@@ -118,9 +118,9 @@ def write_peft_adapter(directory: str | Path, config: dict, tensors: dict[str, t
 
     directory = Path(directory)
     plain = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    with atomic_file(directory / PEFT_WEIGHTS) as tmp:
+    with atomic_file(directory / ADAPTER_WEIGHTS) as tmp:
         save_file(plain, str(tmp), metadata={"format": "pt"})
-    atomic_write_json(directory / PEFT_CONFIG, config)
+    atomic_write_json(directory / ADAPTER_CONFIG, config)
 
 
 def _declare_targets(config: dict, names: Iterable[str], settings: dict) -> None:
@@ -164,7 +164,7 @@ def expert_peft_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 def save_expert_adapter(model: nn.Module, directory: str | Path) -> Path:
     """Add the model's expert adapters to the PEFT adapter PEFT's `save_pretrained` just wrote."""
     directory = Path(directory)
-    if not (directory / PEFT_CONFIG).is_file():
+    if not (directory / ADAPTER_CONFIG).is_file():
         raise ValueError(f"{directory} holds no PEFT adapter: save PEFT's files first (save_pretrained)")
     config, tensors = read_peft_adapter(directory)
     experts = expert_peft_tensors(model)
@@ -178,7 +178,7 @@ def save_expert_adapter(model: nn.Module, directory: str | Path) -> Path:
     write_peft_adapter(directory, config, {**tensors, **experts})
     for legacy in (LEGACY_WEIGHTS, LEGACY_CONFIG):  # a checkpoint resaved in place: one format only
         (directory / legacy).unlink(missing_ok=True)
-    return directory / PEFT_WEIGHTS
+    return directory / ADAPTER_WEIGHTS
 
 
 def load_expert_adapter(model: nn.Module, directory: str | Path, trainable: bool = False) -> int:
@@ -191,7 +191,7 @@ def load_expert_adapter(model: nn.Module, directory: str | Path, trainable: bool
     config, tensors = read_peft_adapter(directory)
     targets = config.get("target_parameters") or []
     if not targets:
-        raise ValueError(f"{directory} holds no expert adapters (adapter_config.json: no target_parameters)")
+        raise ValueError(f"{directory} holds no expert adapters ({ADAPTER_CONFIG}: no target_parameters)")
     modules = {canonical_path(p): m for p, m in experts_modules(model)}
     plan = {path: _module_targets(path, targets) for path in modules}
     plan = {path: names for path, names in plan.items() if names}
