@@ -133,13 +133,13 @@ def test_checkpointing_options_become_transformers_kwargs():
 
 
 # Each fast-path switch that runs on CPU, against the same run without it.
+NO_DROPOUT = ["lora.lora_dropout=0"]  # inductor draws dropout masks from its own generator
 SWITCHES = {
     "full": ["trainer.gradient_checkpointing=true"],
     "selective": ["trainer.gradient_checkpointing=true", "trainer.checkpointing.mode=selective"],
     "every_2nd_layer": ["trainer.gradient_checkpointing=true", "trainer.checkpointing.every_n_layers=2"],
     "eager_attention": ["model.attn_implementation=eager"],
-    # inductor draws dropout masks from its own generator: compared without dropout
-    "torch_compile": ["trainer.torch_compile=true", "lora.lora_dropout=0"],
+    "torch_compile": ["trainer.torch_compile=true", *NO_DROPOUT],
 }
 SHORT = [
     "trainer.max_steps=3",
@@ -181,7 +181,7 @@ def steps(rows: list[dict]) -> list[float]:
 def test_fast_path_switches_train_the_same(tmp_path: Path, reference, switch: str):
     _, _, trainer, rows = short_run(tmp_path, SWITCHES[switch])
     compiled = switch == "torch_compile"
-    expected = steps((short_run(tmp_path / "eager", SWITCHES[switch][1:]) if compiled else reference)[3])
+    expected = steps((short_run(tmp_path / "eager", NO_DROPOUT) if compiled else reference)[3])
     assert len(expected) == 6
     assert steps(rows) == pytest.approx(expected, rel=TOLERANCE)
     layers = trainer.model.get_base_model().model.layers
@@ -189,8 +189,8 @@ def test_fast_path_switches_train_the_same(tmp_path: Path, reference, switch: st
     if compiled:  # each decoder layer compiled, not the whole model
         from torch._dynamo.eval_frame import OptimizedModule
 
-        compiled = trainer.model_wrapped.get_base_model().model.layers
-        assert all(isinstance(layer, OptimizedModule) for layer in compiled) and not any(flags)
+        wrapped = trainer.model_wrapped.get_base_model().model.layers
+        assert all(isinstance(layer, OptimizedModule) for layer in wrapped) and not any(flags)
         return
     if switch == "eager_attention":
         assert trainer.model.config._attn_implementation == "eager" and not any(flags)

@@ -11,7 +11,7 @@ import torch
 from test_engine import build_engine, seeded_step
 
 from fine_tune.training import fused_lora
-from fine_tune.training.fused_lora import LoraLinear, fused_lora_forward
+from fine_tune.training.fused_lora import LoraLinear, fused_forwards, swapped_forwards
 
 # fp32 on CPU: the two paths sum the same products in another order (the scale applied to the GEMM
 # instead of its output, the two input gradients accumulated in one buffer)
@@ -74,7 +74,8 @@ def test_under_autocast_it_matches_peft_in_bf16(tmp_path: Path):
         torch.manual_seed(0)
         x.grad = None
         layer.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16), fused_lora_forward(model, fused):
+        forwards = fused_forwards(model) if fused else []
+        with torch.autocast("cpu", dtype=torch.bfloat16), swapped_forwards(forwards):
             out = layer(x)
         out.float().square().mean().backward()
         return out, x.grad, {n: p.grad for n, p in layer.named_parameters() if p.requires_grad}
@@ -101,10 +102,10 @@ def test_layers_it_cannot_fuse_run_peft(tmp_path: Path, monkeypatch):
     model = trainer.model
     calls = counted_calls(monkeypatch)
     ids = torch.tensor([[1, 5, 7, 9]])
-    with fused_lora_forward(model), model.disable_adapter():  # a DPO reference forward
+    with swapped_forwards(fused_forwards(model)), model.disable_adapter():  # a DPO reference forward
         model(input_ids=ids)
     assert calls == []
-    with fused_lora_forward(model):
+    with swapped_forwards(fused_forwards(model)):
         model(input_ids=ids)
     assert len(calls) == 7 * model.config.num_hidden_layers
 

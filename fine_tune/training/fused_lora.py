@@ -176,8 +176,3 @@ def swapped_forwards(forwards: list[tuple[Any, Any]]) -> Iterator[None]:
     finally:
         for module, _ in forwards:
             del module.forward
-
-
-def fused_lora_forward(model: Any, enabled: bool = True) -> contextlib.AbstractContextManager:
-    """Within the block, every fusable LoRA layer of `model` computes through `LoraLinear`."""
-    return swapped_forwards(fused_forwards(model) if enabled else [])
