@@ -649,17 +649,20 @@ def planned_steps(trainer: dict, train_rows: int) -> tuple[int, float]:
     return steps, steps / steps_per_epoch
 
 
-def check_prompts(bundle: Any, max_length: int) -> int:
-    """Held-out prompts must leave room for an answer inside max_length (the model never saw more);
-    returns the longest prompt's length. `Recipe.data` checks it: validate=true and every run."""
-    longest = max((len(p["prompt_ids"]) for p in bundle.prompts), default=0)
+def longest_prompt(bundle: Any) -> int:
+    return max((len(p["prompt_ids"]) for p in bundle.prompts), default=0)
+
+
+def check_prompts(bundle: Any, max_length: int) -> None:
+    """Held-out prompts must leave room for an answer inside max_length (the model never saw more).
+    `Recipe.data` checks it: validate=true and every run."""
+    longest = longest_prompt(bundle)
     if longest >= max_length:
         raise UserError(
             f"the longest prompt has {longest} tokens, not less than max_length {max_length}",
             where="dataset.max_length",
             hint="raise dataset.max_length, or shorten the prompts",
         )
-    return longest
 
 
 def print_validation(cfg: DictConfig) -> None:
@@ -722,12 +725,11 @@ def print_validation(cfg: DictConfig) -> None:
     if data.get("init_adapter"):
         node.add(f"starting from the adapter in {data['init_adapter']}")
 
-    bundle = recipe.data
-    longest = check_prompts(bundle, dataset["max_length"])
+    bundle = recipe.data  # checked: prompts fit max_length (check_prompts)
     node = tree.add("[bold]data[/bold]")
     for line in bundle.report.format().splitlines():
         node.add(line.strip())
-    node.add(f"{len(bundle.prompts)} held-out prompts for samples; longest {longest} tokens")
+    node.add(f"{len(bundle.prompts)} held-out prompts for samples; longest {longest_prompt(bundle)} tokens")
 
     steps, epochs = planned_steps(trainer, len(bundle.train))
     effective, how = effective_batch(trainer)
